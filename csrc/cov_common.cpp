@@ -1,0 +1,60 @@
+// Backend-independent parts of nbl::cov_update_: argument checks, the
+// float64 column sums with the non-finite check, and the Gram dtype rule.
+#include "nbl_kernels.h"
+
+#include <c10/util/Exception.h>
+
+namespace nbl {
+namespace detail {
+
+void check_cov_update_args(const at::Tensor& mean_x, const at::Tensor& mean_y,
+                           const at::Tensor& m_xx, const at::Tensor& m_yx,
+                           const at::Tensor& m_yy, const at::Tensor& x,
+                           const at::Tensor& y, int64_t count) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && y.dim() == 2,
+                    "nbl::cov_update_: x and y must be 2-D (samples, features); got ",
+                    x.dim(), "-D and ", y.dim(), "-D");
+  TORCH_CHECK_VALUE(x.size(0) == y.size(0),
+                    "nbl::cov_update_: x and y must hold the same number of samples; got ",
+                    x.size(0), " and ", y.size(0));
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()) && at::isFloatingType(y.scalar_type()),
+                    "nbl::cov_update_: x and y must be floating point; got ",
+                    x.scalar_type(), " and ", y.scalar_type());
+  const int64_t dx = x.size(1), dy = y.size(1);
+  for (const at::Tensor* t : {&mean_x, &mean_y, &m_xx, &m_yx, &m_yy}) {
+    TORCH_CHECK_VALUE(t->scalar_type() == at::kDouble,
+                      "nbl::cov_update_: the accumulator state must be float64");
+    TORCH_CHECK_VALUE(t->is_contiguous(), "nbl::cov_update_: the accumulator state must be contiguous");
+    TORCH_CHECK_VALUE(t->device() == x.device() && y.device() == x.device(),
+                      "nbl::cov_update_: x (", x.device(), "), y (", y.device(),
+                      ") and the accumulator state (", t->device(), ") must be on one device");
+  }
+  TORCH_CHECK_VALUE(mean_x.sizes() == at::IntArrayRef({dx}) && mean_y.sizes() == at::IntArrayRef({dy}) &&
+                        m_xx.sizes() == at::IntArrayRef({dx, dx}) &&
+                        m_yx.sizes() == at::IntArrayRef({dy, dx}) &&
+                        m_yy.sizes() == at::IntArrayRef({dy, dy}),
+                    "nbl::cov_update_: state shapes do not match x (", x.sizes(), ") and y (",
+                    y.sizes(), ")");
+  TORCH_CHECK_VALUE(count >= 0, "nbl::cov_update_: count must be >= 0, got ", count);
+}
+
+at::Tensor checked_column_sum(const at::Tensor& x, const char* name) {
+  at::Tensor s = at::sum(x, {0}, /*keepdim=*/false, at::kDouble);
+  // A float64 sum of (at most float32-range) finite values cannot overflow,
+  // so a non-finite column sum means a non-finite input element.
+  if (!at::isfinite(s).all().item<bool>()) {
+    const int64_t bad = at::logical_not(at::isfinite(x)).sum().item<int64_t>();
+    TORCH_CHECK_VALUE(false, "nbl::cov_update_: ", name, " contains ", bad,
+                      " non-finite value(s) (NaN or inf) in a chunk of ", x.size(0),
+                      " samples x ", x.size(1), " features; the accumulator was not updated");
+  }
+  return s;
+}
+
+at::ScalarType gram_dtype(const at::Tensor& x, const at::Tensor& y) {
+  return (x.scalar_type() == at::kDouble || y.scalar_type() == at::kDouble) ? at::kDouble
+                                                                            : at::kFloat;
+}
+
+}  // namespace detail
+}  // namespace nbl

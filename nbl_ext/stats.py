@@ -1,0 +1,224 @@
+"""Streaming float64 first and second moments of a pair of variables (x, y)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nbl_ext import ops
+from nbl_ext.numerics import merge_moments
+
+_F64 = torch.float64
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PAIRS = ((0, 0), (1, 0), (1, 1))  # (xx, yx, yy) as (row variable, column variable)
+
+
+class CovarianceAccumulator:
+    """Streaming means and (cross-)covariances of x (dim_x) and y (dim_y).
+
+    Memory is O((dim_x + dim_y)^2) whatever the number of samples: each
+    :meth:`update` centers the chunk on its own mean, forms its Gram products
+    (compiled ``nbl::cov_update_`` kernel) and merges them into float64 state
+    with the pairwise update of Chan et al., so channels with huge means and
+    small variance (LLM "massive activations") keep their precision.
+
+    Example::
+
+        acc = nbl_ext.CovarianceAccumulator(576, 576)
+        for x, y in batches:              # (..., 576) each, any float dtype
+            acc.update(x, y)
+        W, b = nbl_ext.fit_linear(acc)    # y ~ W x + b
+
+    Attributes (float64 copies): ``count``, ``mean_x``, ``mean_y``,
+    ``cov_xx`` (dim_x, dim_x), ``cov_yx`` (dim_y, dim_x), ``cov_yy``
+    (dim_y, dim_y); covariances are unbiased (divided by count - 1).
+    """
+
+    def __init__(self, dim_x: int, dim_y: int, *, device: torch.device | str | None = None) -> None:
+        for name, dim in (("dim_x", dim_x), ("dim_y", dim_y)):
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+                raise ValueError(f"CovarianceAccumulator: {name} must be a positive int, got {dim!r}")
+        self.dim_x, self.dim_y = dim_x, dim_y
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        kw = dict(dtype=_F64, device=self.device)
+        self.count = 0
+        self._mean_x = torch.zeros(dim_x, **kw)
+        self._mean_y = torch.zeros(dim_y, **kw)
+        self._m_xx = torch.zeros(dim_x, dim_x, **kw)
+        self._m_yx = torch.zeros(dim_y, dim_x, **kw)
+        self._m_yy = torch.zeros(dim_y, dim_y, **kw)
+
+    # --- accumulation ------------------------------------------------------
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> "CovarianceAccumulator":
+        """Add samples: x (..., dim_x) and y (..., dim_y) with the same leading shape.
+
+        Leading dimensions are flattened into samples; any float dtype; the
+        tensors must be on the accumulator's device. An empty chunk is a no-op.
+        Raises ValueError (state unchanged) on NaN/inf, naming the input.
+        """
+        self._check_chunk(x, y)
+        x2 = x.reshape(-1, self.dim_x)
+        y2 = y.reshape(-1, self.dim_y)
+        if x2.shape[0] == 0:
+            return self
+        ops.cov_update_(self._mean_x, self._mean_y, self._m_xx, self._m_yx, self._m_yy, x2, y2, self.count)
+        self.count += x2.shape[0]
+        return self
+
+    def _check_chunk(self, x: Any, y: Any) -> None:
+        for name, t, dim in (("x", x, self.dim_x), ("y", y, self.dim_y)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"CovarianceAccumulator.update: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype not in _FLOAT_DTYPES:
+                raise TypeError(
+                    f"CovarianceAccumulator.update: {name} must be float16/bfloat16/float32/float64, got {t.dtype}"
+                )
+            if t.dim() < 1 or t.shape[-1] != dim:
+                raise ValueError(
+                    f"CovarianceAccumulator.update: {name} must have shape (..., {dim}) (dim_{name}={dim}), "
+                    f"got {tuple(t.shape)}"
+                )
+            if t.device != self.device:
+                raise ValueError(
+                    f"CovarianceAccumulator.update: {name} is on {t.device} but the accumulator is on "
+                    f"{self.device}; move the tensor (tensor.to('{self.device}')) or create the "
+                    f"accumulator with device='{t.device}'"
+                )
+        if x.shape[:-1] != y.shape[:-1]:
+            raise ValueError(
+                "CovarianceAccumulator.update: x and y must have the same leading shape (one y per x); "
+                f"got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
+
+    def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
+        """Fold another accumulator's samples into this one (in place; returns self)."""
+        if not isinstance(other, CovarianceAccumulator):
+            raise TypeError(f"merge: expected a CovarianceAccumulator, got {type(other).__name__}")
+        if (other.dim_x, other.dim_y) != (self.dim_x, self.dim_y):
+            raise ValueError(
+                f"merge: dimensions differ: this accumulator is ({self.dim_x}, {self.dim_y}), "
+                f"the other ({other.dim_x}, {other.dim_y})"
+            )
+        mv = lambda t: t.to(self.device)  # noqa: E731
+        self._assign(*merge_moments(
+            self.count, (self._mean_x, self._mean_y), (self._m_xx, self._m_yx, self._m_yy),
+            other.count, (mv(other._mean_x), mv(other._mean_y)),
+            (mv(other._m_xx), mv(other._m_yx), mv(other._m_yy)), _PAIRS,
+        ))
+        return self
+
+    def all_reduce(self, group: Any = None) -> "CovarianceAccumulator":
+        """Combine the accumulators of all ranks of ``group`` (torch.distributed), in place.
+
+        Afterwards every rank holds the statistics of all ranks' samples, as
+        if one process had seen them all. Two float64 all-reduces (counts and
+        sums, then shifted co-moments); memory O(d^2), whatever the world size.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "all_reduce: torch.distributed is not initialized; call "
+                "torch.distributed.init_process_group() first (or launch with torchrun)"
+            )
+        dx, dy = self.dim_x, self.dim_y
+        first = torch.cat([
+            torch.tensor([float(self.count)], dtype=_F64, device=self.device),
+            self._mean_x * self.count, self._mean_y * self.count,
+        ])
+        dist.all_reduce(first, group=group)
+        total = int(round(float(first[0])))
+        if total == 0:
+            return self
+        mean_x, mean_y = first[1 : 1 + dx] / total, first[1 + dx :] / total
+        # Shift each rank's co-moments to the global mean, then sum.
+        d_x, d_y = self._mean_x - mean_x, self._mean_y - mean_y
+        n = float(self.count)
+        second = torch.cat([
+            (self._m_xx + n * torch.outer(d_x, d_x)).reshape(-1),
+            (self._m_yx + n * torch.outer(d_y, d_x)).reshape(-1),
+            (self._m_yy + n * torch.outer(d_y, d_y)).reshape(-1),
+        ])
+        dist.all_reduce(second, group=group)
+        m_xx, m_yx, m_yy = second.split([dx * dx, dy * dx, dy * dy])
+        self._assign(total, (mean_x, mean_y), (m_xx.view(dx, dx), m_yx.view(dy, dx), m_yy.view(dy, dy)))
+        return self
+
+    def _assign(self, count: int, means: tuple, ms: tuple) -> None:
+        self.count = int(count)
+        self._mean_x, self._mean_y = (t.contiguous() for t in means)
+        self._m_xx, self._m_yx, self._m_yy = (t.contiguous() for t in ms)
+
+    # --- statistics --------------------------------------------------------
+    def _require(self, n: int, what: str) -> None:
+        if self.count < n:
+            raise ValueError(
+                f"{what} needs at least {n} accumulated sample(s), but this accumulator has "
+                f"{self.count}; call update(x, y) with data first"
+            )
+
+    @property
+    def mean_x(self) -> torch.Tensor:
+        self._require(1, "mean_x")
+        return self._mean_x.clone()
+
+    @property
+    def mean_y(self) -> torch.Tensor:
+        self._require(1, "mean_y")
+        return self._mean_y.clone()
+
+    def _cov(self, m: torch.Tensor, what: str) -> torch.Tensor:
+        self._require(2, what)
+        return m / (self.count - 1)
+
+    @property
+    def cov_xx(self) -> torch.Tensor:
+        return self._cov(self._m_xx, "cov_xx")
+
+    @property
+    def cov_yx(self) -> torch.Tensor:
+        return self._cov(self._m_yx, "cov_yx")
+
+    @property
+    def cov_yy(self) -> torch.Tensor:
+        return self._cov(self._m_yy, "cov_yy")
+
+    # --- persistence -------------------------------------------------------
+    _STATE_KEYS = ("mean_x", "mean_y", "m_xx", "m_yx", "m_yy")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only (safetensors-compatible): count, dims, means and co-moments."""
+        sd = {k: getattr(self, f"_{k}").clone() for k in self._STATE_KEYS}
+        sd["count"] = torch.tensor(self.count, dtype=torch.int64)
+        sd["dims"] = torch.tensor([self.dim_x, self.dim_y], dtype=torch.int64)
+        return sd
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> "CovarianceAccumulator":
+        """Restore from :meth:`state_dict` (moved to this accumulator's device)."""
+        missing = [k for k in (*self._STATE_KEYS, "count", "dims") if k not in state]
+        if missing:
+            raise KeyError(f"load_state_dict: missing keys {missing}; expected the output of state_dict()")
+        dims = tuple(int(v) for v in state["dims"].tolist())
+        if dims != (self.dim_x, self.dim_y):
+            raise ValueError(f"load_state_dict: state is for dims {dims}, this accumulator has {(self.dim_x, self.dim_y)}")
+        count = int(state["count"])
+        shapes = {"mean_x": (self.dim_x,), "mean_y": (self.dim_y,), "m_xx": (self.dim_x, self.dim_x),
+                  "m_yx": (self.dim_y, self.dim_x), "m_yy": (self.dim_y, self.dim_y)}
+        tensors = {}
+        for k, shape in shapes.items():
+            t = state[k]
+            if tuple(t.shape) != shape:
+                raise ValueError(f"load_state_dict: {k} has shape {tuple(t.shape)}, expected {shape}")
+            t = t.to(device=self.device, dtype=_F64)
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"load_state_dict: {k} contains NaN or inf; the state is corrupt")
+            tensors[k] = t.clone()
+        if count < 0:
+            raise ValueError(f"load_state_dict: count must be >= 0, got {count}")
+        self._assign(count, (tensors["mean_x"], tensors["mean_y"]), (tensors["m_xx"], tensors["m_yx"], tensors["m_yy"]))
+        return self
+
+    def __repr__(self) -> str:
+        return f"CovarianceAccumulator(dim_x={self.dim_x}, dim_y={self.dim_y}, count={self.count}, device={self.device})"

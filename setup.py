@@ -1,0 +1,95 @@
+"""Build nbl-ext and its one compiled extension, ``nbl_ext._C``.
+
+CPU kernels are always built. CUDA kernels are built when the installed torch
+is a CUDA build (``torch.version.cuda``) *and* a CUDA toolkit is found
+(``CUDA_HOME``/``nvcc``): a GPU is not needed, build machines have none.
+
+Environment overrides:
+  NBL_FORCE_CUDA=1        build the CUDA kernels or fail (CI's compile-only check)
+  NBL_SKIP_CUDA=1         CPU kernels only, even with a CUDA torch and toolkit
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0")
+  NBL_NO_EXTENSION=1      pure-Python install (the package then runs on its
+                          pure-PyTorch reference kernels)
+
+Build against the installed torch: ``pip install --no-build-isolation .``
+"""
+import os
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _extensions():
+    if _flag("NBL_NO_EXTENSION"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        sys.exit(
+            "nbl-ext builds against the installed torch. Install torch first, then build "
+            "without isolation:\n  pip install torch==2.13.0\n  pip install --no-build-isolation ."
+        )
+
+    force, skip = _flag("NBL_FORCE_CUDA"), _flag("NBL_SKIP_CUDA")
+    if force and skip:
+        sys.exit("NBL_FORCE_CUDA and NBL_SKIP_CUDA are both set; set one of them.")
+    with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None) and not skip
+    if force:
+        if torch.version.cuda is None:
+            sys.exit(f"NBL_FORCE_CUDA=1 but the installed torch {torch.__version__} is a CPU build.")
+        if CUDA_HOME is None:
+            sys.exit("NBL_FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME.")
+        with_cuda = True
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+    sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cpp"))]
+    sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
+    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    kwargs = dict(include_dirs=[str(ROOT / "csrc")])
+    if with_cuda:
+        sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
+        ext = CUDAExtension(
+            "nbl_ext._C",
+            sources,
+            define_macros=[("NBL_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            **kwargs,
+        )
+    else:
+        ext = CppExtension("nbl_ext._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)
+    print(f"nbl-ext: building nbl_ext._C with CUDA kernels: {with_cuda} (torch {torch.__version__})")
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="nbl-ext",
+    version="0.1.0",
+    description="Neural Block Linearization for Hugging Face causal LMs, with a C++/CUDA extension",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nbl_ext", "nbl_ext.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=[
+        "torch>=2.11,<2.15",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6"],
+    },
+    zip_safe=False,
+)
