@@ -26,6 +26,24 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _pip_cuda_include_dirs(cuda_home: str) -> list[str]:
+    """Header dirs of pip-installed CUDA libraries (nvidia-* wheels), when the
+    toolkit at cuda_home lacks the library headers ATen includes (cusparse.h,
+    cublas_v2.h): a bare nvcc toolkit plus a CUDA torch wheel."""
+    if (Path(cuda_home) / "include" / "cusparse.h").exists():
+        return []
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels torch depends on
+    except ImportError:
+        return []
+    found = []
+    for base in getattr(nvidia, "__path__", []):
+        for inc in sorted(Path(base).glob("*/include")):
+            if any((inc / h).exists() for h in ("cusparse.h", "cublas_v2.h", "cusolverDn.h")):
+                found.append(str(inc))
+    return found
+
+
 def _extensions():
     if _flag("NBL_NO_EXTENSION"):
         return [], {}
@@ -52,15 +70,16 @@ def _extensions():
 
     sources = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc").glob("*.cpp"))]
     sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))]
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
     kwargs = dict(include_dirs=[str(ROOT / "csrc")])
     if with_cuda:
+        kwargs["include_dirs"] += _pip_cuda_include_dirs(CUDA_HOME)
         sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
         ext = CUDAExtension(
             "nbl_ext._C",
             sources,
             define_macros=[("NBL_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
             **kwargs,
         )
     else:

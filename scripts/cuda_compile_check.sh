@@ -10,14 +10,18 @@ CUVENV=$CACHE/venv-cu130
 REQUIRED=0
 if [ "${CI:-}" = "true" ] || [ "${NBL_CUDA_CHECK:-0}" = "1" ]; then REQUIRED=1; fi
 
-NVCC=$(command -v nvcc || true)
-if [ -z "$NVCC" ] && [ -x /usr/local/cuda/bin/nvcc ]; then NVCC=/usr/local/cuda/bin/nvcc; fi
-if [ -z "$NVCC" ]; then
-  if [ "$REQUIRED" = 1 ]; then echo "CUDA compile check: nvcc not found (required on CI)"; exit 1; fi
+# A toolkit: $CUDA_HOME, else /usr/local/cuda, else the one nvcc on PATH lives in.
+if [ -z "${CUDA_HOME:-}" ]; then
+  if [ -x /usr/local/cuda/bin/nvcc ]; then CUDA_HOME=/usr/local/cuda
+  elif command -v nvcc >/dev/null; then CUDA_HOME=$(cd "$(dirname "$(readlink -f "$(command -v nvcc)")")/.." && pwd)
+  fi
+fi
+NVCC=${CUDA_HOME:+$CUDA_HOME/bin/nvcc}
+if [ -z "$NVCC" ] || [ ! -x "$NVCC" ]; then
+  if [ "$REQUIRED" = 1 ]; then echo "CUDA compile check: no CUDA toolkit (nvcc) found (required on CI)"; exit 1; fi
   echo "CUDA compile check: SKIPPED (no nvcc on this machine; set NBL_CUDA_CHECK=1 to require it)"
   exit 0
 fi
-CUDA_HOME=${CUDA_HOME:-$(cd "$(dirname "$(readlink -f "$NVCC")")/.." && pwd)}
 "$NVCC" --version | tail -n 1
 
 if ! "$CUVENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__ == '2.14.1+cu130' else 1)" 2>/dev/null; then

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Run the benchmark suite (bench/) and keep its results.
+#   bash bench/run.sh [extra pytest args]      e.g.  bash bench/run.sh -k "d2048"
+# Writes bench/results/<device>_<UTC date>_<short commit>[-dirty].json (pytest-benchmark
+# JSON: machine_info, commit_info, per-benchmark stats and extra_info) and a markdown
+# summary next to it (.md), and prints that summary.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=${PYTHON:-python}; fi
+
+DEVICE=$("$PY" - <<'EOF'
+import re, torch
+if torch.cuda.is_available():
+    name = "cuda-" + torch.cuda.get_device_name(0)
+else:
+    model = ""
+    try:
+        model = next(l.split(":", 1)[1] for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    name = f"cpu-{model}-{torch.get_num_threads()}t"
+print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
+EOF
+)
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo nogit)
+if [ "$COMMIT" != nogit ] && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+  COMMIT="$COMMIT-dirty"
+fi
+mkdir -p bench/results
+OUT="bench/results/${DEVICE}_$(date -u +%Y%m%dT%H%M%SZ)_${COMMIT}.json"
+
+echo "bench: $PY, device $DEVICE -> $OUT"
+START=$(date +%s)
+"$PY" -m pytest bench -p no:cacheprovider -q -rs \
+  --benchmark-only --benchmark-json "$OUT" \
+  --benchmark-group-by=group --benchmark-sort=name \
+  --benchmark-columns=median,iqr,min,rounds "$@"
+echo "bench: $(( $(date +%s) - START )) s"
+
+"$PY" bench/summarize.py "$OUT" | tee "${OUT%.json}.md"

@@ -1,0 +1,138 @@
+"""The nbl:: op library: registration, opcheck, torch.compile, compiled kernel
+vs pure-PyTorch reference, and the package working without _C."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nbl_ext
+from nbl_ext import ops, reference
+from helpers import make_xy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _state(dx, dy, device="cpu"):
+    z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+    return [z(dx), z(dy), z(dx, dx), z(dy, dx), z(dy, dy)]
+
+
+def _seeded_state(gen, dx, dy, device="cpu"):
+    """A state that already holds 300 samples (so the merge term is exercised)."""
+    st = _state(dx, dy, device)
+    x, y = make_xy(300, dx, dy, gen=gen, dtype=torch.float64)
+    reference.cov_update_reference(*st, x.to(device), y.to(device), 0)
+    return st
+
+
+def test_extension_info_reports_the_build():
+    info = nbl_ext.extension_info()
+    assert {"compiled", "cuda", "torch_version"} <= set(info)
+    assert isinstance(info["compiled"], bool) and isinstance(info["cuda"], bool)
+    assert ops.has_compiled_kernel("cov_update_", "cpu") == info["compiled"]
+    if info["cuda"]:
+        assert ops.has_compiled_kernel("cov_update_", "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_opcheck(device, gen, dtype):
+    x, y = make_xy(2100, 12, 7, gen=gen, dtype=dtype)  # > one Gram block
+    st = _seeded_state(gen, 12, 7, device)
+    torch.library.opcheck(torch.ops.nbl.cov_update_.default, (*st, x.to(device), y.to(device), 300))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_compiled_kernel_matches_reference(device, gen, dtype):
+    if not ops.has_compiled_kernel("cov_update_", device):
+        pytest.skip(f"no compiled nbl::cov_update_ kernel for {device} in this build")
+    x, y = make_xy(4500, 33, 21, gen=gen, dtype=dtype, massive=1e3)
+    a = _seeded_state(gen, 33, 21, device)
+    b = [t.clone() for t in a]
+    ops.cov_update_(*a, x.to(device), y.to(device), 300)  # dispatches to the C++/CUDA kernel
+    reference.cov_update_reference(*b, x.to(device), y.to(device), 300)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for got, want in zip(a, b):
+        assert float((got - want).abs().max()) <= tol * float(want.abs().max()), (got - want).abs().max()
+
+
+def test_op_rejects_non_finite_before_mutating(device, gen):
+    x, y = make_xy(64, 5, 3, gen=gen)
+    x[0, 0] = float("nan")
+    st = _seeded_state(gen, 5, 3, device)
+    before = [t.clone() for t in st]
+    with pytest.raises(ValueError, match="x contains 1 non-finite"):
+        ops.cov_update_(*st, x.to(device), y.to(device), 300)
+    assert all(torch.equal(a, b) for a, b in zip(st, before))
+
+
+def test_op_argument_errors(gen):
+    st = _state(5, 3)
+    x, y = make_xy(10, 5, 3, gen=gen)
+    with pytest.raises(ValueError, match="same number of samples"):
+        ops.cov_update_(*st, x, y[:9], 0)
+    with pytest.raises(ValueError, match="2-D"):
+        ops.cov_update_(*st, x[None], y[None], 0)
+
+
+def test_torch_compile_fullgraph(gen):
+    x, y = make_xy(700, 9, 6, gen=gen)
+
+    def step(mx, my, mxx, myx, myy, xs, ys):
+        torch.ops.nbl.cov_update_(mx, my, mxx, myx, myy, xs * 2.0, ys, 0)
+        return mxx.trace() + myy.trace()
+
+    eager = _state(9, 6)
+    compiled = _state(9, 6)
+    want = step(*eager, x, y)
+    got = torch.compile(step, fullgraph=True, backend="inductor")(*compiled, x, y)
+    assert torch.allclose(got, want, rtol=1e-12)
+    for a, b in zip(compiled, eager):
+        assert torch.allclose(a, b, rtol=1e-12, atol=0)
+
+
+def test_accumulator_update_under_compile(gen):
+    x, y = make_xy(500, 7, 4, gen=gen)
+    acc_e = nbl_ext.CovarianceAccumulator(7, 4)
+    acc_c = nbl_ext.CovarianceAccumulator(7, 4)
+    acc_e.update(x, y)
+    torch.compile(lambda a, b: acc_c.update(a, b))(x, y)
+    assert acc_c.count == 500 and torch.equal(acc_c.cov_yx, acc_e.cov_yx)
+
+
+def test_package_works_without_compiled_extension(tmp_path):
+    """No _C: one warning, the reference kernels serve the ops, same results."""
+    script = r"""
+import json, sys, warnings
+sys.modules["nbl_ext._C"] = None          # make `import nbl_ext._C` fail
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch, nbl_ext
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 6, generator=gen) + 50.0
+    y = x[:, :4] * 0.5 + torch.randn(3000, 4, generator=gen)
+    acc = nbl_ext.CovarianceAccumulator(6, 4).update(x, y)
+    w, b = nbl_ext.fit_linear(acc)
+ours = [str(w.message) for w in caught if "nbl_ext" in str(w.message)]
+print(json.dumps({"info": nbl_ext.extension_info(), "warnings": ours,
+                  "cpu_kernel": nbl_ext.ops.has_compiled_kernel("cov_update_", "cpu"),
+                  "cov": acc.cov_yx.flatten().tolist(), "w": w.flatten().tolist()}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["info"]["compiled"] is False and res["info"]["cuda"] is False
+    assert res["info"]["load_error"]
+    assert len(res["warnings"]) == 1 and "pure-PyTorch reference" in res["warnings"][0]
+    assert res["cpu_kernel"] is False
+    # Same statistics as this (possibly compiled) process computes.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 6, generator=gen) + 50.0
+    y = x[:, :4] * 0.5 + torch.randn(3000, 4, generator=gen)
+    acc = nbl_ext.CovarianceAccumulator(6, 4).update(x, y)
+    w, _ = nbl_ext.fit_linear(acc)
+    assert torch.allclose(torch.tensor(res["cov"], dtype=torch.float64), acc.cov_yx.flatten(), rtol=1e-6)
+    assert torch.allclose(torch.tensor(res["w"], dtype=torch.float64), w.flatten(), rtol=1e-5, atol=1e-7)
