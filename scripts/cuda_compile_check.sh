@@ -32,17 +32,30 @@ if ! "$CUVENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__
 fi
 "$CUVENV/bin/python" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-SCRATCH=$(mktemp -d)
-trap 'rm -rf "$SCRATCH"' EXIT
-# Copy the sources (not the in-tree CPU build) so nothing in the clone changes.
-tar -C "$ROOT" --exclude=.venv --exclude=build --exclude=.git --exclude='*.so' -cf - . | tar -C "$SCRATCH" -xf -
-cd "$SCRATCH"
+# Build from a copy of the sources in a cache dir (not the clone, whose CPU
+# build must stay untouched); tar keeps mtimes, so ninja rebuilds only what changed.
+WORK=$CACHE/cuda-check
+mkdir -p "$WORK/src"
+rm -rf "$WORK/src/csrc" "$WORK/src/nbl_ext"
+tar -C "$ROOT" --exclude=.venv --exclude=build --exclude=.git --exclude='*.so' --exclude=bench --exclude=python_tests -cf - . | tar -C "$WORK/src" -xf -
+cd "$WORK/src"
+rm -rf "$WORK/out"
 CUDA_HOME=$CUDA_HOME PATH="$CUDA_HOME/bin:$PATH" NBL_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" \
-  MAX_JOBS=${MAX_JOBS:-2} "$CUVENV/bin/python" setup.py -q build_ext --build-lib "$SCRATCH/out" --build-temp "$SCRATCH/tmp"
-SO=$(ls "$SCRATCH"/out/nbl_ext/_C*.so)
-# The CUDA kernels must be in the binary (symbol of the CUDA entry point).
-nm -C "$SO" | grep -q "nbl::cov_update_cuda" || { echo "CUDA compile check: cov_update_cuda missing from $SO"; exit 1; }
-for arch in sm_80 sm_90; do
-  "$CUDA_HOME/bin/cuobjdump" --list-elf "$SO" | grep -q "$arch" || { echo "CUDA compile check: no $arch code in $SO"; exit 1; }
+  MAX_JOBS=${MAX_JOBS:-2} "$CUVENV/bin/python" setup.py -q build_ext --build-lib "$WORK/out" --build-temp "$WORK/tmp"
+SO=$(ls "$WORK"/out/nbl_ext/_C*.so)
+# The CUDA kernels must be in the binary: the CUDA entry points among its
+# symbols, and device code for every requested architecture. (Outputs are
+# captured first: `nm | grep -q` fails under pipefail when grep exits early.)
+SYMS=$(nm -C "$SO")
+# cuobjdump: the toolkit's, else the copy triton ships in the cu130 venv.
+CUOBJDUMP=$CUDA_HOME/bin/cuobjdump
+[ -x "$CUOBJDUMP" ] || CUOBJDUMP=$(ls "$CUVENV"/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump 2>/dev/null | head -n 1)
+[ -x "$CUOBJDUMP" ] || { echo "CUDA compile check: no cuobjdump to inspect the device code"; exit 1; }
+ELFS=$("$CUOBJDUMP" --list-elf "$SO")
+for sym in nbl::cov_update_cuda; do
+  grep -q "$sym" <<<"$SYMS" || { echo "CUDA compile check: $sym missing from $SO"; exit 1; }
 done
-echo "CUDA compile check: OK ($(basename "$SO"); cubins: $("$CUDA_HOME/bin/cuobjdump" --list-elf "$SO" | grep -o "sm_[0-9]*" | sort -u | tr "\n" " "))"
+for arch in sm_80 sm_90; do
+  grep -q "$arch" <<<"$ELFS" || { echo "CUDA compile check: no $arch device code in $SO"; exit 1; }
+done
+echo "CUDA compile check: OK ($(basename "$SO"); device code: $(grep -o 'sm_[0-9]*' <<<"$ELFS" | sort -u | tr '\n' ' '))"
