@@ -297,8 +297,8 @@ def _hf_texts(spec: str, text_field: str) -> tuple[Iterator[str], str]:
         import datasets
     except ImportError as e:
         raise ImportError(
-            f"calibration source 'hf:{spec}' needs the optional `datasets` package (pip install datasets) "
-            f"and network access. {offline_hint}"
+            f"calibration source {spec!r} is read as a Hugging Face dataset (it is not a local file), which "
+            f"needs the optional `datasets` package (pip install datasets) and network access. {offline_hint}"
         ) from e
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)

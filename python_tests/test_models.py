@@ -262,3 +262,12 @@ def test_gemma3_alias():
     assert ids[0] == tok.bos_token_id == 2  # Gemma's tokenizer adds <bos>
     assert torch.isfinite(_logits(model, ids)).all()
     assert cfg.nbl_source["sha256"] and cfg.nbl_source["name"] == "gemma3-270m"
+
+
+def test_hub_reachability_probe(monkeypatch):
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert models._hub_reachable() is True  # behind a proxy a direct probe proves nothing
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models._hub_reachable() is False
