@@ -146,7 +146,8 @@ def load_model(
     checkpoint declares; float32 for dequantized GGUF files).
 
     Returns ``(model, tokenizer)``. ``model.config.nbl_source`` records where
-    the weights came from (kind, name or path, package version, cache entry).
+    the weights came from (kind, name or path, package version, cache entry;
+    ``origin``: the record a saved checkpoint already carried).
     """
     dev = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, dev)
@@ -171,6 +172,9 @@ def load_model(
         else:
             lm, tok, source = _load_hub(target, torch_dtype, dev)
     lm.eval()
+    previous = getattr(lm.config, "nbl_source", None)
+    if previous and previous != source:  # a checkpoint saved from a model load_model returned
+        source["origin"] = previous
     lm.config.nbl_source = source
     return lm, tok
 

@@ -150,7 +150,11 @@ def test_hf_directory(tmp_path):
     assert auto.dtype == torch.float32
     # The source record is saved with the model: a checkpoint can tell where it came from.
     model.save_pretrained(tmp_path / "again")
+    tok.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["nbl_source"]["kind"] == "hf_dir"
+    reloaded, _ = load_model(tmp_path / "again", progress=False)
+    assert reloaded.config.nbl_source["path"] == str(tmp_path / "again")
+    assert reloaded.config.nbl_source["origin"]["path"] == str(tmp_path / "m")
 
 
 # --- GGUF files and the converted-copy cache (a tiny GGUF written here) ---------------------------
