@@ -333,7 +333,7 @@ def load_calibration_tokens(
     model: Any = None,
     progress: bool = True,
     text_field: str = "text",
-    batch_size: int = 8,
+    batch_size: int = 16,
     temperature: float = 1.0,
     top_k: int | None = 50,
 ) -> torch.Tensor:

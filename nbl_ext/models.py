@@ -416,7 +416,7 @@ def _cache_entry(slug: str, fields: dict, provide: Callable[[Path], Path], root:
         logger.info(msg)
         _convert_gguf(gguf_path, out)
         (out / "nbl_cache.json").write_text(json.dumps(
-            {**fields, "key": key, "format": _CACHE_FORMAT, "gguf": str(gguf_path),
+            {**fields, "key": key, "format": _CACHE_FORMAT, "gguf_file": gguf_path.name,
              "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "convert_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
         try:
