@@ -418,6 +418,9 @@ def calibrate(
                 shutil.rmtree(out / "layers", ignore_errors=True)
             _barrier()
             shutil.rmtree(spill, ignore_errors=True)
+            _barrier()
+            if rank == 0:
+                shutil.rmtree(out / "spill", ignore_errors=True)
     return result
 
 
