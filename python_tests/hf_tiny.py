@@ -61,10 +61,19 @@ def greedy_recompute(model, prompt: torch.Tensor, steps: int) -> tuple[torch.Ten
 
 @torch.no_grad()
 def greedy_generate(model, prompt: torch.Tensor, steps: int, **kwargs):
-    """model.generate (greedy, with its cache): (tokens, step logits, the cache)."""
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, min_new_tokens=steps,
-                         do_sample=False, return_dict_in_generate=True, output_logits=True,
-                         pad_token_id=0, **kwargs)
+    """model.generate (greedy, with its cache): (tokens, step logits, the cache).
+
+    EOS is disabled (not suppressed: min_new_tokens would mask the EOS logit,
+    which the recompute oracle does not) so exactly ``steps`` tokens come out.
+    """
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True, pad_token_id=0, **kwargs)
+    finally:
+        model.generation_config.eos_token_id = eos
+    assert out.sequences.shape[1] == prompt.shape[1] + steps
     return out.sequences, torch.stack(out.logits, 1), out.past_key_values
 
 
