@@ -36,6 +36,7 @@ from torch import nn
 
 from nbl_ext._io import atomic_save_tensors, atomic_write_json, read_json, read_tensors
 from nbl_ext.adapters import Adapter, get_adapter
+from nbl_ext.linearize import is_linearized
 from nbl_ext.numerics import SingularWarning, cca_bound, fit_linear, lmmse_nmse
 from nbl_ext.result import CalibrationResult, LayerCalibration, layers_from_records
 from nbl_ext.stats import CovarianceAccumulator
@@ -346,6 +347,8 @@ def calibrate(
         X + A, the NMSE of the fitted map, the mean cosine(X, X + A), and W, b.
     """
     adapter = get_adapter(model)
+    if getattr(adapter.config, "nbl", None) or any(is_linearized(layer) for layer in adapter.layers()):
+        raise ValueError("calibrate: this model is already linearized; calibrate the original model")
     if target not in TARGETS:
         raise ValueError(f"calibrate: target must be one of {TARGETS}, got {target!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -125,8 +125,9 @@ def convert_layer(adapter: Adapter, index: int, method: str, weight: torch.Tenso
             raise ValueError(f"decoder layer {index}: W must be ({d}, {d}) and b ({d},)")
         if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
             raise ValueError(f"decoder layer {index}: W or b contains NaN or inf")
-        affine = AffineResidual(weight.detach().to(device=device, dtype=dtype).contiguous(),
-                                bias.detach().to(device=device, dtype=dtype).contiguous())
+        # Own copies: never alias the caller's tensors (or one placeholder across layers).
+        affine = AffineResidual(weight.detach().to(device=device, dtype=dtype, copy=True).contiguous(),
+                                bias.detach().to(device=device, dtype=dtype, copy=True).contiguous())
     for name in adapter.branch_modules:
         delattr(layer, name)  # the attention weights are freed here
     layer.__class__ = _linearized_class(type(layer), type(adapter))

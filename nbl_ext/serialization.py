@@ -14,6 +14,7 @@ linearization structure and loads the weights strictly.
 """
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
     get_adapter(model)  # supported family (load_pretrained needs it)
     summary = calibration.summary() if calibration is not None else getattr(model, SUMMARY_ATTR, None)
     with atomic_directory(path) as tmp:
-        model.config.save_pretrained(tmp)
+        config = copy.deepcopy(model.config)
+        config.dtype = model.dtype  # the weights' dtype (model.to(dtype) does not update the config)
+        config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)

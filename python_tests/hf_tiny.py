@@ -40,8 +40,8 @@ def tiny_model(family: str, num_layers: int = 3, seed: int = 0, dtype=torch.floa
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, num_layers, **overrides))
-    return model.to(dtype).eval()
+    # dtype through from_config (not .to()): like from_pretrained, RoPE buffers stay float32
+    return AutoModelForCausalLM.from_config(tiny_config(family, num_layers, **overrides), dtype=dtype).eval()
 
 
 def token_data(num_samples: int, seq_len: int, seed: int = 1) -> torch.Tensor:

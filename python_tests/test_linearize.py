@@ -172,6 +172,8 @@ def test_bad_arguments_are_clear_errors():
     nbl_ext.linearize(m, result, [0])
     with pytest.raises(ValueError, match="already linearized"):
         nbl_ext.linearize(m, result, [1])
+    with pytest.raises(ValueError, match="already linearized; calibrate the original model"):
+        nbl_ext.calibrate(m, token_data(2, 40), progress=False)
     assert nbl_ext.linearize(copy.deepcopy(original), None, [1], method="drop").config.nbl["method"] == "drop"
 
 
