@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_tiny import FAMILIES, spy_updates, tiny_model, token_data
+from hf_tiny import (
+    FAMILIES, cache_slot_bytes, greedy_generate, greedy_recompute, spy_updates, tiny_model, token_data,
+)
 
 import nbl_ext
 from nbl_ext import adapters
@@ -64,7 +66,7 @@ def test_calibration_captures_exactly_x_and_a(family):
                 torch.testing.assert_close(adapter.mlp_half(layer, x + a), out, rtol=1e-6, atol=1e-6)
 
 
-def test_multimodal_gemma3_uses_its_language_model():
+def test_multimodal_gemma3_uses_its_language_model(tmp_path):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
 
     from hf_tiny import tiny_config
@@ -79,3 +81,16 @@ def test_multimodal_gemma3_uses_its_language_model():
     assert type(adapter) is adapters.Gemma3Adapter
     assert adapter.layers() is model.model.language_model.layers
     assert adapter.hidden_size == 32 and adapter.num_layers == 2
+    # text-only calibration, linearization of layer 0, exact cached generation, round trip
+    result = nbl_ext.calibrate(model, token_data(3, 40) % 200, progress=False)
+    nbl_ext.linearize(model, result, [0])
+    assert model.config.text_config.kv_sharing_modes == ["reuse", None] and model.config.nbl["layers"] == [0]
+    prompt = token_data(1, 6, seed=5) % 200
+    ref, _ = greedy_recompute(model, prompt, 8)
+    tokens, _, cache = greedy_generate(model, prompt, 8, cache_implementation="static")
+    assert torch.equal(tokens, ref) and cache_slot_bytes(cache)[0] == 0
+    nbl_ext.save_pretrained(model, tmp_path / "mm")
+    loaded = nbl_ext.load_pretrained(tmp_path / "mm")
+    assert type(loaded) is Gemma3ForConditionalGeneration
+    with torch.no_grad():
+        assert torch.equal(loaded(prompt).logits, model(prompt).logits)
