@@ -292,6 +292,16 @@ def score_layer(i: int, acc: CovarianceAccumulator, cos: torch.Tensor, ridge: fl
     )
 
 
+def weights_fingerprint(model: nn.Module, per_tensor: int = 4096) -> str:
+    """Cheap identity of a model's weights (names, shapes, first elements): guards resume against a swapped model."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        if p.device.type != "meta":
+            h.update(p.detach().reshape(-1)[:per_tensor].to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
     if not enabled:
         return None
@@ -371,6 +381,7 @@ def calibrate(
         "world_size": world,
         "ridge": float(ridge),
         "data_sha256": hashlib.sha256(data.cpu().contiguous().numpy().tobytes()).hexdigest(),
+        "weights_sha256": weights_fingerprint(model),
     }
     from nbl_ext import __version__
 

@@ -176,6 +176,14 @@ def apply_structure(model: nn.Module, adapter: Adapter, method: str, layers: lis
     """Convert ``layers`` and record the linearization on the config (shared with load_pretrained)."""
     n = adapter.num_layers
     keep_slot0 = len(layers) == n  # no attention left: keep one never-written slot for cache bookkeeping
+    if method == "nbl":  # validate every map before touching the model
+        d = adapter.hidden_size
+        for i in layers:
+            w, b = weights[i] if weights is not None and i in weights else (None, None)
+            if w is None or b is None or tuple(w.shape) != (d, d) or tuple(b.shape) != (d,):
+                raise ValueError(f"linearize: layer {i} needs W of shape ({d}, {d}) and b of shape ({d},)")
+            if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+                raise ValueError(f"linearize: the map of layer {i} contains NaN or inf")
     for i in layers:
         w, b = weights[i] if weights is not None and i in weights else (None, None)
         if not is_linearized(adapter.layers()[i]):
@@ -219,7 +227,9 @@ def linearize(
             get at inference. Needs ``data`` (token ids, as for calibrate).
         data, batch_size, progress, ridge: calibration settings for refit.
 
-    Returns the model. ``model.config.nbl`` records what was done.
+    Returns the model. ``model.config.nbl`` records what was done. Arguments
+    are validated before the model is touched; an error *during* a sequential
+    refit (e.g. NaN activations) leaves the model partially linearized.
     """
     adapter = get_adapter(model)
     if method not in METHODS:

@@ -126,6 +126,9 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path):
         nbl_ext.calibrate(model, token_data(3, 40, seed=7), batch_size=2, progress=False, output_dir=run)
     with pytest.raises(ValueError, match="batch_size"):
         nbl_ext.calibrate(model, data, batch_size=1, progress=False, output_dir=run)
+    other_model = tiny_model("llama", 4, seed=3)
+    with pytest.raises(ValueError, match="weights_sha256"):
+        nbl_ext.calibrate(other_model, data, batch_size=2, progress=False, output_dir=run)
     fresh = nbl_ext.calibrate(model, token_data(3, 40, seed=7), batch_size=2, progress=False, output_dir=run,
                               resume=False)
     assert fresh.bounds != ref.bounds

@@ -135,6 +135,8 @@ def test_linearized_layer_math_and_bookkeeping(family):
     w, b = result.layers[1].weight.float(), result.layers[1].bias.float()
     with torch.no_grad():
         torch.testing.assert_close(layer(x, **kwargs), adapter.mlp_half(layer, x + x @ w.T + b))
+    with torch.no_grad():  # HF's output capture still sees every decoder layer (isinstance-based hooks)
+        assert len(model(ids, output_hidden_states=True).hidden_states) == N_LAYERS + 1
     nbl = model.config.nbl
     assert nbl["method"] == "nbl" and nbl["layers"] == [1] and nbl["refit"] is None
     assert model.config.get_text_config(decoder=True).kv_sharing_modes == [None, "reuse", None, None]
@@ -168,6 +170,12 @@ def test_bad_arguments_are_clear_errors():
     _, other = calibrated("qwen3")
     with pytest.raises(ValueError, match="does not match the model.*model_type"):
         nbl_ext.linearize(m, other, [0])
+    broken = copy.copy(result)
+    broken.layers = list(result.layers)
+    broken.layers[3] = copy.copy(result.layers[3])
+    broken.layers[3].weight = torch.full((32, 32), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="map of layer 3 contains NaN"):
+        nbl_ext.linearize(m, broken, [0, 3])
     assert not hasattr(m.config, "nbl")  # nothing was changed by the failed calls
     nbl_ext.linearize(m, result, [0])
     with pytest.raises(ValueError, match="already linearized"):
@@ -188,6 +196,16 @@ def test_torch_compile_matches_eager():
         eager = model(ids, use_cache=False).logits
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, eager, rtol=1e-5, atol=1e-5)
+        # compiled decoding with a static cache (DummyLayer slots for the linearized layers 0 and 2)
+        from transformers import StaticCache
+
+        compiled = torch.compile(model, backend="eager", fullgraph=True)  # dynamo capture; aot tracing is slow
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        compiled(ids[:1, :8], past_key_values=cache, use_cache=True)
+        for p in range(8, 12):
+            step = compiled(ids[:1, p : p + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            torch.testing.assert_close(step, eager[:1, p], rtol=1e-4, atol=1e-4)
+        assert cache_slot_bytes(cache)[0] == cache_slot_bytes(cache)[2] == 0
         if os.environ.get("NBL_TEST_INDUCTOR") == "1":
             compiled = torch.compile(model)
             torch.testing.assert_close(compiled(ids, use_cache=False).logits, eager, rtol=1e-4, atol=1e-4)
