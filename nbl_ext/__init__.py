@@ -4,6 +4,14 @@ The foundation: streaming float64 statistics with a compiled accumulation
 kernel, and the NBL numerics (LMMSE fit, canonical correlations, CCA bound).
 Models and calibration data: ``load_model`` (bundled offline models, GGUF
 files, Hugging Face directories and hub ids) and ``load_calibration_tokens``.
+The Hugging Face core: per-family adapters, layer-by-layer calibration,
+in-place linearization and self-contained checkpoints::
+
+    model, tok = nbl_ext.load_model()                       # bundled SmolLM2-135M
+    tokens = nbl_ext.load_calibration_tokens("self", tok, num_samples=16, seq_len=256, model=model)
+    result = nbl_ext.calibrate(model, tokens)
+    nbl_ext.linearize(model, result, result.select(k))
+    nbl_ext.save_pretrained(model, "out/", tok, calibration=result)
 """
 from nbl_ext._extension import extension_info
 from nbl_ext import ops  # noqa: F401  (defines the nbl:: ops)
@@ -17,20 +25,31 @@ from nbl_ext.numerics import (
 from nbl_ext.stats import CovarianceAccumulator
 from nbl_ext.data import load_calibration_tokens, read_documents, split_documents
 from nbl_ext.models import load_model
+from nbl_ext.adapters import get_adapter
+from nbl_ext.result import CalibrationResult
+from nbl_ext.calibrate import calibrate
+from nbl_ext.linearize import linearize
+from nbl_ext.serialization import load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationResult",
     "CovarianceAccumulator",
     "SingularWarning",
+    "calibrate",
     "canonical_correlations",
     "cca_bound",
     "extension_info",
     "fit_linear",
+    "get_adapter",
+    "linearize",
     "lmmse_nmse",
     "load_calibration_tokens",
     "load_model",
+    "load_pretrained",
     "read_documents",
+    "save_pretrained",
     "split_documents",
     "__version__",
 ]

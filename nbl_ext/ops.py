@@ -54,3 +54,9 @@ def has_compiled_kernel(op: str, device_type: str) -> bool:
     """True when a C++/CUDA kernel (not the reference) serves ``nbl::op`` on ``device_type``."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"nbl::{op}", key)
+
+
+# placeholder until the fused op lands
+def affine_residual(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``h + h @ weight.T + bias`` (pure PyTorch)."""
+    return torch.nn.functional.linear(h, weight, bias) + h

@@ -1,0 +1,308 @@
+"""Replace (or drop) attention branches of a Hugging Face causal LM, in place.
+
+A linearized decoder layer stays the *same object*: its class becomes a
+subclass of the original one (so ``isinstance`` checks, output capture hooks
+and state-dict key names keep working), its attention-branch submodules
+(pre-norm, self-attention, post-attention norm where the family has one) are
+deleted, and its forward becomes
+
+    h = X + X @ W^T + b      ("nbl", via nbl_ext.ops.affine_residual)
+    h = X                    ("drop")
+    out = adapter.mlp_half(layer, h)
+
+KV cache. Hugging Face builds caches from the config (generate, the model's
+own forward, ``DynamicCache(config=...)``, ``StaticCache(config=...)``) and
+turns a layer whose ``config.kv_sharing_modes`` entry is ``"reuse"`` into a
+``DummyLayer`` that stores nothing. Linearized layers are marked that way, so
+they allocate no KV memory. ``Cache.get_seq_length()`` and the mask builders
+skip dummy slots (they read the first real attention slot), which keeps
+generation exact when layer 0 is linearized. A cache built *without* a config
+(``DynamicCache()``) is patched on the fly: a linearized layer turns its own
+slot into a ``DummyLayer`` the first time it sees the cache. When no attention
+is left at all, slot 0 stays an ordinary (never written, so never allocated)
+layer: nothing depends on positions any more, and generation keeps working.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from nbl_ext import ops
+from nbl_ext.adapters import Adapter, get_adapter
+from nbl_ext.result import METHODS, CalibrationResult, LayerCalibration, check_layer_list
+
+NBL_CONFIG_VERSION = 1
+REFIT_MODES = (None, "sequential")
+#: Attribute of a linearized model holding the JSON-able calibration summary (for save_pretrained).
+SUMMARY_ATTR = "_nbl_calibration_summary"
+
+
+class AffineResidual(nn.Module):
+    """``h + h @ weight.T + bias``: the linear map replacing an attention branch (with its residual)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return ops.affine_residual(h, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[1]}, dtype={self.weight.dtype}"
+
+
+def release_kv_slot(cache: Any, index: int) -> None:
+    """Make slot ``index`` of an HF cache a ``DummyLayer`` (no storage, skipped for lengths and masks)."""
+    from transformers.cache_utils import DummyLayer
+
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        return
+    if index < len(layers):
+        if not isinstance(layers[index], DummyLayer):
+            layers[index] = DummyLayer()
+    elif getattr(cache, "layer_class_to_replicate", None) is not None:  # lazily grown DynamicCache()
+        while len(layers) < index:
+            layers.append(cache.layer_class_to_replicate())
+        layers.append(DummyLayer())
+
+
+class LinearizedLayerMixin:
+    """Forward of a decoder layer whose attention branch was linearized ("nbl") or removed ("drop")."""
+
+    _nbl_adapter: ClassVar[type[Adapter]]
+    nbl_method: str
+    nbl_layer_idx: int
+    nbl_release_kv: bool
+
+    def forward(self, hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if hidden_states is None:
+            hidden_states = kwargs["hidden_states"]
+        cache = kwargs.get("past_key_values")
+        if cache is not None and self.nbl_release_kv:
+            release_kv_slot(cache, self.nbl_layer_idx)
+        h = self.nbl_affine(hidden_states) if self.nbl_method == "nbl" else hidden_states
+        return self._nbl_adapter.mlp_half(self, h)
+
+
+_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _linearized_class(base: type, adapter_cls: type[Adapter]) -> type:
+    key = (base, adapter_cls)
+    if key not in _CLASSES:
+        _CLASSES[key] = type(f"NBL{base.__name__}", (LinearizedLayerMixin, base),
+                             {"_nbl_adapter": adapter_cls, "__module__": __name__})
+    return _CLASSES[key]
+
+
+def is_linearized(layer: nn.Module) -> bool:
+    return isinstance(layer, LinearizedLayerMixin)
+
+
+def _layer_dtype_device(layer: nn.Module, adapter: Adapter) -> tuple[torch.dtype, torch.device]:
+    for name in adapter.mlp_modules:
+        for p in getattr(layer, name).parameters():
+            if p.is_floating_point():
+                return p.dtype, p.device
+    raise ValueError("cannot determine the dtype/device of a decoder layer's MLP (no float parameters)")
+
+
+def convert_layer(adapter: Adapter, index: int, method: str, weight: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, *, release_kv: bool = True) -> nn.Module:
+    """Linearize (or drop) the attention branch of decoder layer ``index`` in place."""
+    layer = adapter.layers()[index]
+    if is_linearized(layer):
+        raise ValueError(f"decoder layer {index} is already linearized ({layer.nbl_method})")
+    dtype, device = _layer_dtype_device(layer, adapter)
+    affine = None
+    if method == "nbl":
+        d = adapter.hidden_size
+        if weight is None or bias is None or tuple(weight.shape) != (d, d) or tuple(bias.shape) != (d,):
+            raise ValueError(f"decoder layer {index}: W must be ({d}, {d}) and b ({d},)")
+        if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
+            raise ValueError(f"decoder layer {index}: W or b contains NaN or inf")
+        # Own copies: never alias the caller's tensors (or one placeholder across layers).
+        affine = AffineResidual(weight.detach().to(device=device, dtype=dtype, copy=True).contiguous(),
+                                bias.detach().to(device=device, dtype=dtype, copy=True).contiguous())
+    for name in adapter.branch_modules:
+        delattr(layer, name)  # the attention weights are freed here
+    layer.__class__ = _linearized_class(type(layer), type(adapter))
+    layer.nbl_method = method
+    layer.nbl_layer_idx = index
+    layer.nbl_release_kv = release_kv
+    if affine is not None:
+        layer.nbl_affine = affine
+    return layer
+
+
+def _check_result(result: Any, adapter: Adapter) -> CalibrationResult:
+    if not isinstance(result, CalibrationResult):
+        raise TypeError(f"linearize: result must be a CalibrationResult (from nbl_ext.calibrate), got {type(result).__name__}")
+    mismatch = [
+        f"{k}: result {result.metadata.get(k)!r} vs model {v!r}"
+        for k, v in (("model_type", adapter.model_type), ("num_layers", adapter.num_layers),
+                     ("hidden_size", adapter.hidden_size))
+        if result.metadata.get(k) != v
+    ]
+    if mismatch:
+        raise ValueError(f"linearize: the calibration result does not match the model ({'; '.join(mismatch)})")
+    return result
+
+
+def nbl_config(method: str, layers: list[int], refit: str | None, adapter: Adapter) -> dict[str, Any]:
+    """The ``config.nbl`` section describing a linearization."""
+    return {
+        "version": NBL_CONFIG_VERSION,
+        "method": method,
+        "layers": list(layers),
+        "target": "attn",
+        "refit": refit,
+        "num_hidden_layers": adapter.num_layers,
+        "hidden_size": adapter.hidden_size,
+        "removed_modules": list(adapter.branch_modules),
+        "replacement": (
+            "out = mlp_half(h + h @ nbl_affine.weight.T + nbl_affine.bias)" if method == "nbl" else "out = mlp_half(h)"
+        ),
+        "kv_cache": "linearized layers have kv_sharing_modes='reuse' (DummyLayer, no KV storage)",
+    }
+
+
+def apply_structure(model: nn.Module, adapter: Adapter, method: str, layers: list[int],
+                    weights: dict[int, tuple[torch.Tensor, torch.Tensor]] | None, refit: str | None) -> None:
+    """Convert ``layers`` and record the linearization on the config (shared with load_pretrained)."""
+    n = adapter.num_layers
+    keep_slot0 = len(layers) == n  # no attention left: keep one never-written slot for cache bookkeeping
+    if method == "nbl":  # validate every map before touching the model
+        d = adapter.hidden_size
+        for i in layers:
+            w, b = weights[i] if weights is not None and i in weights else (None, None)
+            if w is None or b is None or tuple(w.shape) != (d, d) or tuple(b.shape) != (d,):
+                raise ValueError(f"linearize: layer {i} needs W of shape ({d}, {d}) and b of shape ({d},)")
+            if not (bool(torch.isfinite(w).all()) and bool(torch.isfinite(b).all())):
+                raise ValueError(f"linearize: the map of layer {i} contains NaN or inf")
+    for i in layers:
+        w, b = weights[i] if weights is not None and i in weights else (None, None)
+        if not is_linearized(adapter.layers()[i]):
+            convert_layer(adapter, i, method, w, b, release_kv=not (keep_slot0 and i == 0))
+    finalize_config(model, adapter, method, layers, refit)
+
+
+def finalize_config(model: nn.Module, adapter: Adapter, method: str, layers: list[int], refit: str | None) -> None:
+    n = adapter.num_layers
+    keep_slot0 = len(layers) == n
+    removed = set(layers)
+    if removed:
+        adapter.text_config.kv_sharing_modes = [
+            "reuse" if i in removed and not (keep_slot0 and i == 0) else None for i in range(n)
+        ]
+    adapter.config.nbl = nbl_config(method, layers, refit, adapter)
+
+
+def linearize(
+    model: nn.Module,
+    result: CalibrationResult | None,
+    layers: Any,
+    method: str = "nbl",
+    refit: str | None = None,
+    *,
+    data: torch.Tensor | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+    ridge: float = 0.0,
+) -> nn.Module:
+    """Linearize (``"nbl"``) or remove (``"drop"``) the attention of the given decoder layers, in place.
+
+    Args:
+        model: the original (not yet linearized) Hugging Face causal LM.
+        result: its :class:`CalibrationResult` (needed for "nbl" without refit;
+            checked against the model's shape).
+        layers: explicit layer indices (e.g. ``result.select(k)``).
+        method: "nbl" (affine map fitted in closed form) or "drop" (branch removed).
+        refit: None, or "sequential": re-fit each chosen layer's W, b in order on
+            the partially linearized model, so each map sees the inputs it will
+            get at inference. Needs ``data`` (token ids, as for calibrate).
+        data, batch_size, progress, ridge: calibration settings for refit.
+
+    Returns the model. ``model.config.nbl`` records what was done. Arguments
+    are validated before the model is touched; an error *during* a sequential
+    refit (e.g. NaN activations) leaves the model partially linearized.
+    """
+    adapter = get_adapter(model)
+    if method not in METHODS:
+        raise ValueError(f"linearize: method must be one of {METHODS}, got {method!r}")
+    if refit not in REFIT_MODES:
+        raise ValueError(f"linearize: refit must be one of {REFIT_MODES}, got {refit!r}")
+    if getattr(adapter.config, "nbl", None) or any(is_linearized(l) for l in adapter.layers()):
+        raise ValueError(
+            "linearize: this model is already linearized (config.nbl is set); linearize the original model, "
+            "choosing all layers in one call"
+        )
+    chosen = check_layer_list(layers, adapter.num_layers, "linearize")
+    summary: dict[str, Any] = {}
+    if result is not None:
+        summary["calibration"] = _check_result(result, adapter).summary()
+    if refit is not None:
+        if method != "nbl":
+            raise ValueError("linearize: refit applies to method='nbl' only (dropped layers have no map)")
+        if data is None:
+            raise ValueError("linearize: refit='sequential' needs calibration token ids: linearize(..., data=token_ids)")
+        summary["refit"] = [lc.summary() for lc in _refit_sequential(model, adapter, chosen, data, batch_size,
+                                                                     progress, ridge)]
+        finalize_config(model, adapter, method, chosen, refit)
+    else:
+        weights = None
+        if method == "nbl":
+            if result is None:
+                raise ValueError("linearize: method='nbl' needs the CalibrationResult (W, b) from nbl_ext.calibrate")
+            weights = {i: (result.layers[i].weight, result.layers[i].bias) for i in chosen}
+        apply_structure(model, adapter, method, chosen, weights, refit)
+    setattr(model, SUMMARY_ATTR, summary or None)
+    return model
+
+
+def _refit_sequential(model: nn.Module, adapter: Adapter, chosen: list[int], data: torch.Tensor,
+                      batch_size: int, progress: bool, ridge: float) -> list[LayerCalibration]:
+    """Fit chosen layers in order, each on the model with the earlier ones already linearized."""
+    import tempfile
+    from pathlib import Path
+
+    from nbl_ext.calibrate import (
+        LayerwiseRunner, _all_reduce_scores, _progress_bar, check_token_data, eval_mode, score_layer, shard,
+    )
+    from nbl_ext.calibrate import _dist_info
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"linearize: batch_size must be a positive int, got {batch_size!r}")
+    data = check_token_data(data, adapter.vocab_size, "linearize(refit)")
+    local, offset = shard(data)
+    rank, _ = _dist_info()
+    out: list[LayerCalibration] = []
+    if not chosen:
+        return out
+    last = chosen[-1]
+    n = adapter.num_layers
+    keep_slot0 = len(chosen) == n
+    steps = (len(chosen) + last) * -(-local.shape[0] // batch_size)  # score passes + propagation passes
+    pbar = _progress_bar(steps, progress and rank == 0, "NBL sequential refit")
+    try:
+        with tempfile.TemporaryDirectory(prefix="nbl-refit-") as spill, eval_mode(model):
+            runner = LayerwiseRunner(model, adapter, local, batch_size=batch_size, spill_dir=Path(spill),
+                                     sample_offset=offset, pbar=pbar)
+            for i in range(last + 1):
+                if i in chosen:
+                    acc, cos = runner.run(i, score=True, write=False)
+                    _all_reduce_scores(acc, cos)
+                    lc = score_layer(i, acc, cos, ridge)
+                    out.append(lc)
+                    convert_layer(adapter, i, "nbl", lc.weight, lc.bias, release_kv=not (keep_slot0 and i == 0))
+                if i < last:
+                    runner.run(i, score=False, write=True)
+                runner.drop_boundary(i)
+    finally:
+        if pbar is not None:
+            pbar.close()
+    return out

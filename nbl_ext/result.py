@@ -1,0 +1,207 @@
+"""The outcome of a calibration: per-layer NBL scores and LMMSE maps, saved as safetensors + JSON."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nbl_ext._io import atomic_directory, atomic_save_tensors, atomic_write_json, read_json, read_tensors
+
+METHODS = ("nbl", "drop")
+_FORMAT = "nbl-ext-calibration"
+_VERSION = 1
+_JSON = "calibration.json"
+_TENSORS = "calibration.safetensors"
+
+
+@dataclass
+class LayerCalibration:
+    """Scores and fitted map of one decoder layer's attention branch.
+
+    ``bound``: NBL's CCA bound between X and X + A (lower = more linear);
+    ``nmse``: closed-form normalized MSE of ``A ~ W X + b`` on the calibration
+    tokens; ``cosine``: mean per-token cosine similarity of X and X + A (the
+    DROP score, higher = the branch changes less); ``weight`` (d, d) and
+    ``bias`` (d,) in float64 on CPU; ``tokens``: samples the statistics saw.
+    """
+
+    layer: int
+    bound: float
+    nmse: float
+    cosine: float
+    tokens: int
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def summary(self) -> dict[str, Any]:
+        return {"layer": self.layer, "bound": self.bound, "nmse": self.nmse, "cosine": self.cosine,
+                "tokens": self.tokens}
+
+
+def check_layer_list(layers: Any, num_layers: int, what: str) -> list[int]:
+    """Validate an explicit list of decoder-layer indices; return it sorted."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise TypeError(
+            f"{what}: layers must be a list of layer indices (e.g. result.select(k)), got {type(layers).__name__}"
+        )
+    out = []
+    for v in layers:
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+                v = int(v)
+            else:
+                raise TypeError(f"{what}: layer indices must be ints, got {v!r} ({type(v).__name__})")
+        if not 0 <= v < num_layers:
+            raise ValueError(f"{what}: layer index {v} is out of range; the model has {num_layers} layers (0..{num_layers - 1})")
+        out.append(int(v))
+    if len(set(out)) != len(out):
+        dup = sorted({v for v in out if out.count(v) > 1})
+        raise ValueError(f"{what}: layer indices must be unique; repeated: {dup}")
+    return sorted(out)
+
+
+class CalibrationResult:
+    """Per-layer NBL calibration of a model: scores, fitted maps, metadata.
+
+    ``layers[i]`` is the :class:`LayerCalibration` of decoder layer i.
+    ``metadata`` holds model_type, num_layers, hidden_size, tokens, target, ...
+    """
+
+    def __init__(self, layers: list[LayerCalibration], metadata: dict[str, Any]) -> None:
+        for i, lc in enumerate(layers):
+            if lc.layer != i:
+                raise ValueError(f"CalibrationResult: layers must be in order 0..n-1; entry {i} is layer {lc.layer}")
+        self.layers = list(layers)
+        self.metadata = dict(metadata)
+
+    # --- views ---------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.metadata["hidden_size"])
+
+    @property
+    def model_type(self) -> str:
+        return str(self.metadata["model_type"])
+
+    @property
+    def bounds(self) -> list[float]:
+        return [lc.bound for lc in self.layers]
+
+    @property
+    def nmse(self) -> list[float]:
+        return [lc.nmse for lc in self.layers]
+
+    @property
+    def cosines(self) -> list[float]:
+        return [lc.cosine for lc in self.layers]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return (f"CalibrationResult(model_type={self.metadata.get('model_type')!r}, num_layers={self.num_layers}, "
+                f"hidden_size={self.metadata.get('hidden_size')}, tokens={self.metadata.get('tokens')})")
+
+    def select(self, k: int, method: str = "nbl") -> list[int]:
+        """The k layers to linearize, sorted: lowest CCA bound ("nbl") or highest cosine ("drop")."""
+        if method not in METHODS:
+            raise ValueError(f"select: method must be one of {METHODS}, got {method!r}")
+        n = self.num_layers
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"select: k must be an int, got {k!r} ({type(k).__name__})")
+        if not 0 <= k <= n:
+            raise ValueError(f"select: k must be between 0 and the number of layers ({n}), got {k}")
+        if method == "nbl":
+            order = sorted(range(n), key=lambda i: (self.layers[i].bound, i))
+        else:
+            order = sorted(range(n), key=lambda i: (-self.layers[i].cosine, i))
+        return sorted(order[:k])
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per layer: layer, bound, nmse, cosine, tokens, and the layer's rank under each method."""
+        nbl_rank = {i: r for r, i in enumerate(sorted(range(self.num_layers), key=lambda i: (self.layers[i].bound, i)))}
+        drop_rank = {i: r for r, i in enumerate(sorted(range(self.num_layers), key=lambda i: (-self.layers[i].cosine, i)))}
+        return [dict(lc.summary(), nbl_rank=nbl_rank[lc.layer], drop_rank=drop_rank[lc.layer]) for lc in self.layers]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able metadata and per-layer scores (no tensors)."""
+        return {"metadata": dict(self.metadata), "layers": [lc.summary() for lc in self.layers]}
+
+    # --- persistence -----------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``calibration.json`` + ``calibration.safetensors`` to directory ``path`` atomically."""
+        with atomic_directory(path) as tmp:
+            atomic_save_tensors(tmp / _TENSORS, _tensor_dict(self.layers), metadata={"format": _FORMAT})
+            atomic_write_json(tmp / _JSON, {"format": _FORMAT, "version": _VERSION, **self.summary()})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibrationResult":
+        """Read a directory written by :meth:`save` (validated; clear errors for a damaged one)."""
+        path = Path(path)
+        what = f"CalibrationResult.load({str(path)!r})"
+        if not path.is_dir():
+            raise FileNotFoundError(f"{what}: not a directory")
+        doc = read_json(path / _JSON, what)
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+            raise ValueError(f"{what}: {_JSON} is not an nbl-ext calibration file")
+        if doc.get("version") != _VERSION:
+            raise ValueError(f"{what}: unsupported calibration format version {doc.get('version')!r} (expected {_VERSION})")
+        meta, rows = doc.get("metadata"), doc.get("layers")
+        if not isinstance(meta, dict) or not isinstance(rows, list):
+            raise ValueError(f"{what}: {_JSON} lacks 'metadata' or 'layers'")
+        tensors = read_tensors(path / _TENSORS, what)
+        return cls(layers_from_records(rows, tensors, meta, what), meta)
+
+
+def _tensor_dict(layers: list[LayerCalibration]) -> dict[str, torch.Tensor]:
+    out = {}
+    for lc in layers:
+        out[f"layers.{lc.layer}.weight"] = lc.weight.to(torch.float64)
+        out[f"layers.{lc.layer}.bias"] = lc.bias.to(torch.float64)
+    return out
+
+
+def layers_from_records(rows: list[Any], tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                        what: str) -> list[LayerCalibration]:
+    """Rebuild LayerCalibration objects from JSON rows and a tensor dict, validating everything."""
+    try:
+        d = int(meta["hidden_size"])
+        n = int(meta["num_layers"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{what}: metadata must hold integer 'hidden_size' and 'num_layers'") from None
+    if len(rows) != n:
+        raise ValueError(f"{what}: metadata says {n} layers but {len(rows)} layer records are present")
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or row.get("layer") != i:
+            raise ValueError(f"{what}: layer record {i} is malformed or out of order")
+        vals = {}
+        for key in ("bound", "nmse", "cosine"):
+            v = row.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{what}: layer {i} has an invalid {key}: {v!r}")
+            vals[key] = float(v)
+        tokens = row.get("tokens")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"{what}: layer {i} has an invalid token count: {tokens!r}")
+        ts = {}
+        for name, shape in (("weight", (d, d)), ("bias", (d,))):
+            key = f"layers.{i}.{name}"
+            t = tensors.get(key)
+            if t is None:
+                raise ValueError(f"{what}: tensor {key} is missing")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{what}: tensor {key} has shape {tuple(t.shape)}, expected {shape}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{what}: tensor {key} contains NaN or inf")
+            ts[name] = t.to(torch.float64)
+        out.append(LayerCalibration(i, vals["bound"], vals["nmse"], vals["cosine"], tokens, ts["weight"], ts["bias"]))
+    return out
