@@ -100,15 +100,21 @@ setup(
     packages=find_packages(include=["nbl_ext", "nbl_ext.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # Ranges tested in CI (requirements-dev.txt pins the exact set).
     install_requires=[
         "torch>=2.11,<2.15",
-        "numpy>=1.26",
-        "scipy>=1.11",
-        "safetensors>=0.4",
-        "tqdm>=4.66",
+        "numpy>=2.0,<2.5",
+        "scipy>=1.14,<1.18",
+        "safetensors>=0.4.5,<0.9",
+        "tqdm>=4.66,<4.71",
+        "transformers>=5.23,<5.24",
+        "accelerate>=1.0,<2",
+        "gguf>=0.17,<0.20",
+        "matplotlib>=3.8,<3.12",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6"],
+        "test": ["pytest>=8.3,<9.3", "pytest-benchmark>=5.1,<5.4"],
     },
+    entry_points={"console_scripts": ["nbl = nbl_ext.cli:main"]},
     zip_safe=False,
 )

@@ -30,6 +30,10 @@ examples:
   nbl compress --layers 10 --calib ../shared/data/calib/c4_demo.json --samples 64 --seq-len 512
   nbl compress my/hf-model-dir --method drop --layers 8 --out drop8/
   nbl compress model.gguf --device cuda --dtype bfloat16 --refit sequential
+
+afterwards:
+  nbl report OUT                                 # per-layer table and plot
+  python -c "import nbl_ext; m = nbl_ext.load_pretrained('OUT')"   # a transformers model
 """
 
 
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compress":
             return _compress(args)
         return _report(args)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as exc:
         print(f"nbl {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
