@@ -56,6 +56,9 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "cuda_version": torch.version.cuda,
         "nbl_ext": nbl_ext.extension_info(),
         "nbl_ext_version": nbl_ext.__version__,
+        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+                                               "CUDA_VISIBLE_DEVICES") if k in os.environ},
+        "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
     }

@@ -3,7 +3,7 @@
 Shared by ``test_bench_accumulator.py`` (timing, in process) and by the
 peak-memory probe, which runs this file as a script in a fresh process::
 
-    python bench/workloads.py mem --variant compiled --d 2048 --n 4096 --dtype float32
+    MALLOC_MMAP_THRESHOLD_=65536 python bench/workloads.py mem --variant compiled --d 2048 --n 4096
 
 and prints one JSON line with the process's peak RSS (VmHWM, see
 ``_peak_rss_bytes``; measured from a high-water mark reset after imports and
