@@ -128,11 +128,10 @@ def affine_residual_reference(h: torch.Tensor, weight: torch.Tensor, bias: torch
     dtype (``F.linear`` on a 2-D input is this ``addmm``). For bfloat16 and
     float16 PyTorch's GEMM accumulates in float32 on CPU and CUDA and rounds
     the linear output (bias included) to the dtype; the residual add then
-    rounds once more. The compiled kernels accumulate in float32 too and round
-    the sum h + h W^T + b once (CUDA's many-row path rounds the GEMM output
-    once before its float32 epilogue), so they are at least as accurate; the
-    contract the tests hold every kernel to is the error against a float64
-    evaluation, at most ~2x this reference's.
+    rounds once more. The compiled kernels (CPU and CUDA, every path)
+    accumulate in float32 too and round the sum h + h W^T + b once, so they
+    are at least as accurate; the contract the tests hold every kernel to is
+    the error against a float64 evaluation, at most ~2x this reference's.
     """
     check_affine_residual_args(h, weight, bias)
     h2 = h.flatten(0, -2) if h.dim() > 1 else h.unsqueeze(0)  # (rows, d); d may be 0
