@@ -10,6 +10,10 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <string>
+
+#include "nbl_kernels.h"
+
 namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
@@ -28,4 +32,24 @@ PYBIND11_MODULE(_C, m) {
                                  std::to_string(TORCH_VERSION_PATCH);
     return info;
   });
+  // Test hook: run one code path of the CPU kernel of nbl::affine_residual
+  // ("auto", "blas", "gemv_portable", "gemv_avx2"); see nbl_kernels.h.
+  m.def("_affine_residual_cpu_path",
+        [](const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias, const std::string& path) {
+          using P = nbl::AffineResidualCpuPath;
+          P p;
+          if (path == "auto") {
+            p = P::kAuto;
+          } else if (path == "blas") {
+            p = P::kBlas;
+          } else if (path == "gemv_portable") {
+            p = P::kGemvPortable;
+          } else if (path == "gemv_avx2") {
+            p = P::kGemvAvx2;
+          } else {
+            throw py::value_error("unknown path '" + path + "'; use auto, blas, gemv_portable or gemv_avx2");
+          }
+          return nbl::affine_residual_cpu_path(h, weight, bias, p);
+        },
+        py::arg("h"), py::arg("weight"), py::arg("bias"), py::arg("path"));
 }

@@ -35,6 +35,37 @@ void cov_update_cuda(at::Tensor& mean_x, at::Tensor& mean_y, at::Tensor& m_xx,
                      const at::Tensor& y, int64_t count);
 #endif
 
+// Linearized attention branch (schema: nbl::affine_residual):
+//   out = h + h @ weight^T + bias
+// h is (..., d) with d = h.size(-1); weight (d, d) and bias (d,) have h's
+// dtype (float32, bfloat16, float16 or float64) and device. The result is a
+// new contiguous tensor of h's shape and dtype. Low-precision inputs are
+// accumulated in float32 (float64 inputs in float64) and rounded to h's dtype
+// at the end. Invalid arguments raise c10::ValueError (Python ValueError).
+at::Tensor affine_residual_cpu(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias);
+
+#ifdef NBL_WITH_CUDA
+at::Tensor affine_residual_cuda(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias);
+#endif
+
+// The CPU kernel's code paths. kAuto picks one by dtype and row count; the
+// others force a path (the C++ tests run every path on every shape).
+//   kBlas:        float32/float64: out = h + bias, then out += h weight^T (one
+//                 BLAS GEMM, beta = 1). bfloat16/float16: h and weight
+//                 converted to float32, float32 GEMM, float32 epilogue.
+//   kGemvPortable / kGemvAvx2: bfloat16/float16/float32, few rows: weight
+//                 read once in its own dtype, float32 dot products (portable
+//                 C++, or AVX2+FMA+F16C intrinsics when the CPU has them;
+//                 kGemvAvx2 falls back to kGemvPortable on other CPUs).
+enum class AffineResidualCpuPath { kAuto, kBlas, kGemvPortable, kGemvAvx2 };
+at::Tensor affine_residual_cpu_path(const at::Tensor& h, const at::Tensor& weight,
+                                    const at::Tensor& bias, AffineResidualCpuPath path);
+
+// kAuto sends bfloat16/float16 inputs with at most this many rows to the GEMV
+// path (reads weight once in its own dtype, no float32 copy of it), and
+// everything else to kBlas.
+constexpr int64_t kCpuGemvMaxRows = 16;
+
 // Rows per Gram block: bounds the float32 accumulation length (and so the
 // rounding error) of one block product, and the size of the centered copy.
 constexpr int64_t kGramRowBlock = 2048;
@@ -50,6 +81,10 @@ void check_cov_update_args(const at::Tensor& mean_x, const at::Tensor& mean_y,
 at::Tensor checked_column_sum(const at::Tensor& x, const char* name);
 // Gram dtype: float64 if either input is float64, float32 otherwise.
 at::ScalarType gram_dtype(const at::Tensor& x, const at::Tensor& y);
+// Shared argument validation of nbl::affine_residual (same messages as the
+// Python reference): dtypes, devices and shapes of h, weight and bias.
+void check_affine_residual_args(const at::Tensor& h, const at::Tensor& weight,
+                                const at::Tensor& bias);
 }  // namespace detail
 
 }  // namespace nbl

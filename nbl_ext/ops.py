@@ -56,7 +56,68 @@ def has_compiled_kernel(op: str, device_type: str) -> bool:
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"nbl::{op}", key)
 
 
-# placeholder until the fused op lands
+# --- nbl::affine_residual -----------------------------------------------------
+# A linearized attention branch: out = h + h @ weight.T + bias, h (..., d),
+# weight (d, d), bias (d,), all of h's dtype and device; out is a new
+# contiguous tensor of h's shape and dtype. The op itself takes any leading
+# shape (kernels flatten it to rows), so no reshape is needed around it.
+_lib.define("affine_residual(Tensor h, Tensor weight, Tensor bias) -> Tensor")
+torch.library.register_kernel("nbl::affine_residual", None, reference.affine_residual_reference, lib=_lib)
+
+
+@torch.library.register_fake("nbl::affine_residual", lib=_lib)
+def _affine_residual_fake(h, weight, bias):
+    reference.check_affine_residual_args(h, weight, bias)
+    return h.new_empty(h.shape)
+
+
+def _affine_residual_setup_context(ctx, inputs, output) -> None:
+    h, weight, _ = inputs
+    # grad_h needs weight, grad_weight needs h; keep only what is needed.
+    ctx.save_for_backward(
+        weight if ctx.needs_input_grad[0] else None,
+        h if ctx.needs_input_grad[1] else None,
+    )
+
+
+def _affine_residual_backward(ctx, grad):
+    # out = h + h W^T + b  =>  dh = g + g W,  dW = g^T h (summed over rows),  db = sum_rows g.
+    weight, h = ctx.saved_tensors
+    g2 = grad.flatten(0, -2) if grad.dim() > 1 else grad.unsqueeze(0)
+    grad_h = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_h = grad + (g2 @ weight).view(grad.shape)
+    if ctx.needs_input_grad[1]:
+        h2 = h.flatten(0, -2) if h.dim() > 1 else h.unsqueeze(0)
+        grad_weight = g2.t() @ h2
+    if ctx.needs_input_grad[2]:
+        grad_bias = g2.sum(0)
+    return grad_h, grad_weight, grad_bias
+
+
+torch.library.register_autograd(
+    "nbl::affine_residual",
+    _affine_residual_backward,
+    setup_context=_affine_residual_setup_context,
+    lib=_lib,
+)
+
+
 def affine_residual(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``h + h @ weight.T + bias`` (pure PyTorch)."""
-    return torch.nn.functional.linear(h, weight, bias) + h
+    """``h + h @ weight.T + bias``: a linearized attention branch, fused.
+
+    Args:
+        h: (..., d), float32, bfloat16, float16 (or float64); any leading shape
+            and any strides.
+        weight: (d, d), bias: (d,), h's dtype and device.
+
+    Returns:
+        A new contiguous tensor of h's shape and dtype.
+
+    Dispatches ``nbl::affine_residual``: the C++ (CPU) or CUDA kernel when
+    ``nbl_ext._C`` provides one for h's device, else the pure-PyTorch
+    reference. Low-precision inputs accumulate in float32 and are rounded to
+    h's dtype. Differentiable (h, weight and bias), and traceable by
+    torch.compile (fullgraph). Invalid arguments raise ValueError.
+    """
+    return torch.ops.nbl.affine_residual(h, weight, bias)

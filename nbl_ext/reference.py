@@ -70,3 +70,71 @@ def cov_update_reference(
     m_yy += coef * torch.outer(d_y, d_y)
     mean_x += d_x * (n / total)
     mean_y += d_y * (n / total)
+
+
+#: dtypes of nbl::affine_residual (model dtypes, plus float64 for checks).
+AFFINE_RESIDUAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_affine_residual_args(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Argument checks of ``nbl::affine_residual`` (ValueError), shared by the
+    reference and the fake kernel; the C++ kernels raise the same messages.
+
+    Shape conditions go through ``torch._check_value`` so that they also hold
+    for symbolic shapes under torch.compile.
+    """
+    torch._check_value(
+        h.dim() >= 1,
+        lambda: "nbl::affine_residual: h must be (..., d) with at least 1 dimension; got a 0-D tensor",
+    )
+    if h.dtype not in AFFINE_RESIDUAL_DTYPES:
+        raise ValueError(
+            f"nbl::affine_residual: h must be float32, bfloat16, float16 or float64; got {h.dtype}. "
+            "Cast h to the model's floating-point dtype"
+        )
+    if weight.dtype != h.dtype or bias.dtype != h.dtype:
+        raise ValueError(
+            f"nbl::affine_residual: h, weight and bias must have one dtype; got h {h.dtype}, weight "
+            f"{weight.dtype}, bias {bias.dtype}. Cast the weight and bias to h's dtype: "
+            "weight.to(h.dtype), bias.to(h.dtype)"
+        )
+    if weight.device != h.device or bias.device != h.device:
+        raise ValueError(
+            f"nbl::affine_residual: h, weight and bias must be on one device; got h on {h.device}, "
+            f"weight on {weight.device}, bias on {bias.device}. Move the weight and bias to h's "
+            "device: weight.to(h.device), bias.to(h.device)"
+        )
+    d = h.shape[-1]
+    torch._check_value(
+        weight.dim() == 2 and weight.shape[0] == d and weight.shape[1] == d,
+        lambda: (
+            f"nbl::affine_residual: weight must be square (d, d) with d = h.shape[-1] = {d}; got weight "
+            f"of shape {list(weight.shape)}. The affine map is out = h + h @ weight.T + bias"
+        ),
+    )
+    torch._check_value(
+        bias.dim() == 1 and bias.shape[0] == d,
+        lambda: f"nbl::affine_residual: bias must have shape [d] = [{d}]; got {list(bias.shape)}",
+    )
+
+
+def affine_residual_reference(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Reference for ``nbl::affine_residual``: ``out = h + h @ weight.T + bias``.
+
+    h is (..., d); weight (d, d) and bias (d,) have h's dtype and device. The
+    result is a new contiguous tensor of h's shape and dtype.
+
+    Numerics: exactly PyTorch's own ``F.linear(h, weight, bias) + h`` in h's
+    dtype (``F.linear`` on a 2-D input is this ``addmm``). For bfloat16 and
+    float16 PyTorch's GEMM accumulates in float32 on CPU and CUDA and rounds
+    the linear output (bias included) to the dtype; the residual add then
+    rounds once more. The compiled kernels (CPU and CUDA, every path)
+    accumulate in float32 too and round the sum h + h W^T + b once, so they
+    are at least as accurate; the contract the tests hold every kernel to is
+    the error against a float64 evaluation, at most ~2x this reference's.
+    """
+    check_affine_residual_args(h, weight, bias)
+    h2 = h.flatten(0, -2) if h.dim() > 1 else h.unsqueeze(0)  # (rows, d); d may be 0
+    out = torch.addmm(bias, h2, weight.t())
+    out.add_(h2)
+    return out.view(h.shape)

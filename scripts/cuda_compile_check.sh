@@ -52,7 +52,7 @@ CUOBJDUMP=$CUDA_HOME/bin/cuobjdump
 [ -x "$CUOBJDUMP" ] || CUOBJDUMP=$(ls "$CUVENV"/lib/python3*/site-packages/triton/backends/nvidia/bin/cuobjdump 2>/dev/null | head -n 1)
 [ -x "$CUOBJDUMP" ] || { echo "CUDA compile check: no cuobjdump to inspect the device code"; exit 1; }
 ELFS=$("$CUOBJDUMP" --list-elf "$SO")
-for sym in nbl::cov_update_cuda; do
+for sym in nbl::cov_update_cuda nbl::affine_residual_cuda; do
   grep -q "$sym" <<<"$SYMS" || { echo "CUDA compile check: $sym missing from $SO"; exit 1; }
 done
 for arch in sm_80 sm_90; do
