@@ -6,6 +6,6 @@
 #   bash scripts/compress.sh --layers 8 --calib ../shared/data/calib/c4_demo.json --samples 32 --seq-len 512
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-source "$ROOT/scripts/setup_env.sh" >&2
+NBL_SKIP_GEMMA=${NBL_SKIP_GEMMA:-1} source "$ROOT/scripts/setup_env.sh" >&2   # Gemma 3 is only for the tests
 printf '\n=== nbl compress %s ===\n' "$*" >&2
 exec "$VENV/bin/nbl" compress "$@"
