@@ -13,23 +13,10 @@
 #include <string>
 #include <vector>
 
+#include "expect.h"
 #include "nbl_kernels.h"
 
 namespace {
-
-int failures = 0;
-int checks = 0;
-
-#define EXPECT(cond, ...)                              \
-  do {                                                 \
-    ++checks;                                          \
-    if (!(cond)) {                                     \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                        \
-      std::printf("\n");                               \
-      ++failures;                                      \
-    }                                                  \
-  } while (0)
 
 using Path = nbl::AffineResidualCpuPath;
 
@@ -160,10 +147,5 @@ int main() {
   }
   for (const auto& shape : shapes) check_case(at::kDouble, shape, false, Path::kAuto);
   check_errors();
-  if (failures) {
-    std::printf("%d of %d check(s) failed\n", failures, checks);
-    return 1;
-  }
-  std::printf("test_affine_residual_cpu: all %d checks passed\n", checks);
-  return 0;
+  return nbl_test::report("test_affine_residual_cpu");
 }

@@ -6,21 +6,10 @@
 #include <cstdio>
 #include <vector>
 
+#include "expect.h"
 #include "nbl_kernels.h"
 
 namespace {
-
-int failures = 0;
-
-#define EXPECT(cond, ...)                    \
-  do {                                       \
-    if (!(cond)) {                           \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);              \
-      std::printf("\n");                     \
-      ++failures;                            \
-    }                                        \
-  } while (0)
 
 struct Naive {
   std::vector<double> mx, my, mxx, myx, myy;
@@ -133,10 +122,5 @@ int main() {
   check_against_naive(at::kBFloat16, 2e-5, 1.0);
   check_against_naive(at::kHalf, 2e-5, 1.0);
   check_nonfinite_rejected();
-  if (failures) {
-    std::printf("%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("test_cov_update_cpu: all checks passed\n");
-  return 0;
+  return nbl_test::report("test_cov_update_cpu");
 }
