@@ -1,11 +1,14 @@
 // Backend-independent parts of nbl::cov_update_: argument checks, the
-// float64 column sums with the non-finite check, and the Gram dtype rule.
+// float64 chunk means with the non-finite check, the merge coefficients and
+// the Gram dtype rule (plan_cov_chunk).
 #include "nbl_kernels.h"
 
 #include <c10/util/Exception.h>
 
 namespace nbl {
 namespace detail {
+
+namespace {
 
 void check_cov_update_args(const at::Tensor& mean_x, const at::Tensor& mean_y,
                            const at::Tensor& m_xx, const at::Tensor& m_yx,
@@ -38,6 +41,8 @@ void check_cov_update_args(const at::Tensor& mean_x, const at::Tensor& mean_y,
   TORCH_CHECK_VALUE(count >= 0, "nbl::cov_update_: count must be >= 0, got ", count);
 }
 
+// Float64 column sums of x, raising c10::ValueError naming `name` when any
+// element of x is NaN or +-inf (the state is untouched at that point).
 at::Tensor checked_column_sum(const at::Tensor& x, const char* name) {
   at::Tensor s = at::sum(x, {0}, /*keepdim=*/false, at::kDouble);
   // A float64 sum of (at most float32-range) finite values cannot overflow,
@@ -54,6 +59,31 @@ at::Tensor checked_column_sum(const at::Tensor& x, const char* name) {
 at::ScalarType gram_dtype(const at::Tensor& x, const at::Tensor& y) {
   return (x.scalar_type() == at::kDouble || y.scalar_type() == at::kDouble) ? at::kDouble
                                                                             : at::kFloat;
+}
+
+}  // namespace
+
+std::optional<CovChunk> plan_cov_chunk(const at::Tensor& mean_x, const at::Tensor& mean_y,
+                                       const at::Tensor& m_xx, const at::Tensor& m_yx,
+                                       const at::Tensor& m_yy, const at::Tensor& x_in,
+                                       const at::Tensor& y_in, int64_t count) {
+  check_cov_update_args(mean_x, mean_y, m_xx, m_yx, m_yy, x_in, y_in, count);
+  const int64_t n = x_in.size(0);
+  if (n == 0) return std::nullopt;
+  CovChunk c;
+  c.x = x_in.contiguous();
+  c.y = y_in.contiguous();
+  c.mu_x = checked_column_sum(c.x, "x").div_(static_cast<double>(n));
+  c.mu_y = checked_column_sum(c.y, "y").div_(static_cast<double>(n));
+  c.d_x = c.mu_x - mean_x;
+  c.d_y = c.mu_y - mean_y;
+  const double total = static_cast<double>(count) + static_cast<double>(n);
+  c.coef = static_cast<double>(count) * static_cast<double>(n) / total;
+  c.mean_step = static_cast<double>(n) / total;
+  c.gram = gram_dtype(c.x, c.y);
+  c.n = n;
+  c.block = std::min<int64_t>(n, kGramRowBlock);
+  return c;
 }
 
 }  // namespace detail

@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 namespace nbl {
 
 // Streaming centered cross-covariance update (schema: nbl::cov_update_).
@@ -71,16 +73,24 @@ constexpr int64_t kCpuGemvMaxRows = 16;
 constexpr int64_t kGramRowBlock = 2048;
 
 namespace detail {
-// Shared argument validation for every backend (device-independent checks).
-void check_cov_update_args(const at::Tensor& mean_x, const at::Tensor& mean_y,
-                           const at::Tensor& m_xx, const at::Tensor& m_yx,
-                           const at::Tensor& m_yy, const at::Tensor& x,
-                           const at::Tensor& y, int64_t count);
-// Float64 column sums of x, raising c10::ValueError naming `name` when any
-// element of x is NaN or +-inf (the state is untouched at that point).
-at::Tensor checked_column_sum(const at::Tensor& x, const char* name);
-// Gram dtype: float64 if either input is float64, float32 otherwise.
-at::ScalarType gram_dtype(const at::Tensor& x, const at::Tensor& y);
+// What every backend of nbl::cov_update_ needs before its Gram products: the
+// contiguous chunk, its float64 means (computed on the chunk's device, raising
+// c10::ValueError before any state change when an input holds NaN or +-inf),
+// the mean shifts and the pairwise-merge coefficients.
+struct CovChunk {
+  at::Tensor x, y;          // contiguous (n, dx), (n, dy)
+  at::Tensor mu_x, mu_y;    // float64 chunk means
+  at::Tensor d_x, d_y;      // chunk mean - state mean
+  double coef;              // count * n / (count + n): weight of the rank-one merge term
+  double mean_step;         // n / (count + n): how far the state mean moves
+  at::ScalarType gram;      // float64 if an input is float64, float32 otherwise
+  int64_t n, block;         // samples; rows per Gram block (<= kGramRowBlock)
+};
+// Validates the arguments and plans the chunk; std::nullopt for an empty chunk.
+std::optional<CovChunk> plan_cov_chunk(const at::Tensor& mean_x, const at::Tensor& mean_y,
+                                       const at::Tensor& m_xx, const at::Tensor& m_yx,
+                                       const at::Tensor& m_yy, const at::Tensor& x,
+                                       const at::Tensor& y, int64_t count);
 // Shared argument validation of nbl::affine_residual (same messages as the
 // Python reference): dtypes, devices and shapes of h, weight and bias.
 void check_affine_residual_args(const at::Tensor& h, const at::Tensor& weight,

@@ -84,42 +84,31 @@ void merge_into(at::Tensor& m, const at::Tensor& g, const at::Tensor& a, const a
 void cov_update_cuda(at::Tensor& mean_x, at::Tensor& mean_y, at::Tensor& m_xx, at::Tensor& m_yx,
                      at::Tensor& m_yy, const at::Tensor& x_in, const at::Tensor& y_in,
                      int64_t count) {
-  detail::check_cov_update_args(mean_x, mean_y, m_xx, m_yx, m_yy, x_in, y_in, count);
   TORCH_CHECK(x_in.is_cuda(), "nbl::cov_update_ CUDA kernel got a ", x_in.device(), " tensor");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const int64_t n = x_in.size(0);
-  if (n == 0) return;
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
-  const int64_t dx = x.size(1), dy = y.size(1);
+  const std::optional<detail::CovChunk> plan =
+      detail::plan_cov_chunk(mean_x, mean_y, m_xx, m_yx, m_yy, x_in, y_in, count);
+  if (!plan) return;
+  const detail::CovChunk& c = *plan;
 
-  const at::Tensor mu_x = detail::checked_column_sum(x, "x").div_(static_cast<double>(n));
-  const at::Tensor mu_y = detail::checked_column_sum(y, "y").div_(static_cast<double>(n));
-  const at::Tensor d_x = mu_x - mean_x;
-  const at::Tensor d_y = mu_y - mean_y;
-  const double total = static_cast<double>(count) + static_cast<double>(n);
-  const double coef = static_cast<double>(count) * static_cast<double>(n) / total;
-
-  const at::ScalarType gt = detail::gram_dtype(x, y);
-  const int64_t block = std::min<int64_t>(n, kGramRowBlock);
-  at::Tensor xc = at::empty({block, dx}, x.options().dtype(gt));
-  at::Tensor yc = at::empty({block, dy}, y.options().dtype(gt));
+  at::Tensor xc = at::empty({c.block, c.x.size(1)}, c.x.options().dtype(c.gram));
+  at::Tensor yc = at::empty({c.block, c.y.size(1)}, c.y.options().dtype(c.gram));
   bool first = true;
-  for (int64_t r0 = 0; r0 < n; r0 += block) {
-    const int64_t rows = std::min(block, n - r0);
+  for (int64_t r0 = 0; r0 < c.n; r0 += c.block) {
+    const int64_t rows = std::min(c.block, c.n - r0);
     at::Tensor xb = xc.narrow(0, 0, rows);
     at::Tensor yb = yc.narrow(0, 0, rows);
-    center_into(x, r0, rows, mu_x, xb);
-    center_into(y, r0, rows, mu_y, yb);
+    center_into(c.x, r0, rows, c.mu_x, xb);
+    center_into(c.y, r0, rows, c.mu_y, yb);
     // The rank-one merge term is added once, with the first block.
-    const double c = first ? coef : 0.0;
-    merge_into(m_xx, at::mm(xb.t(), xb), d_x, d_x, c);
-    merge_into(m_yx, at::mm(yb.t(), xb), d_y, d_x, c);
-    merge_into(m_yy, at::mm(yb.t(), yb), d_y, d_y, c);
+    const double coef = first ? c.coef : 0.0;
+    merge_into(m_xx, at::mm(xb.t(), xb), c.d_x, c.d_x, coef);
+    merge_into(m_yx, at::mm(yb.t(), xb), c.d_y, c.d_x, coef);
+    merge_into(m_yy, at::mm(yb.t(), yb), c.d_y, c.d_y, coef);
     first = false;
   }
-  mean_x.add_(d_x, static_cast<double>(n) / total);
-  mean_y.add_(d_y, static_cast<double>(n) / total);
+  mean_x.add_(c.d_x, c.mean_step);
+  mean_y.add_(c.d_y, c.mean_step);
 }
 
 TORCH_LIBRARY_IMPL(nbl, CUDA, m) { m.impl("cov_update_", &cov_update_cuda); }
