@@ -3,6 +3,7 @@
     nbl compress                      # bundled SmolLM2-135M, self-generated calibration text
     nbl compress MODEL --layers 8 --method nbl --calib ../shared/data/calib/c4_demo.json --out out/
     nbl report out/                   # per-layer table + plot (bound, NMSE, cosine; chosen layers)
+    nbl eval out/ --data-dir ../shared/data/eval --limit 100   # lm-eval accuracy + perplexity
 """
 from __future__ import annotations
 
@@ -34,6 +35,31 @@ examples:
 afterwards:
   nbl report OUT                                 # per-layer table and plot
   python -c "import nbl_ext; m = nbl_ext.load_pretrained('OUT')"   # a transformers model
+"""
+
+
+_EPILOG_EVAL = """\
+what it does:
+  1. loads MODEL: a directory written by `nbl compress` (or nbl_ext.save_pretrained), or anything
+     `nbl compress` accepts (alias, .gguf, HF directory, hub id); default: the bundled SmolLM2
+  2. perplexity (--ppl): WikiText-2 test (from --data-dir) and the C4 documents held out from
+     calibration (--c4; the same fixed 20% that `nbl compress` leaves out of a calibration file),
+     in windows of --context tokens moved by --stride, float64 log-likelihoods
+  3. accuracy (--tasks): stock lm-evaluation-harness on the in-memory model (its HFLM wrapper).
+     With --data-dir, the tasks read local files (the ../shared/data/eval layout) through lm-eval's
+     own task definitions: same prompts, metrics and preprocessing; where the local copy differs from
+     the hub data the output says so. Without --data-dir, the hub tasks (network needed).
+  4. prints a table and writes every metric with its standard error, the number of examples, the
+     model/compression summary and the versions to --output (JSON)
+
+tasks with offline definitions: arc_easy arc_challenge boolq hellaswag openbookqa piqa winogrande
+  lambada_openai wikitext (lm-eval's rolling word perplexity over whole articles: slow on CPU)
+
+examples:
+  nbl eval nbl-out/smollm2-135m-nbl-k7 --data-dir ../shared/data/eval --limit 100 --output eval.json
+  nbl eval smollm2-135m --data-dir ../shared/data/eval --tasks arc_easy,piqa --ppl none
+  nbl eval out/ --data-dir ../shared/data/eval --tasks none --ppl wikitext2,c4 --context 2048 --stride 512
+  nbl eval my/model --tasks arc_easy,hellaswag --device cuda --batch-size 32     # hub tasks, online
 """
 
 
@@ -85,6 +111,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    c.add_argument("--holdout", type=float, default=None, metavar="F",
+                   help="for a document file: leave this fraction of its documents out of calibration, the same "
+                   "documents `nbl eval --c4` scores (default 0.2; 0 uses them all)")
+
+    e = sub.add_parser("eval", help="lm-eval accuracy and perplexity of a (compressed) model",
+                       description="Evaluate MODEL: zero-shot accuracy with lm-evaluation-harness and perplexity.",
+                       epilog=_EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("model", nargs="?", default=None, metavar="MODEL_OR_DIR",
+                   help="an `nbl compress` output directory, or a model as for `nbl compress` (default: bundled SmolLM2)")
+    e.add_argument("--tasks", default=",".join(_default_tasks()), metavar="T1,T2,..",
+                   help="lm-eval tasks, comma-separated, or 'none' (default: %(default)s)")
+    e.add_argument("--limit", type=_positive(int), default=None, metavar="N",
+                   help="first N documents of each task (default: all; standard errors are reported either way)")
+    e.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="offline task data in the ../shared/data/eval layout (default: hub tasks, online)")
+    e.add_argument("--ppl", default=None, metavar="C1,C2",
+                   help="perplexity corpora: wikitext2, c4, or none (default: wikitext2 with --data-dir, plus c4 "
+                   "when a C4 file is found)")
+    e.add_argument("--c4", default=None, metavar="PATH",
+                   help="the C4 document file whose held-out part is scored (default: DIR/../calib/c4_demo.json)")
+    e.add_argument("--context", type=_positive(int), default=2048, metavar="L", help="perplexity window (default 2048)")
+    e.add_argument("--stride", type=_positive(int), default=None, metavar="S",
+                   help="perplexity window step (default: the window, i.e. non-overlapping)")
+    e.add_argument("--ppl-tokens", type=_positive(int), default=None, metavar="N",
+                   help="score only the first N tokens of each corpus (default: all)")
+    e.add_argument("--batch-size", type=_positive(int), default=8, metavar="B", help="lm-eval batch size (default 8)")
+    e.add_argument("--max-length", type=_positive(int), default=None, metavar="L",
+                   help="longest sequence lm-eval feeds the model (default: the model's maximum)")
+    e.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"],
+                   help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    e.add_argument("--seed", type=int, default=0, help="lm-eval seeds (default 0)")
+    e.add_argument("--output", default=None, metavar="FILE.json", help="write the full report here")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     r = sub.add_parser("report", help="per-layer table and plot of a compressed model or calibration",
                        description="Print the per-layer table of DIR (written by nbl compress) and save a PNG plot.")
     r.add_argument("dir", metavar="DIR")
@@ -97,10 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "compress":
             return _compress(args)
+        if args.command == "eval":
+            return _eval(args)
         return _report(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, RuntimeError,
+            ImportError) as exc:
         print(f"nbl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _default_tasks() -> tuple[str, ...]:
+    from nbl_ext.tasks import DEFAULT_TASKS
+
+    return DEFAULT_TASKS
 
 
 def _slug(text: str) -> str:
@@ -137,8 +207,10 @@ def _compress(args) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it")
 
-    print(f"nbl compress: calibration data: {args.calib}, {args.samples} x {args.seq_len} tokens", file=sys.stderr)
-    tokens = load_calibration_tokens(args.calib, tokenizer, num_samples=args.samples, seq_len=args.seq_len,
+    source, holdout = _calibration_source(args)
+    print(f"nbl compress: calibration data: {args.calib}{f' minus {holdout:.0%} held out' if holdout else ''}, "
+          f"{args.samples} x {args.seq_len} tokens", file=sys.stderr)
+    tokens = load_calibration_tokens(source, tokenizer, num_samples=args.samples, seq_len=args.seq_len,
                                      seed=args.seed, model=model, progress=progress)
     t1 = time.perf_counter()
     result = nbl_ext.calibrate(model, tokens, batch_size=args.batch_size, progress=progress)
@@ -152,7 +224,7 @@ def _compress(args) -> int:
     nbl_ext.save_pretrained(model, out, tokenizer, calibration=result)
     (out / "nbl_run.json").write_text(json.dumps({
         "model": args.model or DEFAULT_MODEL, "method": args.method, "layers": layers, "k": k,
-        "calib": str(args.calib), "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
+        "calib": str(args.calib), "holdout": holdout, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
         "refit": refit, "device": device, "dtype": str(next(model.parameters()).dtype),
         "seconds": {"load_and_data": round(t1 - t0, 2), "calibrate": round(t2 - t1, 2), "linearize": round(t3 - t2, 2)},
         "nbl_ext": nbl_ext.__version__, "torch": torch.__version__,
@@ -161,6 +233,109 @@ def _compress(args) -> int:
           f"calibration {t2 - t1:.1f} s; saved to {out}\n"
           f"  reload with: nbl_ext.load_pretrained({str(out)!r})   |   inspect with: nbl report {out}")
     return 0
+
+
+def _calibration_source(args):
+    """The documents to calibrate on and the held-out fraction (files only; see nbl_ext.data.HOLDOUT_FRACTION)."""
+    from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, split_documents
+
+    path = Path(args.calib)
+    is_file = args.calib != "self" and not args.calib.startswith("hf:") and path.is_file()
+    if args.holdout is not None and not 0.0 <= args.holdout < 1.0:
+        raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
+    if not is_file:
+        if args.holdout:
+            raise ValueError(f"--holdout applies to a document file; --calib {args.calib} is not one")
+        return args.calib, None
+    fraction = HOLDOUT_FRACTION if args.holdout is None else args.holdout
+    if fraction == 0:
+        return args.calib, 0.0
+    return split_documents(path, fraction, seed=HOLDOUT_SEED)[0], fraction
+
+
+def _eval(args) -> int:
+    import torch
+
+    from nbl_ext.evaluate import PERPLEXITY_CORPORA, evaluate, format_report
+    from nbl_ext.tasks import OFFLINE_TASKS, check_data_dir
+
+    progress = not args.no_progress
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tasks = [] if args.tasks.strip().lower() == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.data_dir is not None:
+        check_data_dir(args.data_dir, tasks)  # a wrong path fails before the model loads
+        unknown = [t for t in tasks if t not in OFFLINE_TASKS]
+        if unknown:
+            raise ValueError(f"no offline definition for {', '.join(unknown)}; offline tasks: {', '.join(OFFLINE_TASKS)}")
+    c4 = Path(args.c4) if args.c4 else (Path(args.data_dir) / ".." / "calib" / "c4_demo.json" if args.data_dir else None)
+    if args.ppl is None:
+        ppl = (["wikitext2"] if args.data_dir else []) + (["c4"] if c4 is not None and c4.is_file() else [])
+    else:
+        ppl = [] if args.ppl.strip().lower() == "none" else [c.strip() for c in args.ppl.split(",") if c.strip()]
+        bad = [c for c in ppl if c not in PERPLEXITY_CORPORA]
+        if bad:
+            raise ValueError(f"--ppl: unknown corpus {', '.join(bad)}; choose from {', '.join(PERPLEXITY_CORPORA)} or none")
+    if not tasks and not ppl:
+        raise ValueError("nothing to evaluate: give --tasks and/or --ppl (with --data-dir for the offline data)")
+    if args.output and Path(args.output).is_dir():
+        raise IsADirectoryError(f"--output {args.output} is a directory; give a file name such as eval.json")
+
+    model, tokenizer, source = _load_for_eval(args.model, args.dtype, device, progress)
+    notes = _overlap_notes(source, c4) if "c4" in ppl else []
+    for note in notes:
+        print(f"nbl eval: warning: {note}", file=sys.stderr)
+    print(f"nbl eval: {source}: tasks {tasks or 'none'}, perplexity {ppl or 'none'}", file=sys.stderr)
+    t0 = time.perf_counter()
+    report = evaluate(model, tokenizer, tasks=tasks, data_dir=args.data_dir, perplexity_on=ppl, c4_path=c4,
+                      context=args.context, stride=args.stride, ppl_tokens=args.ppl_tokens, limit=args.limit,
+                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, progress=progress)
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    report["model"]["path"] = source
+    report["notes"] = notes
+    print(format_report(report))
+    if args.output:
+        from nbl_ext._io import atomic_write_json
+
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(args.output), report)
+        print(f"\nnbl eval: wrote {args.output}")
+    return 0
+
+
+def _load_for_eval(model_arg, dtype, device, progress):
+    import nbl_ext
+    from nbl_ext.models import DEFAULT_MODEL, load_model
+
+    path = Path(model_arg) if model_arg else None
+    if path is not None and path.is_dir() and (path / "config.json").is_file() \
+            and "nbl" in json.loads((path / "config.json").read_text()):
+        from transformers import AutoTokenizer
+
+        kwargs = {} if dtype in (None, "auto") else {"dtype": getattr(__import__("torch"), dtype)}
+        model = nbl_ext.load_pretrained(path, device=device, **kwargs).eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise FileNotFoundError(f"{path} has no tokenizer files ({exc}); save it with "
+                                    "nbl_ext.save_pretrained(model, path, tokenizer)") from None
+        return model, tokenizer, str(path)
+    model, tokenizer = load_model(model_arg, dtype=dtype, device=device, progress=progress)
+    return model, tokenizer, str(model_arg or DEFAULT_MODEL)
+
+
+def _overlap_notes(source: str, c4: Path | None) -> list[str]:
+    """Warn when the held-out C4 documents may have been calibrated on (nbl compress --holdout 0)."""
+    from nbl_ext.data import HOLDOUT_FRACTION
+
+    run_file = Path(source) / "nbl_run.json"
+    if c4 is None or not run_file.is_file():
+        return []
+    run = json.loads(run_file.read_text())
+    calib = Path(str(run.get("calib", "")))
+    if calib.is_file() and c4.is_file() and calib.resolve() == c4.resolve() and run.get("holdout") != HOLDOUT_FRACTION:
+        return [f"{source} was calibrated on {calib} with holdout {run.get('holdout')}; the C4 perplexity documents "
+                "were (partly) seen in calibration"]
+    return []
 
 
 def _load_report(path: Path) -> tuple[list[dict], set[int], str | None]:

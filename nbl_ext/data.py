@@ -56,7 +56,14 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["SUFFIXES", "load_calibration_tokens", "read_documents", "split_documents"]
+__all__ = ["HOLDOUT_FRACTION", "HOLDOUT_SEED", "SUFFIXES", "load_calibration_tokens", "read_documents",
+           "split_documents"]
+
+#: The one held-out convention shared by ``nbl compress`` (calibrates on the rest of a document
+#: file) and ``nbl eval`` / the quality study (C4 perplexity on the held-out part): a fixed
+#: fraction and seed, so the two never overlap whatever ``--seed`` packing uses.
+HOLDOUT_FRACTION = 0.2
+HOLDOUT_SEED = 0
 
 #: File suffixes :func:`read_documents` understands.
 SUFFIXES = (".json", ".jsonl", ".txt")
