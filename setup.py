@@ -111,6 +111,10 @@ setup(
         "accelerate>=1.0,<2",
         "gguf>=0.17,<0.20",
         "matplotlib>=3.8,<3.12",
+        # nbl eval / nbl_ext.evaluate: stock lm-evaluation-harness; nbl_ext.tasks reads its task YAMLs,
+        # so the minor version is pinned to the one tested.
+        "lm-eval>=0.4.13,<0.4.14",
+        "datasets>=3.0,<6",
     ],
     extras_require={
         "test": ["pytest>=8.3,<9.3", "pytest-benchmark>=5.1,<5.4"],

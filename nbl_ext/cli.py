@@ -262,11 +262,6 @@ def _eval(args) -> int:
     progress = not args.no_progress
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tasks = [] if args.tasks.strip().lower() == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if args.data_dir is not None:
-        check_data_dir(args.data_dir, tasks)  # a wrong path fails before the model loads
-        unknown = [t for t in tasks if t not in OFFLINE_TASKS]
-        if unknown:
-            raise ValueError(f"no offline definition for {', '.join(unknown)}; offline tasks: {', '.join(OFFLINE_TASKS)}")
     c4 = Path(args.c4) if args.c4 else (Path(args.data_dir) / ".." / "calib" / "c4_demo.json" if args.data_dir else None)
     if args.ppl is None:
         ppl = (["wikitext2"] if args.data_dir else []) + (["c4"] if c4 is not None and c4.is_file() else [])
@@ -277,6 +272,16 @@ def _eval(args) -> int:
             raise ValueError(f"--ppl: unknown corpus {', '.join(bad)}; choose from {', '.join(PERPLEXITY_CORPORA)} or none")
     if not tasks and not ppl:
         raise ValueError("nothing to evaluate: give --tasks and/or --ppl (with --data-dir for the offline data)")
+    if args.data_dir is not None:  # a wrong path or task fails here, before the model loads
+        unknown = [t for t in tasks if t not in OFFLINE_TASKS]
+        if unknown:
+            raise ValueError(f"no offline definition for {', '.join(unknown)}; offline tasks: {', '.join(OFFLINE_TASKS)}")
+        check_data_dir(args.data_dir, tasks)
+    if "wikitext2" in ppl and args.data_dir is None:
+        raise ValueError("WikiText-2 perplexity reads wikitext2/wiki.test.raw: pass --data-dir (the ../shared/data/eval layout)")
+    if "c4" in ppl and (c4 is None or not c4.is_file()):
+        raise FileNotFoundError(f"C4 perplexity needs the C4 document file{f' ({c4} not found)' if c4 else ''}: "
+                                "pass --c4 PATH (e.g. ../shared/data/calib/c4_demo.json)")
     if args.output and Path(args.output).is_dir():
         raise IsADirectoryError(f"--output {args.output} is a directory; give a file name such as eval.json")
 

@@ -224,7 +224,9 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], *, data_dir: str | os.Path
                         "note": OFFLINE_TASKS[name].note if data_dir is not None else ""}
         if log_samples:
             report[name]["samples"] = [
-                {"doc_id": s["doc_id"], **{m: s[m] for m in ("acc", "acc_norm") if m in s}}
+                {"doc_id": s["doc_id"], **{m: s[m] for m in ("acc", "acc_norm") if m in s},
+                 "loglikelihoods": [float(r[0]) for r in s["filtered_resps"]]
+                 if all(isinstance(r, (list, tuple)) for r in s["filtered_resps"]) else None}
                 for s in out["samples"][name]
             ]
     return report

@@ -91,3 +91,93 @@ def test_console_script_is_installed():
         pytest.skip("the nbl console script is not installed in this environment")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True)
     assert "compress" in out.stdout and "report" in out.stdout
+
+
+def _tiny_eval_data(root: Path) -> Path:
+    """A miniature ../shared/data layout (eval/ + calib/) in the tiny tokenizer's vocabulary."""
+    gen = torch.Generator().manual_seed(5)
+
+    def sentence(n):
+        return " ".join(WORDS[int(i)] for i in torch.randint(0, 12, (n,), generator=gen))
+
+    (root / "eval" / "arc_easy").mkdir(parents=True)
+    items = [{"id": f"q{i}", "question": {"stem": sentence(6), "choices": [
+        {"text": sentence(3), "label": lab} for lab in "ABCD"]}, "answerKey": "ABCD"[i % 4]} for i in range(6)]
+    (root / "eval" / "arc_easy" / "ARC-Easy-Test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    (root / "eval" / "piqa").mkdir()
+    (root / "eval" / "piqa" / "valid.jsonl").write_text(
+        "".join(json.dumps({"goal": sentence(5), "sol1": sentence(4), "sol2": sentence(4)}) + "\n" for _ in range(5)))
+    (root / "eval" / "piqa" / "valid-labels.lst").write_text("0\n1\n1\n0\n1\n")
+    (root / "eval" / "wikitext2").mkdir()
+    (root / "eval" / "wikitext2" / "wiki.test.raw").write_text(
+        "".join(f" \n = {WORDS[i]} = \n \n {sentence(80)} \n" for i in range(4)))
+    (root / "calib").mkdir()
+    (root / "calib" / "c4_demo.json").write_text(json.dumps([{"text": sentence(60)} for _ in range(40)]))
+    return root
+
+
+@pytest.mark.filterwarnings("ignore::nbl_ext.numerics.SingularWarning")
+def test_eval_a_compressed_model_offline(tmp_path, tiny_model_dir, capsys):
+    pytest.importorskip("lm_eval")
+    data = _tiny_eval_data(tmp_path / "data")
+    c4 = data / "calib" / "c4_demo.json"
+    out = tmp_path / "out"
+    assert cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(c4), "--samples", "4",
+                     "--seq-len", "64", "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "nbl_run.json").read_text())["holdout"] == 0.2
+    capsys.readouterr()
+    report_file = tmp_path / "eval.json"
+    rc = cli.main(["eval", str(out), "--data-dir", str(data / "eval"), "--tasks", "arc_easy,piqa", "--limit", "4",
+                   "--context", "32", "--batch-size", "2", "--output", str(report_file), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr()
+    assert "arc_easy" in printed.out and "acc_norm" in printed.out and "perplexity c4" in printed.out
+    assert "calibrated on" not in printed.err  # the held-out documents were not calibrated on
+    report = json.loads(report_file.read_text())
+    assert report["model"]["nbl"]["layers"] == json.loads((out / "nbl_run.json").read_text())["layers"]
+    assert report["versions"]["lm_eval"] and report["versions"]["transformers"]
+    for task in ("arc_easy", "piqa"):
+        t = report["tasks"][task]
+        assert t["n"] == 4 and t["n_total"] in (6, 5) and t["source"] == "offline"
+        assert 0.0 <= t["metrics"]["acc"] <= 1.0 and t["stderr"]["acc"] is not None
+    for corpus in ("wikitext2", "c4"):
+        p = report["perplexity"][corpus]
+        assert p["context"] == 32 and p["bos"] is True and p["tokens"] > 0 and p["ppl"] > 1.0
+
+    # calibrating on every document of the file that C4 perplexity is scored on gets a warning
+    out0 = tmp_path / "out0"
+    assert cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(c4), "--samples", "4",
+                     "--seq-len", "64", "--holdout", "0", "--out", str(out0), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(out0), "--data-dir", str(data / "eval"), "--tasks", "none", "--ppl", "c4",
+                     "--context", "32", "--no-progress"]) == 0
+    assert "seen in calibration" in capsys.readouterr().err
+
+
+def test_eval_errors_are_clear(tmp_path, tiny_model_dir, capsys):
+    pytest.importorskip("lm_eval")
+    data = _tiny_eval_data(tmp_path / "data")
+    base = ["eval", str(tiny_model_dir), "--no-progress"]
+    cases = [
+        (["--data-dir", str(tmp_path / "nowhere")], "does not exist; pass --data-dir"),
+        (["--data-dir", str(data / "eval"), "--tasks", "mmlu"], "no offline definition for mmlu"),
+        (["--data-dir", str(data / "eval"), "--tasks", "boolq"], "lacks: "),
+        (["--data-dir", str(data / "eval"), "--ppl", "ptb"], "unknown corpus ptb"),
+        (["--tasks", "none", "--ppl", "none"], "nothing to evaluate"),
+        (["--data-dir", str(data / "eval"), "--tasks", "piqa", "--output", str(tmp_path)], "is a directory"),
+        (["--tasks", "none", "--ppl", "c4"], "--c4"),
+    ]
+    for extra, needle in cases:
+        assert cli.main(base + extra) == 2, extra
+        assert needle in capsys.readouterr().err, extra
+    with pytest.raises(SystemExit):
+        cli.main(base + ["--limit", "0"])
+    assert "must be > 0" in capsys.readouterr().err
+
+
+def test_eval_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("--tasks", "--data-dir", "--limit", "--ppl", "--context", "--stride", "held out", "examples:"):
+        assert needle in text

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 
 from _tiny import tiny_llama  # noqa: E402
-from nbl_ext.evaluate import perplexity  # noqa: E402
+from nbl_ext.evaluate import perplexity, perplexity_stats  # noqa: E402
 
 
 def test_perplexity_matches_direct_windows():
@@ -26,3 +26,81 @@ def test_perplexity_matches_direct_windows():
         perplexity(model, ids[None], 32)
     with pytest.raises(ValueError, match="at least one full window"):
         perplexity(model, ids[:10], 32)
+
+
+def _direct_nll(model, seq: list[int], targets: range) -> float:
+    """Sum of -log p(seq[t] | seq[:t]) over positions t in targets, by one forward of seq (float64)."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor(seq)[None]).logits[0].double(), -1)
+    return -sum(float(logp[t - 1, seq[t]]) for t in targets)
+
+
+@pytest.mark.parametrize("stride", [32, 20, 7])
+def test_sliding_windows_score_each_token_once_with_its_context(stride):
+    model = tiny_llama(vocab_size=40, seed=1)
+    ids = torch.randint(0, 40, (75,), generator=torch.Generator().manual_seed(2))
+    got = perplexity_stats(model, ids, context=32, stride=stride)
+    nll, n, scored_to = 0.0, 0, 1
+    for start in range(0, 75 - 32 + 1, stride):  # the oracle: windows re-scored one by one
+        seq = ids[start : start + 32].tolist()
+        first = max(scored_to - start, 1)
+        nll += _direct_nll(model, seq, range(first, 32))
+        n += 32 - first
+        scored_to = start + 32
+    assert got["tokens"] == n
+    assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-10)
+    assert sum(s for s, _ in got["window_nll"]) == pytest.approx(nll, rel=1e-10)
+    if stride < 32:  # overlapping windows: every token after the first is scored
+        assert n == (75 - 32) // stride * stride + 31
+    assert got["ppl_stderr"] > 0
+    assert perplexity(model, ids, 32, stride) == pytest.approx(got["ppl"], rel=1e-12)
+
+
+def test_bos_windows_and_batching():
+    model = tiny_llama(vocab_size=40, seed=4)
+    ids = torch.randint(1, 40, (64,), generator=torch.Generator().manual_seed(3))
+    got = perplexity_stats(model, ids, context=17, bos_id=0, batch_size=3)  # windows of BOS + 16 stream tokens
+    nll, n = 0.0, 0
+    for k, start in enumerate(range(0, 64 - 16 + 1, 16)):
+        seq = [0] + ids[start : start + 16].tolist()
+        first = 2 if k == 0 else 1  # the stream's first token is not scored; later windows score theirs given BOS
+        nll += _direct_nll(model, seq, range(first, 17))
+        n += 17 - first
+    assert got["windows"] == 4 and got["tokens"] == n and got["bos"] is True
+    assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-9)
+    unbatched = perplexity_stats(model, ids, context=17, bos_id=0, batch_size=1)
+    assert unbatched["ppl"] == pytest.approx(got["ppl"], rel=1e-6)
+
+
+def test_bad_windows_are_rejected():
+    model = tiny_llama(vocab_size=40, seed=1)
+    ids = torch.randint(0, 40, (40,), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="stride"):
+        perplexity_stats(model, ids, context=16, stride=17)
+    with pytest.raises(ValueError, match="one slot is the BOS"):
+        perplexity_stats(model, ids, context=16, stride=16, bos_id=0)
+    with pytest.raises(ValueError, match="at least one full window"):
+        perplexity_stats(model, ids, context=64)
+    assert perplexity_stats(model, ids[:16], context=16)["ppl_stderr"] is None  # one window: no spread
+
+
+def test_c4_heldout_documents_are_not_calibration_documents(tmp_path):
+    import json
+
+    from _tiny import WORDS, word_tokenizer
+    from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, split_documents
+    from nbl_ext.evaluate import c4_heldout_ids
+
+    docs = [f"{WORDS[i % len(WORDS)]} {WORDS[i // len(WORDS)]} {WORDS[(3 * i) % len(WORDS)]}" for i in range(30)]
+    assert len(set(docs)) == 30
+    path = tmp_path / "c4.json"
+    path.write_text(json.dumps([{"text": d} for d in docs]))
+    tok = word_tokenizer()
+    ids, n_docs = c4_heldout_ids(tok, path)
+    calib, held = split_documents(path, HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
+    assert n_docs == len(held) == 6 and set(held).isdisjoint(calib)
+    want = []
+    for d in held:
+        want += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ids.tolist() == want
+    assert c4_heldout_ids(tok, path, max_tokens=5)[0].tolist() == want[:5]
