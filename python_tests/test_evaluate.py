@@ -104,3 +104,22 @@ def test_c4_heldout_documents_are_not_calibration_documents(tmp_path):
         want += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert ids.tolist() == want
     assert c4_heldout_ids(tok, path, max_tokens=5)[0].tolist() == want[:5]
+
+
+def test_hub_tasks_offline_say_to_use_data_dir():
+    """Without --data-dir the hub tasks are used; offline that is a clear error, not a datasets traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("lm_eval")
+    code = ("from _tiny import tiny_llama, word_tokenizer\n"
+            "from nbl_ext.evaluate import run_tasks\n"
+            "tok = word_tokenizer()\n"
+            "try:\n    run_tasks(tiny_llama(len(tok)), tok, ['arc_easy'], limit=2)\n"
+            "except RuntimeError as exc:\n    print('ERR', exc)\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert "ERR could not fetch the hub tasks" in out.stdout and "--data-dir" in out.stdout, out.stderr[-2000:]

@@ -261,6 +261,14 @@ def _acc_section(name, rec):
     return out + [""] + pairs
 
 
+def _acc_noise(data) -> str:
+    ses = [avg_acc(r["accuracy"]["original"])[1] for r in data["models"].values() if "original" in r.get("accuracy", {})]
+    if not ses:
+        return ""
+    return (f"; at this size the 7-task mean of the original models has a standard error of "
+            f"{min(ses):.3f}-{max(ses):.3f}")
+
+
 def render(raw: Path, doc: Path, out_dir: Path) -> None:
     data = json.loads(Path(raw).read_text())
     out_dir = Path(out_dir)
@@ -280,9 +288,9 @@ def render(raw: Path, doc: Path, out_dir: Path) -> None:
              f"WikiText-2: {s['perplexity']['wikitext2']}; C4: {s['perplexity']['c4']}.",
              f"- Accuracy: stock lm-eval ({s['versions'].get('lm_eval')}) through `nbl_ext.evaluate.run_tasks`, offline task "
              f"copies with lm-eval's own prompts and metrics; {s['accuracy']['docs_per_task']} documents per task "
-             f"({s['accuracy']['subset']}), so the 7-task mean has a standard error of about 2.5 points; differences "
-             "between methods are paired over the same documents and are much tighter. Full splits were out of reach "
-             "of this 2-core CPU in one session.",
+             f"({s['accuracy']['subset']}){_acc_noise(data)}. Differences between methods are paired over the same "
+             "documents, which removes the between-document spread. Full splits were out of reach of this 2-core CPU "
+             "in one session.",
              ]
     for t, note in s["accuracy"]["notes"].items():
         lines.append(f"  - {t}: {note}.")
