@@ -248,7 +248,9 @@ def main(argv=None):
     from study_report import render  # noqa: E402  (scripts/study_report.py)
 
     docs = Path(args.docs)
-    render(docs / "results" / "quality_study.json", docs / "results.md", docs / "results")
+    plan = {name: {**spec, "calibs": list(CALIBS), "methods": list(METHODS), "acc_methods": list(ACC_METHODS)}
+            for name, spec in MODELS.items()}
+    render(docs / "results" / "quality_study.json", docs / "results.md", docs / "results", plan)
 
 
 if __name__ == "__main__":

@@ -196,7 +196,10 @@ def _findings(name, rec):
         worse = sum(h > i for h, i in zip(held, ins))
         ratios = sorted(h / i for h, i in zip(held, ins) if i > 0)
         lines.append(f"- Held-out vs in-sample NMSE of the fitted maps: held-out is higher in {worse} of {len(held)} "
-                     f"layers" + (f", median ratio {ratios[len(ratios) // 2]:.2f}." if ratios else "."))
+                     f"layers" + (f", median ratio {ratios[len(ratios) // 2]:.2f}" if ratios else "")
+                     + f"; median NMSE in sample {sorted(ins)[len(ins) // 2]:.2f}, held out {sorted(held)[len(held) // 2]:.2f} "
+                     f"(1.0 = no better than predicting the mean output; calibration had {c4['tokens']} tokens for "
+                     f"{rec['hidden_size']} x {rec['hidden_size'] + 1} parameters per map).")
         bound = [r["bound"] for r in c4["layers"]]
         lines.append(f"- Rank correlation (Spearman) between the CCA bound and the held-out NMSE over layers: "
                      f"{_spearman(bound, held):.2f}.")
@@ -265,11 +268,31 @@ def _acc_noise(data) -> str:
     ses = [avg_acc(r["accuracy"]["original"])[1] for r in data["models"].values() if "original" in r.get("accuracy", {})]
     if not ses:
         return ""
-    return (f"; at this size the 7-task mean of the original models has a standard error of "
-            f"{min(ses):.3f}-{max(ses):.3f}")
+    span = f"{min(ses):.3f}" if round(min(ses), 3) == round(max(ses), 3) else f"{min(ses):.3f}-{max(ses):.3f}"
+    return f"; at this size the 7-task mean of an original model has a standard error of {span}"
 
 
-def render(raw: Path, doc: Path, out_dir: Path) -> None:
+def _coverage(data, plan) -> list[str]:
+    """What of the planned grid is in the JSON: missing points are named, not silently absent."""
+    out = []
+    for name, spec in (plan or {}).items():
+        rec = data["models"].get(name, {"points": {}, "accuracy": {}})
+        missing = [f"{c}/{m}/k{k}" for c in spec["calibs"] for k in spec["grid"] if k for m in spec["methods"]
+                   if f"{c}/{m}/k{k}" not in rec["points"]]
+        if "original" not in rec["points"]:
+            missing.insert(0, "original")
+        acc_missing = [key for key in ["original"] + [f"c4/{m}/k{k}" for k in spec["acc_k"] for m in spec["acc_methods"]]
+                       if key not in rec.get("accuracy", {})]
+        if missing or acc_missing:
+            out.append(f"- **Not computed in this run** for {name}: perplexity points "
+                       f"{', '.join(missing) or 'none'}; accuracy points {', '.join(acc_missing) or 'none'}.")
+        else:
+            out.append(f"- {name}: every planned point computed (grid k = {spec['grid']}, calibrations "
+                       f"{', '.join(spec['calibs'])}; accuracy at k = {spec['acc_k']} for {', '.join(spec['acc_methods'])}).")
+    return out
+
+
+def render(raw: Path, doc: Path, out_dir: Path, plan: dict | None = None) -> None:
     data = json.loads(Path(raw).read_text())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -294,6 +317,7 @@ def render(raw: Path, doc: Path, out_dir: Path) -> None:
              ]
     for t, note in s["accuracy"]["notes"].items():
         lines.append(f"  - {t}: {note}.")
+    lines += _coverage(data, plan)
     lines += ["", "Perplexity cells are `WikiText-2 / C4`. Methods: NBL (LMMSE affine map on the layers with the lowest "
               "CCA bound), DROP (remove the blocks with the highest cosine similarity), NBL + sequential refit (the "
               "NBL layers, each map re-fitted on the partially linearized model).", ""]
