@@ -1,4 +1,4 @@
-"""nbl_ext.benchmark: timing protocol, exact tokens, KV accounting, floors, synthetic maps.
+"""nbl_ext.benchmark and `nbl bench`: timing protocol, exact tokens, KV accounting, floors, synthetic maps, CLI.
 
 Everything runs on the 2-layer tiny Llama of _tiny.py (a few ms per step), so
 the numbers are meaningless; the tests check that they are well formed, and
@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from _tiny import tiny_llama  # noqa: E402
-from nbl_ext import benchmark  # noqa: E402
+from _tiny import tiny_llama, word_tokenizer  # noqa: E402
+from nbl_ext import benchmark, cli  # noqa: E402
 from nbl_ext.benchmark import Shape, decode_cost, floors, synthetic_linearize, synthetic_maps, time_generation  # noqa: E402
 
 VOCAB = 20
@@ -245,3 +246,71 @@ def test_compare_runs_every_variant_with_ratios():
     json.dumps(result)
     with pytest.raises(ValueError, match="k=3 is larger than the model's 2 decoder layers"):
         benchmark.compare(_model, [("nbl", 3)], warmup=0, repeats=1)
+
+
+# --- nbl bench ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-bench-model")
+    tok = word_tokenizer()
+    tiny_llama(vocab_size=len(tok), seed=3).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+QUICK = ["--prompt-len", "8", "--new-tokens", "4", "--warmup", "0", "--repeats", "1", "--no-ceilings"]
+
+
+def test_bench_cli_writes_json(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "sub" / "bench.json"
+    rc = cli.main(["bench", str(tiny_model_dir), "--k", "1", "--mode", "eager,static", "--no-compile",
+                   "--device", "cpu", *QUICK, "--output", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "x decode" in printed and "nbl-k1" in printed and "drop-k1" in printed
+    report = json.loads(out.read_text())
+    assert report["nbl_bench"] == 1 and report["model"]["weights"] == "real"
+    assert report["device"]["type"] == "cpu" and report["versions"]["torch"] == torch.__version__
+    assert "commit" in report["git"] and report["versions"]["transformers"]
+    assert report["args"]["k"] == [1] and report["settings"]["new_tokens"] == 4
+    assert {(r["variant"], r["mode"]) for r in report["runs"]} == {
+        (v, m) for v in ("original", "nbl-k1", "drop-k1") for m in ("eager", "static")}
+    assert all(r["decode_step_s"] > 0 and "vs_original" in r for r in report["runs"])
+
+
+def test_bench_help_teaches(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for needle in ("--shape", "llama-3.1-8b", "--k", "--mode", "examples:", "eager", "static"):
+        assert needle in text
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--k", "0"], "values must be > 0"),
+    (["--k", "4,x"], "comma-separated positive integers"),
+    (["--shape", "gpt-5"], "invalid choice: 'gpt-5'"),
+    (["--mode", "fast"], "choose from eager,static"),
+])
+def test_bench_argument_errors_exit_2(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", *argv])
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["{dir}", "--k", "3"], "k=3 is larger than the model's 2 decoder layers"),
+    (["--shape", "llama-3.1-8b", "--k", "8,40"], "--k 40: larger than the 32 layers of llama-3.1-8b"),
+    (["--shape", "smollm2-135m", "--num-layers", "2", "--k", "3"], "larger than the 2 layers"),
+    (["{dir}", "--shape", "mistral-7b"], "not both"),
+    (["{dir}", "--num-layers", "2"], "--num-layers applies to --shape"),
+    (["{dir}", "--new-tokens", "1"], "--new-tokens must be at least 2"),
+])
+def test_bench_user_errors_exit_2(capsys, tiny_model_dir, argv, needle):
+    argv = [a.replace("{dir}", str(tiny_model_dir)) for a in argv]
+    assert cli.main(["bench", "--device", "cpu", *QUICK, *argv]) == 2  # argv last: it wins
+    err = capsys.readouterr().err
+    assert "nbl bench: error:" in err and needle in err.split("nbl bench: error:", 1)[1], err
