@@ -299,12 +299,13 @@ class _PeakMemory:
         if self.device.type == "cuda":
             _sync(self.device)
             self.value = int(torch.cuda.max_memory_allocated(self.device))
-            self.method = "torch.cuda.max_memory_allocated over the timed runs (weights included)"
+            self.method = "torch.cuda.max_memory_allocated over the warm-up and timed runs (weights included)"
         elif self.device.type == "cpu" and self._reset and self._rss0 is not None:
             hwm = _proc_status("VmHWM")
             self.value = None if hwm is None else max(0, hwm - self._rss0)
-            self.method = ("CPU: peak RSS (VmHWM, reset before the timed runs) minus RSS before them: the growth "
-                           "over the weights (activations, KV cache, allocator retention)")
+            self.method = ("CPU: peak RSS (VmHWM, reset first) minus RSS before the warm-up and timed runs: their "
+                           "growth over the weights; a lower bound where the allocator reuses memory it kept from "
+                           "earlier work")
         else:
             self.method = (f"unavailable: {self.device.type} device" if self.device.type not in ("cpu", "cuda")
                            else "unavailable: the RSS high-water mark cannot be reset here (/proc/self/clear_refs)")
@@ -363,8 +364,10 @@ def time_generation(model: nn.Module, *, batch: int = 1, prompt_len: int = 256, 
       decode_step_s      median over every decode step of every timed run (new_tokens - 1 steps per run)
       decode_tokens_per_s  batch / decode_step_s
       e2e_s, e2e_tokens_per_s  whole run; batch * new_tokens / e2e_s
-      peak_memory_bytes  CUDA: max_memory_allocated over the timed runs (weights included); CPU: peak RSS
-                         growth over them, or None where it cannot be measured (``peak_memory_method`` says)
+      peak_memory_bytes  CUDA: max_memory_allocated over the warm-up and timed runs (weights included);
+                         CPU: the process's peak RSS growth over them (a lower bound: memory the allocator
+                         kept from earlier work is reused unseen), or None where it cannot be measured
+                         (``peak_memory_method`` says which)
       kv_cache_bytes     key/value tensors the cache holds at the end (eager: prompt + new - 1 positions;
                          static: the allocated prompt + new); linearized layers hold none
       weights_bytes, decode_steps, timer, and the settings.
@@ -394,10 +397,10 @@ def time_generation(model: nn.Module, *, batch: int = 1, prompt_len: int = 256, 
     try:
         run = _EagerRunner(model, prompt, eos_list, prefill_chunk) if mode == "eager" else \
             _StaticRunner(model, prompt, eos, new_tokens, compile, prefill_chunk)
-        for _ in range(warmup):
-            run(min(new_tokens, WARMUP_TOKENS))
         prefill, ttft, e2e, steps = [], [], [], []
-        with _PeakMemory(device) as peak:
+        with _PeakMemory(device) as peak:  # warm-up included: its first allocations are this run's own
+            for _ in range(warmup):
+                run(min(new_tokens, WARMUP_TOKENS))
             for _ in range(repeats):
                 r = run(new_tokens)
                 prefill.append(r["prefill_s"])
