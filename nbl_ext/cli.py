@@ -83,7 +83,7 @@ examples:
   nbl bench --shape llama-3.1-8b --k 4,8,12 --mode eager,static --output bench-8b.json   # on a GPU
   nbl bench --shape mistral-7b --batch 16 --prompt-len 8192 --new-tokens 128 --prefill-chunk 2048
   nbl bench --prompt-len 256 --new-tokens 32 --k 6,12 --mode eager   # SmolLM2-135M, CPU-sized
-  nbl bench out/ --k 7 --methods drop --device cpu                   # a local model directory
+  nbl bench my/hf-model-dir --k 7 --methods drop --device cpu       # original weights of a local model
 """
 
 
