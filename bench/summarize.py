@@ -1,6 +1,9 @@
-"""Markdown table of a pytest-benchmark JSON written by bench/run.sh.
+"""Markdown tables of a pytest-benchmark JSON written by bench/run.sh.
 
     python bench/summarize.py [RESULTS.json]      # default: newest bench/results/*.json
+
+One table per suite present: the covariance accumulator (test_bench_accumulator.py)
+and generation latency (test_bench_generate.py, ratios to the original of the same case).
 """
 from __future__ import annotations
 
@@ -16,15 +19,28 @@ def summarize(path: Path) -> str:
     nbl = data["machine_info"].get("nbl", {})
     commit = data.get("commit_info", {})
     device = nbl.get("cuda_device_name") or f"CPU {data['machine_info'].get('cpu', {}).get('brand_raw', '')}".strip()
-    rows = [b["extra_info"] for b in data["benchmarks"] if "variant" in b.get("extra_info", {})]
+    header = (f"`{path.name}`: {device}, {nbl.get('torch_num_threads', '?')} threads, torch {nbl.get('torch_version', '?')}, "
+              f"commit {str(commit.get('id', '?'))[:10]}{' (dirty)' if commit.get('dirty') else ''}, "
+              f"{data.get('datetime', '')[:19]}")
+    extras = [b.get("extra_info", {}) for b in data["benchmarks"]]
+    parts = [header]
+    acc = [e for e in extras if "d_x" in e and "variant" in e]
+    gen = [e for e in extras if e.get("suite") == "generate"]
+    if acc:
+        parts.append(_accumulator_table(acc, data))
+    if gen:
+        parts.append(_generate_table(gen))
+    if not acc and not gen:
+        parts.append("(no benchmarks with results in this file)")
+    return "\n\n".join(parts)
+
+
+def _accumulator_table(rows: list[dict], data: dict) -> str:
     rows.sort(key=lambda e: (e["device"], e["dtype"] != "float32", e["dtype"], e["d_x"], e["tokens"],
                              ORDER.get(e["variant"], 9)))
     store = {(e["device"], e["dtype"], e["d_x"], e["tokens"]): e["median_s"]
              for e in rows if e["variant"] == "store_all"}
     out = [
-        f"`{path.name}`: {device}, {nbl.get('torch_num_threads', '?')} threads, torch {nbl.get('torch_version', '?')}, "
-        f"commit {str(commit.get('id', '?'))[:10]}{' (dirty)' if commit.get('dirty') else ''}, {data.get('datetime', '')[:19]}",
-        "",
         "| variant | dtype | d | tokens | median ms | tokens/s | GFLOP/s | % of fp32 GEMM | x store_all | peak MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -49,6 +65,54 @@ def summarize(path: Path) -> str:
     if load:
         out.append(f"1-min load average during the run: {min(load):.1f}-{max(load):.1f} "
                    f"(on {data['machine_info'].get('cpu', {}).get('count', '?')} CPUs).")
+    return "\n".join(out)
+
+
+def _variant_key(variant: str) -> tuple:
+    if variant == "original":
+        return (0, 0, "")
+    method, _, k = variant.partition("-k")
+    return (1, int(k) if k.isdigit() else 0, method)
+
+
+def _generate_table(rows: list[dict]) -> str:
+    """Generation latency; ``x`` columns: the original of the same case (device, model, shape, mode) / this."""
+    def case(e: dict) -> tuple:
+        return (e["device"], e["model"], e["batch"], e["prompt_len"], e["new_tokens"], e["dtype"], e["mode"])
+
+    rows = sorted(rows, key=lambda e: (case(e), _variant_key(e["variant"])))
+    base = {case(e): e for e in rows if e["variant"] == "original"}
+    out = [
+        "Generation latency (nbl_ext.benchmark.time_generation; x = ratio to the original of the same case, "
+        "ideal x = bytes per decode step original / variant, % floor = bytes / same-run bandwidth over the measured step)",
+        "",
+        "| model | mode | batch | prompt+new | variant | prefill ms | decode ms/step | decode tok/s | e2e tok/s "
+        "| x decode | x e2e | ideal x | KV MiB | peak MiB | % floor |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in rows:
+        o = base.get(case(e))
+        xd = f"{o['decode_step_s'] / e['decode_step_s']:.3f}" if o else "-"
+        xe = f"{e['e2e_tokens_per_s'] / o['e2e_tokens_per_s']:.3f}" if o else "-"
+        peak = e.get("peak_memory_bytes")
+        pct = e.get("pct_of_floor")
+        out.append(
+            f"| {e['model']}{' (random)' if e.get('weights') == 'random' else ''} | {e['mode']} | {e['batch']} "
+            f"| {e['prompt_len']}+{e['new_tokens']} | {e['variant']} | {1e3 * e['prefill_s']:.1f} "
+            f"| {1e3 * e['decode_step_s']:.2f} | {e['decode_tokens_per_s']:,.1f} | {e['e2e_tokens_per_s']:,.1f} "
+            f"| {xd} | {xe} | {e.get('ideal_decode_speedup', float('nan')):.3f} | {e['kv_cache_bytes'] / 2**20:,.1f} "
+            f"| {'-' if peak is None else f'{peak / 2**20:,.0f}'} | {'-' if pct is None else f'{pct:.0f}%'} |")
+    ceil = sorted({(e["device"], e["dtype"], round(e["bandwidth_bytes_per_s"] / 1e9), round(e["matmul_flops_per_s"] / 1e9))
+                   for e in rows if e.get("bandwidth_bytes_per_s")})
+    if ceil:
+        out += ["", "Same-run ceilings (copy GB/s, matmul GFLOP/s): " + "; ".join(
+            f"{d} {dt}: {bw} GB/s, {mm} GFLOP/s" for d, dt, bw, mm in ceil)]
+    peaks = {e.get("peak_memory_method") for e in rows if e.get("peak_memory_method")}
+    if peaks:
+        out.append("Peak memory: " + " | ".join(sorted(peaks)))
+    load = [e["loadavg_1m"] for e in rows if e.get("loadavg_1m") is not None]
+    if load:
+        out.append(f"1-min load average during the run: {min(load):.1f}-{max(load):.1f}.")
     return "\n".join(out)
 
 

@@ -4,6 +4,7 @@
     nbl compress MODEL --layers 8 --method nbl --calib ../shared/data/calib/c4_demo.json --out out/
     nbl report out/                   # per-layer table + plot (bound, NMSE, cosine; chosen layers)
     nbl eval out/ --data-dir ../shared/data/eval --limit 100   # lm-eval accuracy + perplexity
+    nbl bench --shape llama-3.1-8b --k 4,8,12 --mode eager,static   # generation latency (GPU)
 """
 from __future__ import annotations
 
@@ -61,6 +62,57 @@ examples:
   nbl eval out/ --data-dir ../shared/data/eval --tasks none --ppl wikitext2,c4 --context 2048 --stride 512
   nbl eval my/model --tasks arc_easy,hellaswag --device cuda --batch-size 32     # hub tasks, online
 """
+
+
+_EPILOG_BENCH = """\
+what it does:
+  1. builds the model: MODEL (real weights, anything `nbl compress` accepts; default the bundled
+     SmolLM2-135M) or --shape (random weights of a real model's shape, made on the device, no
+     download; speed does not depend on weight values)
+  2. times greedy generation of the original, then NBL-k and DROP-k for each K (the last K
+     attention blocks replaced by random affine maps / removed: no calibration, so only the speed
+     means anything), each in every --mode:
+       eager   model.generate with the dynamic cache; decode steps timed inside generate
+       static  StaticCache + torch.compile'd decode step (CUDA graphs on CUDA), gpt-fast style
+     prefill (the prompt's forward) and decode (median per-token step) apart, CUDA events on GPU
+  3. prints a table with the ratios to the original, the KV cache and peak memory, and the ideal
+     decode speedup from bytes per step (weights + KV read; see nbl_ext.benchmark.floors), and
+     writes everything to --output (JSON with the device, versions and git commit)
+
+examples:
+  nbl bench --shape llama-3.1-8b --k 4,8,12 --mode eager,static --output bench-8b.json   # on a GPU
+  nbl bench --shape mistral-7b --batch 16 --prompt-len 8192 --new-tokens 128 --prefill-chunk 2048
+  nbl bench --prompt-len 256 --new-tokens 32 --k 6,12 --mode eager   # SmolLM2-135M, CPU-sized
+  nbl bench my/hf-model-dir --k 7 --methods drop --device cpu       # original weights of a local model
+"""
+
+
+def _int_list(text):
+    """'4,8,12' -> [4, 8, 12] (positive ints)."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 4,8,12, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"values must be > 0, got {value} in {text!r}")
+        values.append(value)
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"repeated value in {text!r}")
+    return values
+
+
+def _choice_list(choices):
+    def parse(text):
+        values = [v.strip().lower() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)} (comma-separated), got {text!r}")
+        return list(dict.fromkeys(values))
+
+    return parse
 
 
 def _positive(kind):
@@ -146,6 +198,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None, metavar="FILE.json", help="write the full report here")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    b = sub.add_parser("bench", help="generation latency: original vs NBL-k vs DROP-k",
+                       description="Time prefill and decode of MODEL (or a random-weight --shape), original vs "
+                       "NBL-k and DROP-k, and report ratios, memory and floors.",
+                       epilog=_EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="real weights, as for `nbl compress` (default: the bundled SmolLM2-135M unless --shape)")
+    from nbl_ext.benchmark import SHAPES
+
+    b.add_argument("--shape", choices=list(SHAPES), default=None,
+                   help="random weights of this shape instead of MODEL")
+    b.add_argument("--num-layers", type=_positive(int), default=None, metavar="N",
+                   help="with --shape: only the first N layers (quick runs)")
+    b.add_argument("--k", type=_int_list, default=[4, 8, 12], metavar="K1,K2",
+                   help="numbers of attention blocks to replace (default: 4,8,12)")
+    b.add_argument("--methods", type=_choice_list(("nbl", "drop")), default=["nbl", "drop"], metavar="M1,M2",
+                   help="nbl and/or drop (default: nbl,drop)")
+    b.add_argument("--mode", type=_choice_list(("eager", "static")), default=["eager", "static"], metavar="M1,M2",
+                   help="eager (HF generate) and/or static (StaticCache + torch.compile) (default: eager,static)")
+    b.add_argument("--batch", type=_positive(int), default=1, metavar="B", help="sequences (default 1)")
+    b.add_argument("--prompt-len", type=_positive(int), default=2048, metavar="L", help="prompt tokens (default 2048)")
+    b.add_argument("--new-tokens", type=_positive(int), default=2048, metavar="N",
+                   help="generated tokens, at least 2 (default 2048)")
+    b.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed warm-up runs (default 1)")
+    b.add_argument("--repeats", type=_positive(int), default=3, metavar="R", help="timed runs (default 3)")
+    b.add_argument("--prefill-chunk", type=_positive(int), default=None, metavar="C",
+                   help="prefill in chunks of C tokens (long contexts at large batch)")
+    b.add_argument("--no-compile", action="store_true", help="static mode without torch.compile")
+    b.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    b.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    b.add_argument("--no-ceilings", action="store_true",
+                   help="skip measuring bandwidth and matmul rate (then no floors in seconds)")
+    b.add_argument("--seed", type=int, default=0, help="prompt and random-map seed (default 0)")
+    b.add_argument("--output", default=None, metavar="FILE.json", help="write the full result here")
+
     r = sub.add_parser("report", help="per-layer table and plot of a compressed model or calibration",
                        description="Print the per-layer table of DIR (written by nbl compress) and save a PNG plot.")
     r.add_argument("dir", metavar="DIR")
@@ -160,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compress(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "bench":
+            return _bench(args)
         return _report(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, RuntimeError,
             ImportError) as exc:
@@ -401,6 +490,91 @@ def _report(args) -> int:
     png = plot_layers(rows, chosen, method, Path(args.plot) if args.plot else path / "layers.png")
     print(f"\nplot: {png}")
     return 0
+
+
+def _bench(args) -> int:
+    import torch
+
+    from nbl_ext import benchmark
+    from nbl_ext._io import atomic_write_json
+    from nbl_ext.models import DEFAULT_MODEL, load_model
+
+    if args.model is not None and args.shape is not None:
+        raise ValueError(f"give MODEL ({args.model}) or --shape ({args.shape}), not both")
+    if args.num_layers is not None and args.shape is None:
+        raise ValueError("--num-layers applies to --shape (random weights) only")
+    if args.new_tokens < 2:
+        raise ValueError(f"--new-tokens must be at least 2 (one prefill token and one decode step), got {args.new_tokens}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.output and Path(args.output).is_dir():
+        raise IsADirectoryError(f"--output {args.output} is a directory; give a file name such as bench.json")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if args.shape is not None:  # the layer count is known before anything is built
+        n_layers = args.num_layers or benchmark.SHAPES[args.shape]["num_hidden_layers"]
+        too_big = [k for k in args.k if k > n_layers]
+        if too_big:
+            raise ValueError(f"--k {','.join(map(str, too_big))}: larger than the {n_layers} layers of {args.shape}")
+        what = f"random {args.shape}" + (f" ({n_layers} layers)" if args.num_layers else "")
+
+        def factory():
+            return benchmark.random_model(args.shape, dtype=args.dtype, device=device, num_layers=args.num_layers,
+                                          seed=args.seed)
+    else:
+        what = str(args.model or DEFAULT_MODEL)
+
+        def factory():
+            return load_model(args.model, dtype=args.dtype, device=device, progress=False)[0]
+
+    pairs = [(m, k) for k in args.k for m in args.methods]
+    info = benchmark.run_info(device)
+    print(f"nbl bench: {what} on {info['device'].get('name', device)}; variants original, "
+          f"{', '.join(f'{m}-k{k}' for m, k in pairs)}; modes {','.join(args.mode)}", file=sys.stderr)
+    ceilings = None
+    if not args.no_ceilings:
+        ceilings = benchmark.measure_ceilings(device, args.dtype)
+    result = benchmark.compare(
+        factory, pairs, modes=args.mode, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+        warmup=args.warmup, repeats=args.repeats, compile=not args.no_compile, prefill_chunk=args.prefill_chunk,
+        ceilings=ceilings, seed=args.seed, log=lambda msg: print(f"nbl bench: {msg}", file=sys.stderr))
+    report = {"nbl_bench": 1, **info, "model": {"name": what, "shape": args.shape, "num_layers": result["num_layers"],
+                                                "weights": "random" if args.shape else "real",
+                                                "maps": "random (synthetic_linearize, speed only)"},
+              "args": {k: v for k, v in vars(args).items() if k != "command"}, **result}
+    print(format_bench(report))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(args.output), report)
+        print(f"\nnbl bench: wrote {args.output}")
+    return 0
+
+
+def format_bench(report: dict) -> str:
+    """The table `nbl bench` prints: one row per variant and mode, ratios to the original in that mode."""
+    s = report["settings"]
+    dev = report.get("device", {})
+    lines = [f"{report.get('model', {}).get('name', '?')}: batch {s['batch']}, prompt {s['prompt_len']}, "
+             f"{s['new_tokens']} new tokens, {s['dtype']} on {dev.get('name', s['device'])}",
+             f"{'variant':<10} {'mode':<6} {'prefill ms':>10} {'decode ms':>9} {'tok/s':>9} {'e2e tok/s':>9} "
+             f"{'x decode':>8} {'x e2e':>6} {'ideal x':>7} {'KV MiB':>8} {'peak MiB':>8} {'GB/s':>7}"]
+    for r in report["runs"]:
+        v = r["vs_original"]
+        peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
+        lines.append(
+            f"{r['variant']:<10} {r['mode']:<6} {1e3 * r['prefill_s']:>10.1f} {1e3 * r['decode_step_s']:>9.2f} "
+            f"{r['decode_tokens_per_s']:>9.1f} {r['e2e_tokens_per_s']:>9.1f} {v['decode_speedup']:>8.3f} "
+            f"{v['e2e_speedup']:>6.3f} {r['ideal_decode_speedup']:>7.3f} {r['kv_cache_bytes'] / 2**20:>8.1f} "
+            f"{peak:>8} {r['achieved_bandwidth_bytes_per_s'] / 1e9:>7.1f}")
+    c = report.get("ceilings")
+    if c:
+        lines.append(f"same-run ceilings: copy {c['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, matmul "
+                     f"{c['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s; decode floor (memory) of the original at "
+                     f"mid-generation: {1e3 * report['runs'][0]['floor']['floor_s']:.2f} ms/step")
+    lines.append("x decode / x e2e: speedup over the original in the same mode; ideal x: bytes per decode step "
+                 "original / variant (weights + KV); GB/s: those bytes / measured step")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover
