@@ -225,6 +225,7 @@ class Study:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: %(default)s)")
+    ap.add_argument("--calibs", default=",".join(CALIBS), help="calibration sources to run (default: %(default)s)")
     ap.add_argument("--render-only", action="store_true", help="only regenerate docs/results.md and the plots")
     ap.add_argument("--docs", default=str(DOCS), help="where results.md and results/ go (default: docs/)")
     ap.add_argument("--fresh", action="store_true", help="ignore the existing JSON and recompute everything")
@@ -242,7 +243,7 @@ def main(argv=None):
         for name in names:
             if name not in MODELS:
                 sys.exit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-        for calib in CALIBS:  # all models on C4 first: the main points come before the self-calibration sweep
+        for calib in args.calibs.split(","):  # all models on C4 first: the main points come before the self-calibration sweep
             for name in names:
                 study.run_model(name, calibs=(calib,))
     from study_report import render  # noqa: E402  (scripts/study_report.py)
