@@ -157,7 +157,9 @@ class Study:
             res = None
             todo = [(k, m) for k in spec["grid"] if k > 0 for m in METHODS if f"{calib}/{m}/k{k}" not in rec["points"]]
             need_layers = calib not in rec["calibration"]
-            if not todo and not need_layers and (calib != "c4" or "heldout_nmse" in rec["calibration"][calib]):
+            acc_todo = calib == "c4" and self.args.acc_n > 0 and any(
+                key not in rec["accuracy"] for key in [f"c4/{m}/k{k}" for k in spec["acc_k"] for m in ACC_METHODS])
+            if not todo and not need_layers and not acc_todo:
                 continue
             t = time.perf_counter()
             tokens = nbl_ext.load_calibration_tokens(source, tok, num_samples=self.args.samples,

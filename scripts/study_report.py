@@ -304,6 +304,7 @@ def render(raw: Path, doc: Path, out_dir: Path, plan: dict | None = None) -> Non
              "## Setup", "",
              f"- Device: {s['device']}. Commit {s['commit']}; versions: "
              + ", ".join(f"{k} {v}" for k, v in s["versions"].items() if v) + ".",
+             *([f"- Note: {s['note']}."] if s.get("note") else []),
              f"- Calibration: C4 = {s['calibration']['c4']}; self = {s['calibration']['self']}. "
              f"Held-out C4 documents: fraction {s['holdout']['fraction']} (seed {s['holdout']['seed']}), never calibrated on.",
              f"- Perplexity: the first {s['perplexity']['tokens']} tokens of each corpus, non-overlapping windows of "
