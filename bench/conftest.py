@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -35,16 +34,11 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return True if BENCH_DIR in Path(collection_path).resolve().parents else None
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
     import nbl_ext
+    from nbl_ext.benchmark import _git_info
+
+    git = _git_info()
 
     info: dict[str, Any] = {
         "torch_version": torch.__version__,
@@ -59,8 +53,8 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
                                                "CUDA_VISIBLE_DEVICES") if k in os.environ},
         "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": git["commit"],
+        "git_dirty": bool(git["dirty"]),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

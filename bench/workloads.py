@@ -36,6 +36,8 @@ from typing import NamedTuple
 
 import torch
 
+from nbl_ext.benchmark import _proc_status, _reset_peak_rss
+
 VARIANTS = ("compiled", "reference", "store_all")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 #: Tokens per update() call of the streaming variants (one row block of the kernel).
@@ -199,26 +201,11 @@ def _peak_rss_bytes() -> tuple[int, str]:
     pytest process, holding the benchmark data), so every probe would read
     the same number. VmHWM belongs to this process's own address space.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024, "VmHWM"
-    except OSError:
-        pass
+    hwm = _proc_status("VmHWM")
+    if hwm is not None:
+        return hwm, "VmHWM"
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return (r if sys.platform == "darwin" else r * 1024), "ru_maxrss"  # Linux reports KiB
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux >= 4.0), so that the peak is measured
-    from here on and not the import-time peak. False where not supported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _probe(variant: str, d: int, n: int, dtype: torch.dtype, chunk: int) -> dict:

@@ -323,6 +323,8 @@ def _proc_status(key: str) -> int | None:
 
 
 def _reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux >= 4.0), so that the peak is measured
+    from here on and not the import-time peak. False where not supported."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

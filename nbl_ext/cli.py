@@ -387,13 +387,19 @@ def _eval(args) -> int:
     report["model"]["path"] = source
     report["notes"] = notes
     print(format_report(report))
-    if args.output:
-        from nbl_ext._io import atomic_write_json
-
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(args.output), report)
-        print(f"\nnbl eval: wrote {args.output}")
+    _write_report(args.output, report, "eval")
     return 0
+
+
+def _write_report(output: str | None, report: dict, command: str) -> None:
+    """Write ``report`` as JSON to ``output`` (atomically, parents created), if given."""
+    if not output:
+        return
+    from nbl_ext._io import atomic_write_json
+
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(output), report)
+    print(f"\nnbl {command}: wrote {output}")
 
 
 def _load_for_eval(model_arg, dtype, device, progress):
@@ -496,7 +502,6 @@ def _bench(args) -> int:
     import torch
 
     from nbl_ext import benchmark
-    from nbl_ext._io import atomic_write_json
     from nbl_ext.models import DEFAULT_MODEL, load_model
 
     if args.model is not None and args.shape is not None:
@@ -544,10 +549,7 @@ def _bench(args) -> int:
                                                 "maps": "random (synthetic_linearize, speed only)"},
               "args": {k: v for k, v in vars(args).items() if k != "command"}, **result}
     print(format_bench(report))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(args.output), report)
-        print(f"\nnbl bench: wrote {args.output}")
+    _write_report(args.output, report, "bench")
     return 0
 
 

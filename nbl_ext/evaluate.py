@@ -293,7 +293,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str] = (), data_dir: str | os.
         report["tasks"] = run_tasks(model, tokenizer, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
                                     max_length=max_length, seed=seed)
     report["settings"] = {"limit": limit, "batch_size": batch_size, "max_length": max_length, "seed": seed,
-                          "context": context, "stride": stride or context, "ppl_tokens": ppl_tokens,
+                          "context": context, "stride": stride, "ppl_tokens": ppl_tokens,
                           "data_dir": str(data_dir) if data_dir is not None else None,
                           "c4": str(c4_path) if c4_path is not None else None}
     return report

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from _tiny import tiny_llama, word_tokenizer  # noqa: E402
+from _tiny import tiny_llama  # noqa: E402
 from nbl_ext import benchmark, cli  # noqa: E402
 from nbl_ext.benchmark import Shape, decode_cost, floors, synthetic_linearize, synthetic_maps, time_generation  # noqa: E402
 
@@ -249,15 +248,6 @@ def test_compare_runs_every_variant_with_ratios():
 
 
 # --- nbl bench ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-bench-model")
-    tok = word_tokenizer()
-    tiny_llama(vocab_size=len(tok), seed=3).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
 
 QUICK = ["--prompt-len", "8", "--new-tokens", "4", "--warmup", "0", "--repeats", "1", "--no-ceilings"]
 

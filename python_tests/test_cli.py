@@ -12,17 +12,8 @@ import torch
 pytest.importorskip("transformers")
 
 import nbl_ext  # noqa: E402
-from _tiny import WORDS, tiny_llama, word_tokenizer  # noqa: E402
+from _tiny import WORDS  # noqa: E402
 from nbl_ext import cli  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-model")
-    tok = word_tokenizer()
-    tiny_llama(vocab_size=len(tok), seed=3).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
