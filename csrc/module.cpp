@@ -33,7 +33,7 @@ PYBIND11_MODULE(_C, m) {
     return info;
   });
   // Test hook: run one code path of the CPU kernel of nbl::affine_residual
-  // ("auto", "blas", "gemv_portable", "gemv_avx2"); see nbl_kernels.h.
+  // ("auto", "blas", "gemv_portable", "gemv_avx2", "onednn"); see nbl_kernels.h.
   m.def("_affine_residual_cpu_path",
         [](const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias, const std::string& path) {
           using P = nbl::AffineResidualCpuPath;
@@ -46,8 +46,10 @@ PYBIND11_MODULE(_C, m) {
             p = P::kGemvPortable;
           } else if (path == "gemv_avx2") {
             p = P::kGemvAvx2;
+          } else if (path == "onednn") {
+            p = P::kOneDnn;
           } else {
-            throw py::value_error("unknown path '" + path + "'; use auto, blas, gemv_portable or gemv_avx2");
+            throw py::value_error("unknown path '" + path + "'; use auto, blas, gemv_portable, gemv_avx2 or onednn");
           }
           return nbl::affine_residual_cpu_path(h, weight, bias, p);
         },

@@ -59,14 +59,17 @@ at::Tensor affine_residual_cuda(const at::Tensor& h, const at::Tensor& weight, c
 //                 read once in its own dtype, float32 dot products (portable
 //                 C++, or AVX2+FMA+F16C intrinsics when the CPU has them;
 //                 kGemvAvx2 falls back to kGemvPortable on other CPUs).
-enum class AffineResidualCpuPath { kAuto, kBlas, kGemvPortable, kGemvAvx2 };
+//   kOneDnn:      float32, and bfloat16/float16 on CPUs with native
+//                 instructions for the dtype: oneDNN's fused linear + add
+//                 (PyTorch's mkldnn::_linear_pointwise.binary), float32
+//                 accumulation, one rounding; falls back to kBlas elsewhere
+//                 (float64, other CPUs, PyTorch built without oneDNN).
+enum class AffineResidualCpuPath { kAuto, kBlas, kGemvPortable, kGemvAvx2, kOneDnn };
 at::Tensor affine_residual_cpu_path(const at::Tensor& h, const at::Tensor& weight,
                                     const at::Tensor& bias, AffineResidualCpuPath path);
 
-// kAuto sends bfloat16/float16 inputs with at most this many rows to the GEMV
-// path (reads weight once in its own dtype, no float32 copy of it), and
-// everything else to kBlas.
-constexpr int64_t kCpuGemvMaxRows = 16;
+// kAuto's thresholds (rows, dtype, oneDNN availability) live in
+// csrc/cpu/affine_residual_cpu.cpp, next to the measurements behind them.
 
 // Rows per Gram block: bounds the float32 accumulation length (and so the
 // rounding error) of one block product, and the size of the centered copy.

@@ -28,7 +28,7 @@ CUDA_KERNEL = HAS_CUDA and nbl_ext.extension_info()["cuda"]
 
 LOW = (torch.bfloat16, torch.float16)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-CPU_PATHS = ("auto", "blas", "gemv_portable", "gemv_avx2")
+CPU_PATHS = ("auto", "blas", "gemv_portable", "gemv_avx2", "onednn")
 
 
 def _id(x):

@@ -1,15 +1,30 @@
 // CPU kernel of nbl::affine_residual: out = h + h @ weight^T + bias (see
 // nbl_kernels.h for the contract).
 //
-// Paths (AffineResidualCpuPath; kAuto picks by dtype and row count n):
-//   * float32 / float64, any n: out = h + bias (one pass), then one BLAS GEMM
-//     out += h weight^T with beta = 1: the bias and the residual ride in
-//     BLAS's C matrix, no temporary.
-//   * bfloat16 / float16, n > kCpuGemvMaxRows (prefill): h and weight are
-//     converted to float32, one float32 BLAS GEMM, then one row-parallel
-//     epilogue out = round(acc + h + bias) (a single rounding). The float32
-//     copy of weight costs O(d^2) per call, small next to the 2 n d^2 FLOPs.
-//   * bfloat16 / float16, n <= kCpuGemvMaxRows (decode): a GEMV that reads
+// Paths (AffineResidualCpuPath; kAuto picks by dtype and row count n, with
+// the thresholds below):
+//   * float64, and float32 with few rows: out = h + bias (one pass), then one
+//     BLAS GEMM out += h weight^T with beta = 1: the bias and the residual
+//     ride in BLAS's C matrix, no temporary.
+//   * float32 with more rows: oneDNN's fused linear + add (below), which on
+//     the AMD EPYC build machines ran 1.1-2x faster than MKL's SGEMM (the
+//     reference's addmm) from 8 rows up, and slower at 1-4 rows.
+//   * bfloat16 / float16 above the GEMV thresholds (prefill), on a CPU with native
+//     instructions for the dtype (AVX512-BF16 / AMX-BF16; AVX512-FP16 /
+//     AMX-FP16): oneDNN, the library PyTorch bundles, through the op that
+//     inductor's CPU backend uses for a fused linear + add,
+//     mkldnn::_linear_pointwise.binary(h, h, weight, bias, "add"): the GEMM
+//     accumulates in float32, bias and residual are post-ops on the float32
+//     accumulator, one rounding. PyTorch's own bf16 addmm uses the same
+//     oneDNN GEMM, so this path runs at the reference's speed with one
+//     rounding instead of two. (MKL's bf16 GEMM, the other library option,
+//     runs at float32 speed on AMD CPUs.)
+//   * bfloat16 / float16, n > kCpuGemvMaxRows, other CPUs (and the forced
+//     kBlas path): h and weight are converted to float32, one float32 BLAS
+//     GEMM, then one row-parallel epilogue out = round(acc + h + bias) (a
+//     single rounding). The float32 copy of weight costs O(d^2) per call,
+//     small next to the 2 n d^2 FLOPs.
+//   * bfloat16 / float16, few rows (decode; thresholds below): a GEMV that reads
 //     weight once in its own dtype (no float32 copy), converts on the fly and
 //     accumulates float32 dot products for up to 4 rows at a time, with the
 //     residual and bias in its epilogue; parallel over output channels. AVX2
@@ -17,11 +32,13 @@
 //     build targets baseline x86-64), portable C++ otherwise.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define NBL_HAVE_X86_SIMD 1
@@ -33,6 +50,24 @@
 
 namespace nbl {
 namespace {
+
+// kAuto's choice for n rows of width d (measured on the 2-core AMD EPYC
+// (Zen 4, AVX512-BF16) build machine at d = 576 and 2048, load ~7, against the
+// reference; bench/test_bench_affine.py keeps checking "not slower"):
+//   * bfloat16/float16 where oneDNN serves the dtype natively: the GEMV (reads
+//     weight once in its own dtype, no float32 copy) while n <= 2 or
+//     n d <= 4608, oneDNN above. bf16, d = 576: GEMV 22/40/74 us at n =
+//     1/4/8 vs oneDNN 75/75/129 and reference 109/104/193; d = 2048: GEMV
+//     240/356/909 us at n = 1/2/4 vs oneDNN 409/383/556 and reference
+//     414/406/675 (the AVX512-BF16 GEMM does 2-4x the float32 GEMV's FLOPs).
+//   * bfloat16/float16 elsewhere: the GEMV for n <= 16, kBlas above;
+//   * float32: kBlas (MKL) for n < 8, oneDNN from 8 rows up (d = 2048, n =
+//     8/16/256: 1.4/2.2/40 ms vs MKL 4.0/4.7/49 ms); float64: kBlas.
+constexpr int64_t kCpuGemvMaxRows = 16;
+constexpr int64_t kCpuGemvMaxRowsOneDnn = 2;
+constexpr int64_t kCpuGemvMaxElemsOneDnn = 4608;
+constexpr int64_t kCpuOneDnnMinRowsFloat32 = 8;
+
 
 // h as a contiguous (rows, d) matrix (a view when h is contiguous).
 at::Tensor as_rows(const at::Tensor& h) {
@@ -189,6 +224,67 @@ void gemv_residual(bool avx2, const float* x, const T* w, const float* b, T* out
   });
 }
 
+// ---- oneDNN: mkldnn::_linear_pointwise.binary --------------------------------
+
+// Native low-precision GEMM instructions, where oneDNN beats a float32 GEMM:
+// CPUID.(7,0):EDX[22] AMX-BF16, EDX[23] AVX512-FP16; CPUID.(7,1):EAX[5]
+// AVX512-BF16, EAX[21] AMX-FP16.
+struct NativeLowPrecision {
+  bool bf16 = false, fp16 = false;
+};
+
+NativeLowPrecision native_low_precision() {
+  static const NativeLowPrecision f = [] {
+    NativeLowPrecision r;
+#ifdef NBL_HAVE_X86_SIMD
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_max(0, nullptr) >= 7) {
+      __cpuid_count(7, 0, a, b, c, d);
+      const bool amx_bf16 = d & (1u << 22), avx512_fp16 = d & (1u << 23);
+      const unsigned max_sub = a;
+      bool avx512_bf16 = false, amx_fp16 = false;
+      if (max_sub >= 1) {
+        __cpuid_count(7, 1, a, b, c, d);
+        avx512_bf16 = a & (1u << 5);
+        amx_fp16 = a & (1u << 21);
+      }
+      r.bf16 = avx512_bf16 || amx_bf16;
+      r.fp16 = avx512_fp16 || amx_fp16;
+    }
+#endif
+    return r;
+  }();
+  return f;
+}
+
+using LinearAddFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, c10::string_view);
+
+// The op, when this PyTorch build registers it for CPU (built with oneDNN).
+const c10::TypedOperatorHandle<LinearAddFn>* onednn_linear_add() {
+  static const std::optional<c10::TypedOperatorHandle<LinearAddFn>> op =
+      []() -> std::optional<c10::TypedOperatorHandle<LinearAddFn>> {
+    const auto handle = c10::Dispatcher::singleton().findOp({"mkldnn::_linear_pointwise", "binary"});
+    if (!handle || !handle->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return std::nullopt;
+    return handle->typed<LinearAddFn>();
+  }();
+  return op ? &*op : nullptr;
+}
+
+// Whether oneDNN serves this dtype here: float32, and bfloat16 / float16 with
+// native instructions (on other CPUs the op refuses float16 and emulates
+// bfloat16).
+bool onednn_serves(at::ScalarType t) {
+  if (onednn_linear_add() == nullptr) return false;
+  const NativeLowPrecision f = native_low_precision();
+  return t == at::kFloat || (t == at::kBFloat16 && f.bf16) || (t == at::kHalf && f.fp16);
+}
+
+// out = h + h weight^T + bias by oneDNN (float32 accumulation, one rounding).
+at::Tensor run_onednn(const at::Tensor& h2, const at::Tensor& weight, const at::Tensor& bias) {
+  return onednn_linear_add()->call(h2, h2, weight.contiguous(), bias.contiguous(), "add");
+}
+
 void run_blas(const at::Tensor& h2, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out2) {
   const int64_t n = h2.size(0), d = h2.size(1);
   const at::ScalarType t = h2.scalar_type();
@@ -232,15 +328,30 @@ at::Tensor affine_residual_cpu_path(const at::Tensor& h, const at::Tensor& weigh
                                     AffineResidualCpuPath path) {
   detail::check_affine_residual_args(h, weight, bias);
   TORCH_CHECK(h.device().is_cpu(), "nbl::affine_residual CPU kernel got a ", h.device(), " tensor");
-  at::Tensor out = at::empty(h.sizes(), h.options());  // contiguous, h's shape and dtype
-  if (out.numel() == 0) return out;                    // no rows, or d == 0
+  if (h.numel() == 0) return at::empty(h.sizes(), h.options());  // no rows, or d == 0
   const at::Tensor h2 = as_rows(h);
-  at::Tensor out2 = out.view({h2.size(0), h2.size(1)});
-  const bool reduced = h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf;
+  const at::ScalarType t = h.scalar_type();
+  const bool reduced = t == at::kBFloat16 || t == at::kHalf;
   if (path == AffineResidualCpuPath::kAuto) {
-    path = (reduced && h2.size(0) <= kCpuGemvMaxRows) ? AffineResidualCpuPath::kGemvAvx2
-                                                       : AffineResidualCpuPath::kBlas;
+    const int64_t n = h2.size(0);
+    const bool onednn = onednn_serves(t);
+    if (reduced) {
+      const bool gemv = onednn ? (n <= kCpuGemvMaxRowsOneDnn || n * h2.size(1) <= kCpuGemvMaxElemsOneDnn)
+                               : n <= kCpuGemvMaxRows;
+      path = gemv     ? AffineResidualCpuPath::kGemvAvx2
+             : onednn ? AffineResidualCpuPath::kOneDnn
+                      : AffineResidualCpuPath::kBlas;
+    } else {
+      path = (t == at::kFloat && onednn && n >= kCpuOneDnnMinRowsFloat32) ? AffineResidualCpuPath::kOneDnn
+                                                                         : AffineResidualCpuPath::kBlas;
+    }
   }
+  if (path == AffineResidualCpuPath::kOneDnn) {
+    if (onednn_serves(t)) return run_onednn(h2, weight, bias).reshape(h.sizes());  // new, contiguous
+    path = AffineResidualCpuPath::kBlas;  // documented fallback
+  }
+  at::Tensor out = at::empty(h.sizes(), h.options());  // contiguous, h's shape and dtype
+  at::Tensor out2 = out.view({h2.size(0), h2.size(1)});
   switch (path) {
     case AffineResidualCpuPath::kGemvAvx2:
       run_gemv(cpu_has_avx2_fma_f16c(), h2, weight, bias, out2);

@@ -1,5 +1,5 @@
 // C++ test of the CPU kernel of nbl::affine_residual against a naive float64
-// loop, run by ctest. Every code path (auto, BLAS, portable GEMV, AVX2 GEMV)
+// loop, run by ctest. Every code path (auto, BLAS, portable GEMV, AVX2 GEMV, oneDNN)
 // on every shape, for float32, bfloat16 and float16 inputs.
 //
 // Bound per element: the kernels accumulate in float32 (error at most
@@ -26,6 +26,7 @@ const char* path_name(Path p) {
     case Path::kBlas: return "blas";
     case Path::kGemvPortable: return "gemv_portable";
     case Path::kGemvAvx2: return "gemv_avx2";
+    case Path::kOneDnn: return "onednn";
   }
   return "?";
 }
@@ -139,7 +140,7 @@ int main() {
       {40, 24}, {2, 3, 13}, {2, 9, 1}, {0, 16}, {3, 0},
   };
   for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
-    for (Path path : {Path::kAuto, Path::kBlas, Path::kGemvPortable, Path::kGemvAvx2}) {
+    for (Path path : {Path::kAuto, Path::kBlas, Path::kGemvPortable, Path::kGemvAvx2, Path::kOneDnn}) {
       for (const auto& shape : shapes) check_case(dtype, shape, /*strided=*/false, path);
       check_case(dtype, {5, 24}, /*strided=*/true, path);
       check_case(dtype, {1, 19}, /*strided=*/true, path);
