@@ -4,12 +4,14 @@ The rendering tests write a small synthetic pytest-benchmark JSON in a temporary
 (never committed data): one CPU accumulator run, an older run it supersedes, a CUDA generation
 run of the 8B target case, a CUDA calibration run, a suite the report does not know, and a
 file that is not a benchmark JSON. The last tests are the fast guards of the committed
-files: docs/performance.md in sync with bench/results (--check).
+files: `bash -n .ci/gpu`, and docs/performance.md in sync with bench/results (--check).
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -193,6 +195,13 @@ def test_missing_results_path_is_a_usage_error(tmp_path, capsys):
 
 
 # --- the committed files ---------------------------------------------------------------------------------
+def test_gpu_ci_script_parses():
+    """.ci/gpu only runs on a GPU runner; at least its syntax is checked everywhere."""
+    bash = shutil.which("bash")
+    assert bash, "bash is needed to check .ci/gpu"
+    subprocess.run([bash, "-n", str(ROOT / ".ci" / "gpu")], check=True)
+
+
 def test_committed_performance_page_is_in_sync(capsys):
     """docs/performance.md must match bench/results (regenerate: python scripts/performance_report.py)."""
     rc = pr.main(["--check"])
