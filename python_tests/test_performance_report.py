@@ -179,12 +179,28 @@ def test_no_results_every_target_missing(tmp_path):
     assert "No benchmark results found" in text
 
 
+def test_known_suite_with_other_fields_falls_back_to_a_generic_table(tmp_path):
+    res = tmp_path / "res"
+    res.mkdir()
+    _write(res / "odd.json", _machine(True, "f" * 40, 0.1), "2026-04-01T00:00:00",
+           [_bench("test_generate[odd]", {"suite": "generate", "device": "cuda", "variant": "original"}, 2.0,
+                   "test_bench_generate.py")])
+    rc, doc = _render(res, tmp_path)
+    text = doc.read_text()
+    assert rc == 0
+    assert "## Suite `generate`: NVIDIA H200" in text and "The generate table could not be made" in text
+    assert "| `test_generate[odd]` | 2 |" in text
+    targets = text.split("## Targets")[1].split("## Runs shown")[0]
+    assert "could not be read from the results: KeyError" in targets
+
+
 def test_help_teaches(capsys):
     with pytest.raises(SystemExit) as exc:
         pr.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for needle in ("--check", "--results", "Newest run per (device, suite)", "exit 1"):
+    for needle in ("--check", "--results", "the newest run", "commit whole-suite runs", "needs a GPU session",
+                   "1 stale"):
         assert needle in out
 
 

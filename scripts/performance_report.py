@@ -15,6 +15,8 @@ and thread count for CPU rows) and by suite (``extra_info["suite"]``; rows with 
 each (device, suite) the newest run (pytest-benchmark's ``datetime``; file name breaks ties)
 is shown, so suites run separately are all shown. Known suites get tables and plots
 (accumulator, generate, calibration); any other suite gets a generic table of its medians.
+A run of part of a suite replaces the whole suite's earlier run on that device, so commit
+whole-suite runs.
 
 The "Targets" table lists each target of the performance issue with the measured value from
 those runs, or says plainly what is missing. Every number on the page comes from the JSON;
@@ -642,7 +644,10 @@ def targets_section(latest: Latest) -> list[str]:
            "on that device. \"met\" / \"NOT met\" compare with the target's threshold; \"reported\": the issue "
            "sets no threshold.", "", "| target | device | measured | status | run |", "|---|---|---|---|---|"]
     for text, fn, missing, _ in TARGETS:
-        found = fn(latest)
+        try:
+            found = fn(latest)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # results without the fields it reads
+            found = [("-", f"could not be read from the results: {type(exc).__name__} {exc}", "error", "-")]
         if not found:
             out.append(f"| {text} | - | - | {missing} | - |")
         for dev, measured, status, src in found:
@@ -706,8 +711,14 @@ def render(sources: list[Path], doc: Path, plots: Path, *, draw: bool = True) ->
             lines += generic_section(label, suite, run, rows)
             continue
         _, section, plot = SECTIONS[suite]
-        png = plots / f"{suite}_{slug(label)}.png" if _want_plot(suite, rows) else None
-        lines += section(label, run, rows, png, f"{rel_plots}/{png.name}" if png else "")
+        try:
+            png = plots / f"{suite}_{slug(label)}.png" if _want_plot(suite, rows) else None
+            part = section(label, run, rows, png, f"{rel_plots}/{png.name}" if png else "")
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a suite whose fields changed
+            lines += generic_section(label, suite, run, rows)
+            lines[-1:-1] = [f"(The {suite} table could not be made from these rows: {type(exc).__name__} {exc}.)"]
+            continue
+        lines += part
         if png is not None:
             pngs.append(png)
             if draw:
@@ -724,10 +735,17 @@ def main(argv: list[str] | None = None) -> int:
                 "  python scripts/performance_report.py --check      # exit 1 if the page is stale (CI)\n"
                 "  python scripts/performance_report.py --results bench/results --results /tmp/new.json \\\n"
                 "      --doc /tmp/out/performance.md                 # a page with a run that is not committed yet\n\n"
-                "Newest run per (device, suite) is shown; known suites: accumulator, generate, calibration\n"
-                "(others get a generic table). The Targets table says for each target of the performance issue\n"
-                "what was measured, or what is missing. Exit status: 0 written / up to date, 1 stale (--check),\n"
-                "2 usage error."))
+                "What is shown: per device (GPU name, or CPU name + threads) and suite (extra_info['suite'];\n"
+                "the accumulator by its d_x/variant fields; else the test file bench/test_bench_<suite>.py)\n"
+                "the newest run by its pytest-benchmark datetime. A run of part of a suite therefore replaces\n"
+                "the whole suite's earlier run on that device: commit whole-suite runs. Known suites get\n"
+                "tables and plots (accumulator, generate, calibration); others a table of their medians.\n"
+                "The calibration table reads extra_info fields method, tokens, time_s (or seconds, calibrate_s,\n"
+                "elapsed_s, median_s), tokens_per_s, peak_host_bytes / peak_gpu_bytes (or *_mb), floor_s.\n\n"
+                "Targets: each target of the performance issue with its measured value and met / NOT met,\n"
+                "or 'missing: needs a GPU session'; the page lists which fields each target reads.\n\n"
+                "After adding a result JSON under bench/results: run this, commit the page and its plots.\n"
+                "Exit status: 0 written / up to date, 1 stale (--check), 2 usage error."))
     ap.add_argument("--results", action="append", type=Path, metavar="PATH",
                     help="a results directory (its *.json) or one JSON file; repeatable (default: bench/results)")
     ap.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="the page to write (default: docs/performance.md)")
