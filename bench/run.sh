@@ -13,20 +13,7 @@ if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; else PY=${
 # Set OMP_WAIT_POLICY=ACTIVE for a dedicated machine; OMP_NUM_THREADS picks the threads.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
-DEVICE=$("$PY" - <<'EOF'
-import re, torch
-if torch.cuda.is_available():
-    name = "cuda-" + torch.cuda.get_device_name(0)
-else:
-    model = ""
-    try:
-        model = next(l.split(":", 1)[1] for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    name = f"cpu-{model}-{torch.get_num_threads()}t"
-print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
-EOF
-)
+DEVICE=$("$PY" bench/device_slug.py)  # cuda-<gpu> or cpu-<model>-<threads>t
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo nogit)
 if [ "$COMMIT" != nogit ] && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
   COMMIT="$COMMIT-dirty"

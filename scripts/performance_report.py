@@ -1,0 +1,787 @@
+"""Render docs/performance.md and its plots from the benchmark results (pytest-benchmark JSON).
+
+    python scripts/performance_report.py                 # bench/results/*.json -> docs/performance.md + docs/performance/*.png
+    python scripts/performance_report.py --check         # exit 1 if docs/performance.md is stale (CI, python_tests)
+    python scripts/performance_report.py --results bench/results --results NEW.json --doc OUT/performance.md
+
+What it reads: every ``*.json`` under the ``--results`` directories (and any file named
+directly) that is a pytest-benchmark JSON as ``bash bench/run.sh`` writes it (``machine_info``
+with ``machine_info.nbl`` from bench/conftest.py, ``benchmarks`` with per-benchmark
+``extra_info``). Other JSON files are listed as skipped.
+
+What it picks: benchmarks are grouped by device (the GPU's name for CUDA rows; the CPU's name
+and thread count for CPU rows) and by suite (``extra_info["suite"]``; rows with ``d_x`` and
+``variant`` are the accumulator; otherwise the test file ``bench/test_bench_<suite>.py``). For
+each (device, suite) the newest run (pytest-benchmark's ``datetime``; file name breaks ties)
+is shown, so suites run separately are all shown. Known suites get tables and plots
+(accumulator, generate, calibration); any other suite gets a generic table of its medians.
+A run of part of a suite replaces the whole suite's earlier run on that device, so commit
+whole-suite runs.
+
+The "Targets" table lists each target of the performance issue with the measured value from
+those runs, or says plainly what is missing. Every number on the page comes from the JSON;
+re-running without new results changes nothing (no clock, no absolute paths on the page).
+
+``--check`` renders in memory and compares with the page on disk (the plots are only checked
+to exist: PNG bytes depend on the matplotlib/freetype build). The page names every run it
+uses, so a new or removed result JSON makes it stale.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS = ROOT / "bench" / "results"
+DEFAULT_DOC = ROOT / "docs" / "performance.md"
+
+ACC_ORDER = {"compiled": 0, "reference": 1, "store_all": 2}
+ACC_COLOR = {"compiled": "tab:blue", "reference": "tab:green", "store_all": "tab:red"}
+METHOD_COLOR = {"nbl": "tab:blue", "drop": "tab:red"}
+METHOD_LABEL = {"nbl": "NBL", "drop": "DROP"}
+#: extra_info keys read for the calibration suite, first present wins (bytes unless the key says mb).
+CALIB_KEYS = {
+    "method": ("method", "variant"),
+    "time_s": ("time_s", "seconds", "calibrate_s", "elapsed_s", "median_s"),
+    "tokens_per_s": ("tokens_per_s",),
+    "peak_host_bytes": ("peak_host_bytes", "peak_rss_bytes", "peak_host_mb", "peak_rss_mb"),
+    "peak_gpu_bytes": ("peak_gpu_bytes", "peak_cuda_bytes", "peak_gpu_mb", "peak_cuda_mb"),
+    "floor_s": ("floor_s",),
+}
+FULL_CALIB_TOKENS = 256 * 2048
+FLAT_TOLERANCE = 1.10  # "flat host memory": peak at the most tokens <= 1.10 x peak at the fewest
+MISSING_GPU = "missing: needs a GPU session"
+
+
+# --- loading -------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    path: Path
+    data: dict
+    rows: dict[tuple[str, str], list[dict]] = field(default_factory=dict)  # (device label, suite) -> benchmarks
+
+    @property
+    def nbl(self) -> dict:
+        return self.data.get("machine_info", {}).get("nbl", {})
+
+    @property
+    def when(self) -> str:
+        return str(self.data.get("datetime", ""))
+
+
+def _is_benchmark_json(data: Any) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("benchmarks"), list) and "machine_info" in data
+
+
+def suite_of(bench: dict) -> str:
+    e = bench.get("extra_info") or {}
+    if e.get("suite"):
+        return str(e["suite"])
+    if "d_x" in e and "variant" in e:
+        return "accumulator"
+    stem = Path(str(bench.get("fullname", "")).split("::")[0]).stem
+    return stem.removeprefix("test_bench_") or "other"
+
+
+def row_device(bench: dict) -> str:
+    e = bench.get("extra_info") or {}
+    dev = e.get("device") or (bench.get("params") or {}).get("device")
+    if not dev:
+        dev = "cuda" if "cuda" in str(bench.get("name", "")) else "cpu"
+    return str(dev).split(":")[0]
+
+
+def device_label(data: dict, dev: str) -> str:
+    mi = data.get("machine_info", {})
+    nbl = mi.get("nbl", {})
+    if dev == "cuda":
+        return nbl.get("cuda_device_name") or "CUDA GPU (name not recorded)"
+    brand = (mi.get("cpu") or {}).get("brand_raw") or mi.get("processor") or "unknown CPU"
+    label = f"CPU {brand}, {nbl.get('torch_num_threads', '?')} threads"
+    if nbl.get("cuda_device_name"):
+        label += f" (host of {nbl['cuda_device_name']})"
+    return label
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def load_runs(sources: list[Path]) -> tuple[list[Run], list[str]]:
+    files: list[Path] = []
+    for src in sources:
+        files += sorted(src.glob("*.json")) if src.is_dir() else [src]
+    runs, skipped = [], []
+    seen: set[Path] = set()
+    for f in files:
+        if f.resolve() in seen:
+            continue
+        seen.add(f.resolve())
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as exc:
+            skipped.append(f"`{f.name}`: not readable as JSON ({type(exc).__name__})")
+            continue
+        if not _is_benchmark_json(data):
+            skipped.append(f"`{f.name}`: not a pytest-benchmark JSON (no `machine_info` / `benchmarks`)")
+            continue
+        run = Run(f, data)
+        for b in data["benchmarks"]:
+            run.rows.setdefault((device_label(data, row_device(b)), suite_of(b)), []).append(b)
+        runs.append(run)
+    return runs, skipped
+
+
+def newest(runs: list[Run]) -> dict[tuple[str, str], Run]:
+    """The newest run per (device label, suite)."""
+    best: dict[tuple[str, str], Run] = {}
+    for run in runs:
+        for key in run.rows:
+            cur = best.get(key)
+            if cur is None or (run.when, run.path.name) > (cur.when, cur.path.name):
+                best[key] = run
+    return best
+
+
+# --- formatting helpers ---------------------------------------------------------------------------------
+def _fmt(x: Any, spec: str = ".3g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+def _range(vals: list[float], spec: str = ".1f", suffix: str = "") -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    lo, hi = min(vals), max(vals)
+    a, b = format(lo, spec), format(hi, spec)
+    return f"{a}{suffix}" if a == b else f"{a}-{b}{suffix}"
+
+
+def run_meta(run: Run, rows: list[dict]) -> str:
+    nbl = run.nbl
+    commit = run.data.get("commit_info", {})
+    cid = str(commit.get("id") or nbl.get("git_commit") or "?")[:10]
+    dirty = " (dirty)" if commit.get("dirty") or nbl.get("git_dirty") else ""
+    load = [b.get("extra_info", {}).get("loadavg_1m") for b in rows]
+    end = nbl.get("loadavg_at_end")
+    cuda = f", CUDA {nbl['cuda_version']}" if nbl.get("cuda_version") else ""
+    ncpu = nbl.get("cpu_count") or run.data.get("machine_info", {}).get("cpu", {}).get("count", "?")
+    load_txt = f"1-min load average {_range(load)} during the run" if any(v is not None for v in load) else ""
+    if end:
+        load_txt += ("; " if load_txt else "") + f"{end[0]:.1f} at the end"
+    return (f"Run `{run.path.name}`: commit {cid}{dirty}, {run.when[:16].replace('T', ' ')} UTC, "
+            f"torch {nbl.get('torch_version', '?')}{cuda}, {nbl.get('torch_num_threads', '?')} threads, "
+            f"{load_txt or 'load average not recorded'} (on {ncpu} CPUs), "
+            f"{len(rows)} benchmark{'s' if len(rows) != 1 else ''}.")
+
+
+def _savefig(fig, png: Path) -> None:
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100, metadata={"Software": None})
+
+
+def _from_zero(ax) -> None:
+    """y from 0 to 8% above the highest point: flat stays flat-looking, growth shows."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if ys:
+        ax.set_ylim(0, 1.08 * max(ys))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# --- accumulator ---------------------------------------------------------------------------------------
+def _acc_rows(rows: list[dict]) -> list[dict]:
+    out = [b["extra_info"] for b in rows if "d_x" in b.get("extra_info", {})]
+    return sorted(out, key=lambda e: (e["dtype"] != "float32", e["dtype"], e["d_x"], e["tokens"],
+                                      ACC_ORDER.get(e["variant"], 9), e["variant"]))
+
+
+def accumulator_section(label: str, run: Run, rows: list[dict], png: Path | None, rel: str) -> list[str]:
+    ex = _acc_rows(rows)
+    store = {(e["dtype"], e["d_x"], e["tokens"]): e["median_s"] for e in ex if e["variant"] == "store_all"}
+    out = [f"## Covariance accumulator: {label}", "", run_meta(run, rows), ""]
+    if png is not None:
+        out += [f"![accumulator throughput and memory]({rel})", "",
+                "Top: tokens/s against the number of tokens, with the float32-GEMM floor (three Gram products "
+                "at the same-run `torch.mm` rate; dashed). Bottom: peak memory over the baseline process: the "
+                "streaming variants stay flat, store_all grows with the tokens. float32 cases.", ""]
+    out += ["| variant | dtype | d | tokens | median ms | tokens/s | GFLOP/s | % of fp32 GEMM | floor ms | x store_all | peak MB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in ex:
+        base = store.get((e["dtype"], e["d_x"], e["tokens"]))
+        out.append(f"| {e['variant']} | {e['dtype']} | {e['d_x']} | {e['tokens']} | {1e3 * e['median_s']:.1f} "
+                   f"| {e['tokens_per_s']:,.0f} | {e['gflops']:.1f} | {_fmt(e.get('pct_of_gemm_fp32'), '.0f')}% "
+                   f"| {_fmt(1e3 * e['floor_s_fp32'] if e.get('floor_s_fp32') else None, '.1f')} "
+                   f"| {_fmt(base / e['median_s'] if base else None, '.2f')} | {_fmt(e.get('peak_mem_mb'), '.0f')} |")
+    out.append("")
+    out += _acc_findings(ex)
+    return out + [""]
+
+
+def _acc_findings(ex: list[dict]) -> list[str]:
+    lines = []
+    comp = [e for e in ex if e["variant"] == "compiled"]
+    store = {(e["dtype"], e["d_x"], e["tokens"]): e for e in ex if e["variant"] == "store_all"}
+    ref = {(e["dtype"], e["d_x"], e["tokens"]): e for e in ex if e["variant"] == "reference"}
+    if comp:
+        pct = [e.get("pct_of_gemm_fp32") for e in comp]
+        lines.append(f"- compiled reaches {_range(pct, '.0f', '%')} of the same-run float32 GEMM rate "
+                     f"({len(comp)} cases).")
+        xs = [store[k].get("median_s") / e["median_s"] for e in comp
+              if (k := (e["dtype"], e["d_x"], e["tokens"])) in store]
+        if xs:
+            lines.append(f"- compiled vs store_all: {_range(xs, '.2f', 'x')} faster "
+                         f"({sum(x > 1 for x in xs)} of {len(xs)} cases faster).")
+        xr = [ref[k]["median_s"] / e["median_s"] for e in comp if (k := (e["dtype"], e["d_x"], e["tokens"])) in ref]
+        if xr:
+            lines.append(f"- compiled vs the PyTorch reference: {_range(xr, '.2f', 'x')} "
+                         f"(compiled faster in {sum(x > 1 for x in xr)} of {len(xr)} cases).")
+    for variant in ("compiled", "store_all"):
+        for (dt, d), pts in sorted(_by_d(ex, variant).items()):
+            if len(pts) >= 2 and all(m is not None for _, m in pts):
+                (n0, m0), (n1, m1) = pts[0], pts[-1]
+                lines.append(f"- peak memory, {variant}, d={d} {dt}: {m0:.0f} MB at {n0} tokens, {m1:.0f} MB at "
+                             f"{n1} tokens ({m1 / m0:.2f}x for {n1 / n0:.0f}x the tokens).")
+    return lines
+
+
+def _by_d(ex: list[dict], variant: str) -> dict[tuple[str, int], list[tuple[int, float | None]]]:
+    out: dict[tuple[str, int], list[tuple[int, float | None]]] = {}
+    for e in ex:
+        if e["variant"] == variant:
+            out.setdefault((e["dtype"], e["d_x"]), []).append((e["tokens"], e.get("peak_mem_mb")))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def plot_accumulator(label: str, rows: list[dict], png: Path) -> None:
+    plt = _plt()
+    ex = [e for e in _acc_rows(rows) if e["dtype"] == "float32"]
+    ds = sorted({e["d_x"] for e in ex})
+    fig, axes = plt.subplots(2, len(ds), figsize=(4.2 * len(ds), 7), squeeze=False)
+    for col, d in enumerate(ds):
+        ax, axm = axes[0][col], axes[1][col]
+        here = [e for e in ex if e["d_x"] == d]
+        for v in sorted({e["variant"] for e in here}, key=lambda v: (ACC_ORDER.get(v, 9), v)):
+            pts = sorted((e["tokens"], e["tokens_per_s"], e.get("peak_mem_mb")) for e in here if e["variant"] == v)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=ACC_COLOR.get(v), label=v)
+            mem = [(p[0], p[2]) for p in pts if p[2] is not None]
+            if mem:
+                axm.plot(*zip(*mem), marker="o", color=ACC_COLOR.get(v), label=v)
+        floor = {}
+        for e in here:
+            if e.get("floor_s_fp32"):
+                floor.setdefault(e["tokens"], []).append(e["tokens"] / e["floor_s_fp32"])
+        if floor:
+            fx = sorted(floor)
+            ax.plot(fx, [statistics.median(floor[n]) for n in fx], "k--", lw=1, label="fp32 GEMM floor (max tokens/s)")
+        ax.set_title(f"d = {d}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("tokens/s")
+        ax.grid(alpha=0.3, which="both")
+        axm.set_xscale("log", base=2)
+        _from_zero(axm)
+        axm.set_xlabel("tokens")
+        axm.set_ylabel("peak memory over baseline, MB")
+        axm.grid(alpha=0.3, which="both")
+        if col == 0:
+            ax.legend(fontsize=8)
+            axm.legend(fontsize=8)
+    fig.suptitle(f"Covariance accumulator: {label}", fontsize=10)
+    _savefig(fig, png)
+    plt.close(fig)
+
+
+# --- generation -------------------------------------------------------------------------------------------
+def _gen_case(e: dict) -> tuple:
+    return (e["model"], e["mode"], e["batch"], e["prompt_len"], e["new_tokens"], e["dtype"], bool(e.get("sweep")))
+
+
+def _variant_key(e: dict) -> tuple:
+    return (0, 0, "") if e["variant"] == "original" else (1, int(e.get("k") or 0), str(e.get("method")))
+
+
+def _gen_rows(rows: list[dict]) -> list[dict]:
+    ex = [b["extra_info"] for b in rows if b.get("extra_info", {}).get("variant")]
+    return sorted(ex, key=lambda e: (_gen_case(e), _variant_key(e)))
+
+
+def _with_ratios(ex: list[dict]) -> list[dict]:
+    base = {_gen_case(e): e for e in ex if e["variant"] == "original"}
+    out = []
+    for e in ex:
+        o = base.get(_gen_case(e))
+        out.append({**e, "x_decode": o["decode_step_s"] / e["decode_step_s"] if o else None,
+                    "x_e2e": e["e2e_tokens_per_s"] / o["e2e_tokens_per_s"] if o else None})
+    return out
+
+
+def generate_section(label: str, run: Run, rows: list[dict], png: Path | None, rel: str) -> list[str]:
+    ex = _with_ratios(_gen_rows(rows))
+    out = [f"## Generation latency: {label}", "", run_meta(run, rows), ""]
+    if png is not None:
+        out += [f"![generation speedup vs k]({rel})", "",
+                "Speedup over the original of the same case (same run) against the number of attention blocks "
+                "replaced, for decode steps and end to end, next to the ideal bytes ratio (bytes per decode step "
+                "original / variant; dotted).", ""]
+    out += ["| model | mode | batch | prompt+new | variant | prefill ms | decode ms/step | decode tok/s | e2e tok/s "
+            "| x decode | x e2e | ideal x | KV MiB | peak MiB | % floor |",
+            "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in ex:
+        peak = e.get("peak_memory_bytes")
+        out.append(
+            f"| {e['model']}{' (random)' if e.get('weights') == 'random' else ''} | {e['mode']} | {e['batch']} "
+            f"| {e['prompt_len']}+{e['new_tokens']} | {e['variant']} | {1e3 * e['prefill_s']:.1f} "
+            f"| {1e3 * e['decode_step_s']:.2f} | {e['decode_tokens_per_s']:,.1f} | {e['e2e_tokens_per_s']:,.1f} "
+            f"| {_fmt(e['x_decode'], '.3f')} | {_fmt(e['x_e2e'], '.3f')} | {_fmt(e.get('ideal_decode_speedup'), '.3f')} "
+            f"| {e['kv_cache_bytes'] / 2**20:,.1f} | {'-' if peak is None else f'{peak / 2**20:,.0f}'} "
+            f"| {_fmt(e.get('pct_of_floor'), '.0f')}% |")
+    ceil = sorted({(e["dtype"], round(e["bandwidth_bytes_per_s"] / 1e9), round(e["matmul_flops_per_s"] / 1e9))
+                   for e in ex if e.get("bandwidth_bytes_per_s") and e.get("matmul_flops_per_s")})
+    if ceil:
+        out += ["", "Same-run ceilings: " + "; ".join(f"{dt}: copy {bw:,} GB/s, matmul {mm:,} GFLOP/s"
+                                                     for dt, bw, mm in ceil) + "."]
+    return out + [""]
+
+
+def plot_generate(label: str, rows: list[dict], png: Path) -> None:
+    plt = _plt()
+    ex = _with_ratios(_gen_rows(rows))
+    cases = sorted({_gen_case(e) for e in ex if e["variant"] != "original" and e["x_decode"] is not None})
+    fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 4), squeeze=False)
+    for ax, case in zip(axes[0], cases):
+        here = [e for e in ex if _gen_case(e) == case and e["variant"] != "original"]
+        for m in sorted({e["method"] for e in here}):
+            # k = 0 is the original itself: every ratio 1
+            pts = [(0, 1.0, 1.0, 1.0)] + sorted((e["k"], e["x_decode"], e["x_e2e"], e.get("ideal_decode_speedup"))
+                                                for e in here if e["method"] == m)
+            ks = [p[0] for p in pts]
+            c = METHOD_COLOR.get(m)
+            name = METHOD_LABEL.get(m, m)
+            ax.plot(ks, [p[1] for p in pts], "-o", color=c, label=f"{name} x decode")
+            ax.plot(ks, [p[2] for p in pts], "--s", color=c, label=f"{name} x e2e")
+            if all(p[3] is not None for p in pts):
+                ax.plot(ks, [p[3] for p in pts], ":x", color=c, lw=1.5, label=f"{name} ideal bytes ratio")
+        ax.axhline(1.0, color="k", lw=0.8)
+        model, mode, batch, prompt, new, dtype, _ = case
+        if (model, mode, batch, prompt, new, dtype) == ("llama-3.1-8b", "eager", 1, 2048, 2048, "bfloat16"):
+            ax.axhline(1.40, color="tab:gray", ls="-.", lw=1, label="target: NBL-12 e2e 1.40x")
+        ax.set_title(f"{model} {mode}, batch {batch}, {prompt}+{new}, {dtype}", fontsize=9)
+        ax.set_xlabel("attention blocks replaced (k)")
+        ax.set_ylabel("speedup over the original (same run)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Generation: {label}", fontsize=10)
+    _savefig(fig, png)
+    plt.close(fig)
+
+
+# --- calibration ------------------------------------------------------------------------------------------
+def _calib_value(e: dict, what: str) -> Any:
+    for key in CALIB_KEYS[what]:
+        if e.get(key) is not None:
+            v = e[key]
+            return v * 2**20 if key.endswith("_mb") else v
+    return None
+
+
+def _calib_rows(rows: list[dict]) -> list[dict]:
+    out = []
+    for b in rows:
+        e = b.get("extra_info") or {}
+        r = {k: _calib_value(e, k) for k in CALIB_KEYS}
+        if r["time_s"] is None:
+            r["time_s"] = (b.get("stats") or {}).get("median")
+        r["tokens"] = e.get("tokens")
+        if r["tokens_per_s"] is None and r["tokens"] and r["time_s"]:
+            r["tokens_per_s"] = r["tokens"] / r["time_s"]
+        r["model"] = e.get("model") or "-"
+        r["name"] = b.get("name", "")
+        out.append(r)
+    return sorted(out, key=lambda r: (str(r["model"]), str(r["method"]), r["tokens"] or 0, r["name"]))
+
+
+def calibration_section(label: str, run: Run, rows: list[dict], png: Path | None, rel: str) -> list[str]:
+    rs = _calib_rows(rows)
+    out = [f"## Calibration: {label}", "", run_meta(run, rows), ""]
+    if png is not None:
+        out += [f"![calibration time and memory vs tokens]({rel})", ""]
+    out += ["| model | method | tokens | time s | tokens/s | peak host MiB | peak GPU MiB | floor s | % of floor |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rs:
+        pct = 100 * r["floor_s"] / r["time_s"] if r["floor_s"] and r["time_s"] else None
+        mib = lambda v: "-" if v is None else f"{v / 2**20:,.0f}"  # noqa: E731
+        out.append(f"| {r['model']} | {r['method'] or '-'} | {_fmt(r['tokens'], ',')} | {_fmt(r['time_s'], '.2f')} "
+                   f"| {_fmt(r['tokens_per_s'], ',.0f')} | {mib(r['peak_host_bytes'])} | {mib(r['peak_gpu_bytes'])} "
+                   f"| {_fmt(r['floor_s'], '.2f')} | {_fmt(pct, '.0f')}{'%' if pct is not None else ''} |")
+    out += ["", "Fields read from `extra_info` (first present): " + "; ".join(
+        f"{k}: {', '.join(f'`{a}`' for a in v)}" for k, v in CALIB_KEYS.items()) + "; `tokens`, `model`.", ""]
+    return out
+
+
+def _calib_series(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in _calib_rows(rows):
+        if r["tokens"]:
+            out.setdefault((str(r["model"]), str(r["method"])), []).append(r)
+    return out
+
+
+def plot_calibration(label: str, rows: list[dict], png: Path) -> None:
+    plt = _plt()
+    fig, (ax, axm) = plt.subplots(1, 2, figsize=(10, 4))
+    for (model, method), rs in sorted(_calib_series(rows).items()):
+        tok = [r["tokens"] for r in rs]
+        ax.plot(tok, [r["time_s"] for r in rs], marker="o", label=f"{model} {method}")
+        host = [(r["tokens"], r["peak_host_bytes"] / 2**20) for r in rs if r["peak_host_bytes"] is not None]
+        gpu = [(r["tokens"], r["peak_gpu_bytes"] / 2**20) for r in rs if r["peak_gpu_bytes"] is not None]
+        if host:
+            axm.plot(*zip(*host), marker="o", label=f"{model} {method}, host")
+        if gpu:
+            axm.plot(*zip(*gpu), marker="s", ls="--", label=f"{model} {method}, GPU")
+    _from_zero(axm)
+    for a, yl in ((ax, "time, s"), (axm, "peak memory, MiB")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("calibration tokens")
+        a.set_ylabel(yl)
+        a.grid(alpha=0.3, which="both")
+        a.legend(fontsize=7)
+    fig.suptitle(f"Calibration: {label}", fontsize=10)
+    _savefig(fig, png)
+    plt.close(fig)
+
+
+# --- other suites -----------------------------------------------------------------------------------------
+def generic_section(label: str, suite: str, run: Run, rows: list[dict]) -> list[str]:
+    out = [f"## Suite `{suite}`: {label}", "", run_meta(run, rows), "",
+           "No dedicated table for this suite yet (scripts/performance_report.py); pytest-benchmark's statistics:", "",
+           "| benchmark | median s | IQR s | min s | rounds |", "|---|---:|---:|---:|---:|"]
+    for b in sorted(rows, key=lambda b: b.get("name", "")):
+        s = b.get("stats") or {}
+        out.append(f"| `{b.get('name', '?')}` | {_fmt(s.get('median'), '.4g')} | {_fmt(s.get('iqr'), '.3g')} "
+                   f"| {_fmt(s.get('min'), '.4g')} | {_fmt(s.get('rounds'), 'd')} |")
+    return out + [""]
+
+
+# --- targets ------------------------------------------------------------------------------------------------
+Latest = dict[tuple[str, str], Run]
+TargetRow = tuple[str, str, str, str]  # device, measured, status, source
+
+
+def _suite_rows(latest: Latest, suite: str, dev: str) -> list[tuple[str, Run, list[dict]]]:
+    out = []
+    for (label, s), run in sorted(latest.items()):
+        if s != suite:
+            continue
+        rows = [b for b in run.rows[(label, s)] if row_device(b) == dev]
+        if rows:
+            out.append((label, run, rows))
+    return out
+
+
+def _verdict(ok: bool | None) -> str:
+    return "reported" if ok is None else ("met" if ok else "NOT met")
+
+
+def t_nbl12(latest: Latest, mode: str) -> list[TargetRow]:
+    out = []
+    for label, run, rows in _suite_rows(latest, "generate", "cuda"):
+        ex = _with_ratios(_gen_rows(rows))
+        hit = [e for e in ex if e["model"] == "llama-3.1-8b" and e["mode"] == mode and e["batch"] == 1
+               and e["prompt_len"] == 2048 and e["new_tokens"] == 2048 and e["dtype"] == "bfloat16"
+               and e["variant"] == "nbl-k12" and e["x_e2e"] is not None]
+        for e in hit:
+            if mode == "eager":
+                out.append((label, f"{e['x_e2e']:.3f}x e2e ({e['x_decode']:.3f}x decode)",
+                            _verdict(e["x_e2e"] >= 1.40), f"`{run.path.name}`"))
+            else:
+                ideal = e.get("ideal_decode_speedup")
+                out.append((label, f"{e['x_decode']:.3f}x decode, {e['x_e2e']:.3f}x e2e; ideal bytes ratio "
+                            f"{_fmt(ideal, '.3f')} ({_fmt(100 * e['x_decode'] / ideal if ideal else None, '.0f')}% "
+                            "of it in decode)", _verdict(None), f"`{run.path.name}`"))
+    return out
+
+
+def t_decode_bw(latest: Latest) -> list[TargetRow]:
+    out = []
+    for label, run, rows in _suite_rows(latest, "generate", "cuda"):
+        ex = [e for e in _gen_rows(rows) if e["batch"] == 1 and not e.get("sweep") and e["mode"] == "static"
+              and e.get("achieved_bandwidth_bytes_per_s") and e.get("bandwidth_bytes_per_s")]
+        if ex:
+            pct = {(e["model"], e["variant"]): 100 * e["achieved_bandwidth_bytes_per_s"] / e["bandwidth_bytes_per_s"]
+                   for e in ex}
+            worst = min(pct, key=pct.get)
+            out.append((label, f"{_range(list(pct.values()), '.0f', '%')} of the same-run copy bandwidth over "
+                        f"{len(pct)} batch-1 static decode runs (lowest: {worst[0]} {worst[1]})",
+                        _verdict(min(pct.values()) >= 80), f"`{run.path.name}`"))
+    return out
+
+
+def t_accumulator(latest: Latest) -> list[TargetRow]:
+    out = []
+    for dev in ("cuda", "cpu"):
+        for label, run, rows in _suite_rows(latest, "accumulator", dev):
+            pct = [e.get("pct_of_gemm_fp32") for e in _acc_rows(rows) if e["variant"] == "compiled"]
+            pct = [p for p in pct if p is not None]
+            if pct:
+                out.append((label, f"compiled at {_range(pct, '.0f', '%')} of the same-run fp32 GEMM rate "
+                            f"({len(pct)} cases)", _verdict(min(pct) >= 50), f"`{run.path.name}`"))
+        if dev == "cuda" and not out:
+            out.append(("GPU", "-", MISSING_GPU, "-"))
+    return out
+
+
+def _pairs(rows: list[dict], a: str, b: str, keys: tuple[str, ...]) -> list[tuple[dict, dict]]:
+    ex = [x.get("extra_info") or {} for x in rows]
+    other = {tuple(e.get(k) for k in keys): e for e in ex if e.get("variant") == b}
+    return [(e, other[key]) for e in ex if e.get("variant") == a and (key := tuple(e.get(k) for k in keys)) in other
+            and e.get("median_s") and other[key].get("median_s")]
+
+
+def t_affine_prefill(latest: Latest) -> list[TargetRow]:
+    out = []
+    for label, run, rows in _suite_rows(latest, "affine_residual", "cuda"):
+        pairs = [(c, g) for c, g in _pairs(rows, "compiled", "gemm", ("tokens", "d", "dtype")) if (c.get("tokens") or 0) > 1]
+        if pairs:
+            r = [c["median_s"] / g["median_s"] for c, g in pairs]
+            out.append((label, f"compiled / GEMM time {_range(r, '.2f')} over {len(r)} prefill cases",
+                        _verdict(max(r) <= 1.10), f"`{run.path.name}`"))
+    return out
+
+
+def t_cpu_affine(latest: Latest) -> list[TargetRow]:
+    out = []
+    for label, run, rows in _suite_rows(latest, "affine_residual", "cpu"):
+        pairs = _pairs(rows, "compiled", "reference", ("tokens", "d", "dtype"))
+        if pairs:
+            r = [c["median_s"] / ref["median_s"] for c, ref in pairs]
+            out.append((label, f"compiled / reference time {_range(r, '.2f')} over {len(r)} cases",
+                        _verdict(max(r) <= 1.0), f"`{run.path.name}`"))
+    return out
+
+
+def t_layer(latest: Latest) -> list[TargetRow]:
+    out = []
+    for label, run, rows in _suite_rows(latest, "layer", "cuda"):
+        pairs = [(lin, att) for lin, att in _pairs(rows, "linearized", "attention", ("context", "batch", "dtype", "model"))
+                 if lin.get("context") == 2048 and lin.get("batch") == 1]
+        if pairs:
+            r = [100 * lin["median_s"] / att["median_s"] for lin, att in pairs]
+            out.append((label, f"linearized layer at {_range(r, '.0f', '%')} of the attention block's time",
+                        _verdict(max(r) <= 35), f"`{run.path.name}`"))
+    return out
+
+
+def t_calibration(latest: Latest) -> list[TargetRow]:
+    out = []
+    for label, run, rows in _suite_rows(latest, "calibration", "cuda"):
+        for (model, method), rs in sorted(_calib_series(rows).items()):
+            full = [r for r in rs if r["tokens"] == FULL_CALIB_TOKENS and "8b" in model.lower()]
+            if not full:
+                continue
+            t = full[-1]["time_s"]
+            host = [(r["tokens"], r["peak_host_bytes"]) for r in rs if r["peak_host_bytes"]]
+            if len(host) >= 2:
+                growth = host[-1][1] / host[0][1]
+                flat = growth <= FLAT_TOLERANCE
+                mem = f"peak host {host[0][1] / 2**30:.1f} GiB at {host[0][0]:,} tokens -> {host[-1][1] / 2**30:.1f} GiB"
+            else:
+                flat, mem = None, "host-memory flatness not measured (one token count)"
+            ok = None if t is None else (t < 180 and flat is not False) if flat is not None else None
+            out.append((label, f"{model} {method}: {_fmt(t, '.0f')} s for {FULL_CALIB_TOKENS:,} tokens; {mem}",
+                        _verdict(ok), f"`{run.path.name}`"))
+    return out
+
+
+#: (target as the issue states it, evaluator, what is missing when nothing is found, how it is read)
+TARGETS: list[tuple[str, Callable[[Latest], list[TargetRow]], str, str]] = [
+    ("NBL-12 end-to-end generation >= 1.40x the original (Llama-3.1-8B shape, bf16, batch 1, 2048 + 2048, HF eager)",
+     lambda lt: t_nbl12(lt, "eager"), MISSING_GPU,
+     "generate suite, CUDA rows: `e2e_tokens_per_s` of `nbl-k12` / `original`, llama-3.1-8b, eager, batch 1, 2048+2048, bfloat16"),
+    ("Fast path (static cache + torch.compile): NBL-12 gain vs the ideal bytes ratio",
+     lambda lt: t_nbl12(lt, "static"), MISSING_GPU,
+     "the same case in static mode: x decode against `ideal_decode_speedup` (no threshold in the issue: reported)"),
+    ("affine_residual prefill within 10% of a same-run cuBLAS GEMM", t_affine_prefill, MISSING_GPU,
+     "suite `affine_residual`, CUDA rows with `tokens` > 1: `median_s` of variant `compiled` / variant `gemm` "
+     "of the same (`tokens`, `d`, `dtype`) <= 1.10"),
+    ("Decode step >= 80% of the measured bandwidth", t_decode_bw, MISSING_GPU,
+     "generate suite, CUDA batch-1 static rows: `achieved_bandwidth_bytes_per_s` / same-run `bandwidth_bytes_per_s`, every variant"),
+    ("Linearized layer <= 35% of the attention block's time (2048 context, batch 1)", t_layer, MISSING_GPU,
+     "suite `layer`, CUDA rows: `median_s` of variant `linearized` / variant `attention` at `context` 2048, `batch` 1"),
+    ("Accumulator >= 50% of the same-run GEMM rate", t_accumulator, MISSING_GPU,
+     "accumulator suite: `pct_of_gemm_fp32` of the `compiled` variant, every case (CPU rows shown too)"),
+    ("Full 8B calibration, 256 x 2048 tokens, < 3 min with flat host memory", t_calibration, MISSING_GPU,
+     f"suite `calibration`, CUDA rows of an 8B model with `tokens` = {FULL_CALIB_TOKENS:,}: time < 180 s, and peak "
+     f"host memory at the most tokens <= {FLAT_TOLERANCE:.2f}x that at the fewest"),
+    ("CPU affine_residual not slower than the reference", t_cpu_affine,
+     "missing: no `affine_residual` benchmark results yet",
+     "suite `affine_residual`, CPU rows: `median_s` of variant `compiled` / variant `reference` <= 1.0 in every case"),
+]
+
+
+def targets_section(latest: Latest) -> list[str]:
+    out = ["## Targets", "", "From the performance issue; each measured value comes from the newest run of its suite "
+           "on that device. \"met\" / \"NOT met\" compare with the target's threshold; \"reported\": the issue "
+           "sets no threshold.", "", "| target | device | measured | status | run |", "|---|---|---|---|---|"]
+    for text, fn, missing, _ in TARGETS:
+        try:
+            found = fn(latest)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # results without the fields it reads
+            found = [("-", f"could not be read from the results: {type(exc).__name__} {exc}", "error", "-")]
+        if not found:
+            out.append(f"| {text} | - | - | {missing} | - |")
+        for dev, measured, status, src in found:
+            out.append(f"| {text} | {dev} | {measured} | {status} | {src} |")
+    out += ["", "How each target is read:", ""]
+    out += [f"- {text}: {how}." for text, _, _, how in TARGETS]
+    return out + [""]
+
+
+# --- the page --------------------------------------------------------------------------------------------------
+SECTIONS = {"accumulator": (0, accumulator_section, plot_accumulator),
+            "generate": (1, generate_section, plot_generate),
+            "calibration": (2, calibration_section, plot_calibration)}
+
+
+def _want_plot(suite: str, rows: list[dict]) -> bool:
+    if suite == "accumulator":
+        return any(e["dtype"] == "float32" for e in _acc_rows(rows))
+    if suite == "generate":
+        return any(e["variant"] != "original" and e["x_decode"] is not None for e in _with_ratios(_gen_rows(rows)))
+    if suite == "calibration":
+        return any(len(v) >= 2 for v in _calib_series(rows).values())
+    return False
+
+
+def render(sources: list[Path], doc: Path, plots: Path, *, draw: bool = True) -> tuple[str, list[Path]]:
+    """The page's text and the plots it links; the plots are drawn when ``draw``."""
+    runs, skipped = load_runs(sources)
+    latest = newest(runs)
+    rel_plots = Path(os.path.relpath(plots, doc.parent)).as_posix()
+    lines = ["# Performance", "",
+             "Generated by `scripts/performance_report.py` from the pytest-benchmark JSON under `bench/results/` "
+             "(written by `bash bench/run.sh`); do not edit by hand. Regenerate: "
+             "`.venv/bin/python scripts/performance_report.py`; `--check` tells whether this page is up to date. "
+             "How the benchmarks measure and what the columns mean: `bench/README.md`.", "",
+             "Ratios are within one run (variants of the same case, adjacent in time); absolute numbers from "
+             "different runs or machines do not compare. A 1-min load average above the CPU count means the "
+             "machine was shared and the numbers contended.", ""]
+    lines += targets_section(latest)
+    lines += ["## Runs shown", "", "| device | suite | run | commit | date (UTC) | torch | benchmarks |",
+              "|---|---|---|---|---|---|---:|"]
+    for (label, suite), run in sorted(latest.items()):
+        lines.append(f"| {label} | {suite} | `{run.path.name}` | {str(run.data.get('commit_info', {}).get('id', '?'))[:10]} "
+                     f"| {run.when[:16].replace('T', ' ')} | {run.nbl.get('torch_version', '?')} "
+                     f"| {len(run.rows[(label, suite)])} |")
+    shown = {id(r) for r in latest.values()}
+    older = sorted(r.path.name for r in runs if id(r) not in shown)
+    if older:
+        lines += ["", "Older runs, superseded for every (device, suite) they cover: "
+                  + ", ".join(f"`{n}`" for n in older) + "."]
+    if skipped:
+        lines += ["", "Skipped files: " + "; ".join(skipped) + "."]
+    if not latest:
+        lines += ["", "No benchmark results found: run `bash bench/run.sh` (see bench/README.md)."]
+    lines.append("")
+    pngs: list[Path] = []
+    order = sorted(latest.items(), key=lambda kv: (SECTIONS.get(kv[0][1], (9,))[0], kv[0][1], kv[0][0]))
+    for (label, suite), run in order:
+        rows = run.rows[(label, suite)]
+        if suite not in SECTIONS:
+            lines += generic_section(label, suite, run, rows)
+            continue
+        _, section, plot = SECTIONS[suite]
+        try:
+            png = plots / f"{suite}_{slug(label)}.png" if _want_plot(suite, rows) else None
+            part = section(label, run, rows, png, f"{rel_plots}/{png.name}" if png else "")
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:  # a suite whose fields changed
+            lines += generic_section(label, suite, run, rows)
+            lines[-1:-1] = [f"(The {suite} table could not be made from these rows: {type(exc).__name__} {exc}.)"]
+            continue
+        lines += part
+        if png is not None:
+            pngs.append(png)
+            if draw:
+                plot(label, rows, png)
+    return "\n".join(lines).rstrip("\n") + "\n", pngs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="performance_report.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n", 1)[0],
+        epilog=("examples:\n"
+                "  python scripts/performance_report.py              # regenerate docs/performance.md and its plots\n"
+                "  python scripts/performance_report.py --check      # exit 1 if the page is stale (CI)\n"
+                "  python scripts/performance_report.py --results bench/results --results /tmp/new.json \\\n"
+                "      --doc /tmp/out/performance.md                 # a page with a run that is not committed yet\n\n"
+                "What is shown: per device (GPU name, or CPU name + threads) and suite (extra_info['suite'];\n"
+                "the accumulator by its d_x/variant fields; else the test file bench/test_bench_<suite>.py)\n"
+                "the newest run by its pytest-benchmark datetime. A run of part of a suite therefore replaces\n"
+                "the whole suite's earlier run on that device: commit whole-suite runs. Known suites get\n"
+                "tables and plots (accumulator, generate, calibration); others a table of their medians.\n"
+                "The calibration table reads extra_info fields method, tokens, time_s (or seconds, calibrate_s,\n"
+                "elapsed_s, median_s), tokens_per_s, peak_host_bytes / peak_gpu_bytes (or *_mb), floor_s.\n\n"
+                "Targets: each target of the performance issue with its measured value and met / NOT met,\n"
+                "or 'missing: needs a GPU session'; the page lists which fields each target reads.\n\n"
+                "After adding a result JSON under bench/results: run this, commit the page and its plots.\n"
+                "Exit status: 0 written / up to date, 1 stale (--check), 2 usage error."))
+    ap.add_argument("--results", action="append", type=Path, metavar="PATH",
+                    help="a results directory (its *.json) or one JSON file; repeatable (default: bench/results)")
+    ap.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="the page to write (default: docs/performance.md)")
+    ap.add_argument("--plots", type=Path, default=None,
+                    help="directory of the plots (default: next to the page, <doc stem>/, e.g. docs/performance/)")
+    ap.add_argument("--check", action="store_true",
+                    help="write nothing; exit 1 if the page differs from what the results give or a plot is missing")
+    args = ap.parse_args(argv)
+    sources = args.results or [DEFAULT_RESULTS]
+    for s in sources:
+        if not s.exists():
+            ap.error(f"--results {s}: no such file or directory")
+    doc = args.doc
+    plots = args.plots or doc.parent / doc.stem
+    text, pngs = render(sources, doc, plots, draw=not args.check)
+    if args.check:
+        current = doc.read_text() if doc.is_file() else ""
+        missing = [p for p in pngs if not p.is_file()]
+        if current == text and not missing:
+            print(f"{doc}: up to date ({len(pngs)} plots)")
+            return 0
+        if current != text:
+            diff = list(difflib.unified_diff(current.splitlines(), text.splitlines(), str(doc), "from the results",
+                                             lineterm="", n=1))
+            print(f"{doc} is stale: it differs from what the results give ({len(diff)} diff lines; first 40):")
+            print("\n".join(diff[:40]))
+        for p in missing:
+            print(f"missing plot: {p}")
+        print("regenerate with: " + " ".join(["python scripts/performance_report.py"] + [
+            f"--results {s}" for s in (args.results or [])] + ([f"--doc {doc}"] if args.doc != DEFAULT_DOC else [])))
+        return 1
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    print(f"wrote {doc} and {len(pngs)} plots under {plots}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
