@@ -1107,7 +1107,7 @@ def _calibrate_store_all(model: nn.Module, data: torch.Tensor, *, batch_size: in
 
 def time_calibration(model: nn.Module, data: torch.Tensor, *, method: str = "streaming", batch_size: int = 1,
                      ridge: float = 0.0, progress: bool = False, ceilings: dict[str, Any] | None = None,
-                     check_memory: bool = True, return_result: bool = False) -> dict[str, Any]:
+                     check_memory: bool = True, warmup: bool = True, return_result: bool = False) -> dict[str, Any]:
     """Time and peak memory of calibrating every layer of ``model`` on ``data`` (token ids, (samples, seq_len)).
 
     ``method``:
@@ -1124,6 +1124,9 @@ def time_calibration(model: nn.Module, data: torch.Tensor, *, method: str = "str
     ``statistics_s`` (streaming: ``CovarianceAccumulator.update``; store_all: the host copies and the
     ``torch.cov``), ``fit_s`` (``score_layer``: LMMSE solve, CCA bound, NMSE), and
     ``forward_s = total - both`` (the recorder and layer forwards, the boundary spill I/O, the cosine).
+
+    ``warmup``: one untimed forward of 16 tokens first, so that the peak memory is not the first touch of
+    lazily mapped weights (a safetensors checkpoint is mmapped) and the first call's kernel set-up.
 
     ``ceilings`` (:func:`measure_ceilings` in the model dtype, optionally with ``gram_flops_per_s``, the
     float32 rate of the Gram products) turn :func:`calibration_cost` into floors (:func:`calibration_floor`)
@@ -1154,6 +1157,9 @@ def time_calibration(model: nn.Module, data: torch.Tensor, *, method: str = "str
                 f"({adapter.num_layers} layers x 2 x {num_samples * seq_len} tokens x {adapter.hidden_size} x "
                 f"{dtype.itemsize} bytes) but only {avail / 2**30:.1f} GiB is available; use fewer tokens "
                 "(its memory grows linearly with them; that is the point of streaming)")
+    if warmup:  # touch every weight once (lazily mmapped checkpoints count in RSS when first read), warm kernels
+        with cal.eval_mode(model):
+            model(input_ids=data[:1, : min(seq_len, 16)].to(device), use_cache=False)
     phases = _PhaseTimes(device)
     stored_bytes: list[int] = []
     with _PeakHostAndCuda(device) as peak:
