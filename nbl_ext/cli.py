@@ -213,9 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None, metavar="FILE.json", help="write the full report here")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    b = sub.add_parser("bench", help="generation latency: original vs NBL-k vs DROP-k",
+    b = sub.add_parser("bench", help="generation latency: original vs NBL-k vs DROP-k; --calibration: calibration cost",
                        description="Time prefill and decode of MODEL (or a random-weight --shape), original vs "
-                       "NBL-k and DROP-k, and report ratios, memory and floors.",
+                       "NBL-k and DROP-k, and report ratios, memory and floors. With --calibration: time and "
+                       "peak memory of calibrating every layer, streaming vs store-all, against the floor.",
                        epilog=_EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help="real weights, as for `nbl compress` (default: the bundled SmolLM2-135M unless --shape)")
@@ -589,10 +590,7 @@ def _bench_calibration(args) -> int:
     from nbl_ext import benchmark
     from nbl_ext.models import DEFAULT_MODEL, load_model
 
-    if args.model is not None and args.shape is not None:
-        raise ValueError(f"give MODEL ({args.model}) or --shape ({args.shape}), not both")
-    if args.num_layers is not None and args.shape is None:
-        raise ValueError("--num-layers applies to --shape (random weights) only")
+    # MODEL vs --shape and --num-layers are checked by _bench before it comes here
     if args.output and Path(args.output).is_dir():
         raise IsADirectoryError(f"--output {args.output} is a directory; give a file name such as calib.json")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
