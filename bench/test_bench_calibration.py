@@ -55,6 +55,9 @@ CASES = [
 #: compute the same float64 statistics (float32 Gram blocks of centered chunks vs float64 torch.cov).
 BOUND_RTOL, COSINE_ATOL = 1e-3, 1e-6
 TIMEOUT_S = {"cpu": 1800, "cuda": 1200}
+#: The issue's GPU target: all 32 layers of the 8B shape on 256 x 2048 tokens in under 3 minutes (recorded, not
+#: asserted: a slow run is a finding, not a wrong result).
+TARGET = {("cuda", "llama-3.1-8b", 256 * 2048, "streaming"): 180.0}
 
 
 def _params() -> list:
@@ -152,6 +155,9 @@ def test_calibration(benchmark, calib_ceilings, device, model_name, weights, dty
         benchmark.extra_info.update({
             "suite": "calibration", "model": model_name, "weights": weights, **out,
             "floor_s": out["floor"]["floor_s"], "floor_bound": out["floor"]["bound"],
+            "target_s": TARGET.get((device, model_name, samples * seq_len, method)),
+            "meets_target": (out["total_s"] < TARGET[(device, model_name, samples * seq_len, method)])
+            if (device, model_name, samples * seq_len, method) in TARGET else None,
             "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         })
     except BaseException:
