@@ -2,8 +2,9 @@
 
     python bench/summarize.py [RESULTS.json]      # default: newest bench/results/*.json
 
-One table per suite present: the covariance accumulator (test_bench_accumulator.py)
-and generation latency (test_bench_generate.py, ratios to the original of the same case).
+One table per suite present: the covariance accumulator (test_bench_accumulator.py),
+generation latency (test_bench_generate.py, ratios to the original of the same case) and
+calibration cost (test_bench_calibration.py, ratios to streaming at the same tokens).
 """
 from __future__ import annotations
 
@@ -26,11 +27,14 @@ def summarize(path: Path) -> str:
     parts = [header]
     acc = [e for e in extras if "d_x" in e and "variant" in e]
     gen = [e for e in extras if e.get("suite") == "generate"]
+    cal = [e for e in extras if e.get("suite") == "calibration"]
     if acc:
         parts.append(_accumulator_table(acc, data))
     if gen:
         parts.append(_generate_table(gen))
-    if not acc and not gen:
+    if cal:
+        parts.append(calibration_table(cal))
+    if not acc and not gen and not cal:
         parts.append("(no benchmarks with results in this file)")
     return "\n\n".join(parts)
 
@@ -110,6 +114,55 @@ def _generate_table(rows: list[dict]) -> str:
     peaks = {e.get("peak_memory_method") for e in rows if e.get("peak_memory_method")}
     if peaks:
         out.append("Peak memory: " + " | ".join(sorted(peaks)))
+    load = [e["loadavg_1m"] for e in rows if e.get("loadavg_1m") is not None]
+    if load:
+        out.append(f"1-min load average during the run: {min(load):.1f}-{max(load):.1f}.")
+    return "\n".join(out)
+
+
+def _mb(v) -> str:
+    return "-" if v is None else f"{v / 2**20:,.0f}"
+
+
+def calibration_table(rows: list[dict]) -> str:
+    """Calibration cost (nbl_ext.benchmark.time_calibration rows, from the suite or `nbl bench --calibration`)."""
+    def case(e: dict) -> tuple:
+        return (e["device"], e.get("model", ""), e["dtype"], e["tokens"])
+
+    rows = sorted((e for e in rows if "skipped" not in e),
+                  key=lambda e: (case(e)[:3], e["tokens"], e["method"] != "streaming"))
+    base = {case(e): e for e in rows if e["method"] == "streaming"}
+    out = [
+        "Calibration cost (all layers; time = total of nbl_ext.benchmark.time_calibration, phases in the JSON; "
+        "floor = forward FLOPs / same-run matmul rate + Gram FLOPs / same-run float32 rate, or bytes / bandwidth; "
+        "% floor = floor / time; x streaming = this / streaming at the same tokens)",
+        "",
+        "| model | dtype | method | samples x len | tokens | time s | forward s | stats s | fit s | tokens/s "
+        "| peak host MB | peak GPU MB | floor s | % floor | x streaming time | x streaming host |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for e in rows:
+        o = base.get(case(e))
+        xt = f"{e['total_s'] / o['total_s']:.2f}" if o else "-"
+        xh = (f"{e['peak_host_bytes'] / o['peak_host_bytes']:.1f}"
+              if o and e.get("peak_host_bytes") is not None and o.get("peak_host_bytes") else "-")
+        fl = (e.get("floor") or {}).get("floor_s")
+        pct = e.get("pct_of_floor")
+        out.append(
+            f"| {e.get('model', '?')}{' (random)' if e.get('weights') == 'random' else ''} | {e['dtype']} "
+            f"| {e['method']} | {e['num_samples']} x {e['seq_len']} | {e['tokens']:,} | {e['total_s']:.1f} "
+            f"| {e['forward_s']:.1f} | {e['statistics_s']:.1f} | {e['fit_s']:.1f} | {e['tokens_per_s']:,.0f} "
+            f"| {_mb(e.get('peak_host_bytes'))} | {_mb(e.get('peak_cuda_bytes'))} "
+            f"| {'-' if fl is None else f'{fl:.1f}'} | {'-' if pct is None else f'{pct:.0f}%'} | {xt} | {xh} |")
+    ceil = sorted({(e["device"], e["dtype"], round(c["matmul_flops_per_s"] / 1e9),
+                    round(c.get("gram_flops_per_s", c["matmul_flops_per_s"]) / 1e9),
+                    round(c["bandwidth_bytes_per_s"] / 1e9)) for e in rows if (c := e.get("ceilings"))})
+    if ceil:
+        out += ["", "Same-run ceilings (matmul GFLOP/s in the model dtype, float32 GFLOP/s, copy GB/s): " + "; ".join(
+            f"{d} {dt}: {mm}, {g}, {bw}" for d, dt, mm, g, bw in ceil)]
+    meth = {e.get("peak_memory_method") for e in rows if e.get("peak_memory_method")}
+    if meth:
+        out.append("Peak memory: " + " | ".join(sorted(meth)))
     load = [e["loadavg_1m"] for e in rows if e.get("loadavg_1m") is not None]
     if load:
         out.append(f"1-min load average during the run: {min(load):.1f}-{max(load):.1f}.")

@@ -12,6 +12,13 @@ generated chunk by chunk, so the streaming variants never hold more than one
 chunk of input while ``store_all`` necessarily keeps all of them;
 ``--variant baseline`` only generates the chunks (the subtracted baseline).
 
+The calibration-cost benchmark (``test_bench_calibration.py``) uses the same
+fresh-process method for whole calibrations::
+
+    python bench/workloads.py calib --model smollm2-135m --weights real --method store_all --samples 16 --seq-len 512
+
+(load the model, ``nbl_ext.benchmark.time_calibration`` with its warm-up; one JSON line).
+
 Variants (all consume the same chunks and return float64
 ``(mean_x, mean_y, cov_xx, cov_yx, cov_yy)``, unbiased covariances):
   * ``compiled``:  ``nbl_ext.CovarianceAccumulator.update`` per chunk (the
@@ -229,9 +236,39 @@ def _probe(variant: str, d: int, n: int, dtype: torch.dtype, chunk: int) -> dict
             "threads": torch.get_num_threads()}
 
 
+def _calib_probe(model_name: str, weights: str, device: str, dtype: str | None, method: str, samples: int,
+                 seq_len: int, batch_size: int, seed: int, ceilings: dict | None) -> dict:
+    """One calibration-cost measurement in this (fresh) process: load, warm up, time_calibration."""
+    from nbl_ext import benchmark as nb
+
+    if weights == "random":
+        model = nb.random_model(model_name, dtype=dtype, device=device)
+    else:
+        from nbl_ext.models import load_model
+
+        model = load_model(model_name, dtype=dtype, device=device, progress=False)[0]
+    data = nb.calibration_tokens(model.config.vocab_size, samples, seq_len, seed=seed)
+    # time_calibration warms up (one short forward: weights touched, kernels ready) before it measures.
+    r = nb.time_calibration(model, data, method=method, batch_size=batch_size, ceilings=ceilings, warmup=True)
+    r["threads"] = torch.get_num_threads()
+    r["maxrss_bytes"], r["peak_source"] = _peak_rss_bytes()
+    return r
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    cal = sub.add_parser("calib", help="calibration cost of one method in a fresh process (JSON line)")
+    cal.add_argument("--model", required=True, help="a bundled model name (real weights) or a random shape")
+    cal.add_argument("--weights", choices=("real", "random"), required=True)
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--dtype", default=None)
+    cal.add_argument("--method", choices=("streaming", "store_all"), required=True)
+    cal.add_argument("--samples", type=int, required=True)
+    cal.add_argument("--seq-len", type=int, required=True)
+    cal.add_argument("--batch-size", type=int, default=1)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--ceilings", default=None, help="JSON of calibration_ceilings (measured by the caller)")
     mem = sub.add_parser("mem", help="peak RSS of one variant, fresh process")
     mem.add_argument("--variant", choices=(*VARIANTS, "baseline"), required=True)
     mem.add_argument("--d", type=int, required=True)
@@ -239,6 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     mem.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     mem.add_argument("--chunk", type=int, default=CHUNK)
     a = ap.parse_args(argv)
+    if a.cmd == "calib":
+        ceil = json.loads(a.ceilings) if a.ceilings else None
+        print(json.dumps(_calib_probe(a.model, a.weights, a.device, a.dtype, a.method, a.samples, a.seq_len,
+                                      a.batch_size, a.seed, ceil)))
+        return
     print(json.dumps(_probe(a.variant, a.d, a.n, DTYPES[a.dtype], a.chunk)))
 
 

@@ -39,6 +39,7 @@ Both modes are greedy and mask the EOS logit(s) exactly as generate's
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -58,8 +59,9 @@ from nbl_ext.linearize import SUMMARY_ATTR, apply_structure, is_linearized
 from nbl_ext.result import METHODS, check_layer_list
 
 __all__ = [
-    "MODES", "SHAPES", "Shape", "compare", "decode_cost", "floors", "last_layers", "measure_ceilings",
-    "random_model", "run_info", "synthetic_linearize", "synthetic_maps", "time_generation",
+    "CALIBRATION_METHODS", "MODES", "SHAPES", "Shape", "calibration_cost", "calibration_floor", "calibration_tokens",
+    "compare", "compare_calibration", "decode_cost", "floors", "last_layers", "measure_ceilings", "random_model",
+    "run_info", "store_all_bytes", "synthetic_linearize", "synthetic_maps", "time_calibration", "time_generation",
 ]
 
 MODES = ("eager", "static")
@@ -845,3 +847,437 @@ def _git_info() -> dict[str, Any]:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+# --- calibration cost -------------------------------------------------------------------------------
+#
+# What calibrating costs: time (total and per phase), tokens/s, peak host RSS and peak CUDA memory, of
+# ``nbl_ext.calibrate`` (streaming float64 statistics, constant memory in the token count) against the
+# reference code's approach (keep every layer's X and A for all tokens on the host, then torch.cov),
+# with the floor of the work both do: the forward FLOPs and the Gram FLOPs at same-run rates.
+
+CALIBRATION_METHODS = ("streaming", "store_all")
+
+
+def calibration_tokens(vocab_size: int, num_samples: int, seq_len: int, *, seed: int = 0) -> torch.Tensor:
+    """Random calibration token ids ``(num_samples, seq_len)`` in ``[0, vocab_size)``: the cost of a forward
+    does not depend on which tokens it sees (real text is for quality, not for timing)."""
+    for name, v in (("vocab_size", vocab_size), ("num_samples", num_samples), ("seq_len", seq_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"calibration_tokens: {name} must be a positive int, got {v!r}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (num_samples, seq_len), generator=g)
+
+
+def calibration_cost(shape: Any, *, num_samples: int, seq_len: int, batch_size: int = 1,
+                     dtype: str | torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """FLOPs and bytes of calibrating every decoder layer on ``num_samples x seq_len`` tokens.
+
+    With ``n = num_samples * seq_len`` tokens, ``L`` layers, ``d`` hidden, ``q = heads * head_dim``,
+    ``kv = kv_heads * head_dim``, ``I`` intermediate, ``s`` bytes per element, ``B`` batches
+    (``ceil(num_samples / batch_size)``):
+
+    * ``forward_flops = 2 n L (d q + 2 d kv + q d + 3 d I)`` (the layers' matmuls; no lm_head:
+      calibration never runs it) ``+ 4 q L num_samples seq_len (seq_len + 1) / 2`` (causal attention
+      scores and weighted sum: position t attends t + 1 keys);
+    * ``gram_flops = L 2 n (d^2 + d^2 + d^2)``: the three Gram products (X X^T, A X^T, A A^T) of the
+      statistics, per layer (see ``bench/workloads.gram_flops``);
+    * ``bytes = L B s (d q + 2 d kv + q d + 3 d I + 2 d)`` (every layer's weights read once per batch)
+      ``+ L 2 n d s`` (each layer reads its input and writes its output once);
+    * ``stored_activation_bytes = L 2 n d s``: what keeping every layer's X and A needs (the
+      store-all approach), against ``state_bytes = 8 (3 d^2 + 2 d)`` of one layer's float64 statistics.
+    """
+    sh = Shape.of(shape)
+    for name, v in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"calibration_cost: {name} must be a positive int, got {v!r}")
+    s = _element_size(dtype)
+    d, L = sh.hidden, sh.layers
+    q, kv = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
+    layer_mat = d * q + 2 * d * kv + q * d + 3 * d * sh.intermediate
+    n = num_samples * seq_len
+    batches = -(-num_samples // batch_size)
+    linear = 2 * n * L * layer_mat
+    attention = 4 * q * L * num_samples * (seq_len * (seq_len + 1) // 2)
+    gram = L * 2 * n * 3 * d * d
+    return {
+        "tokens": n, "forward_flops": linear + attention, "linear_flops": linear, "attention_flops": attention,
+        "gram_flops": gram, "weight_bytes": L * batches * s * (layer_mat + 2 * d),
+        "activation_bytes": L * 2 * n * d * s, "bytes": L * batches * s * (layer_mat + 2 * d) + L * 2 * n * d * s,
+        "stored_activation_bytes": L * 2 * n * d * s, "state_bytes": 8 * (3 * d * d + 2 * d),
+    }
+
+
+def calibration_floor(cost: dict[str, int], *, matmul_flops_per_s: float | None = None,
+                      gram_flops_per_s: float | None = None,
+                      bandwidth_bytes_per_s: float | None = None) -> dict[str, Any]:
+    """Seconds the work of :func:`calibration_cost` needs at the given rates (None where a rate is missing).
+
+    ``forward_s = forward_flops / matmul rate`` (model dtype), ``gram_s = gram_flops / gram rate`` (float32:
+    the statistics' Gram products are float32 GEMMs of centered chunks), ``compute_s`` their sum,
+    ``memory_s = bytes / bandwidth``, ``floor_s = max(compute_s, memory_s)`` of those known, ``bound``
+    which term wins.
+    """
+    fwd = cost["forward_flops"] / matmul_flops_per_s if matmul_flops_per_s else None
+    gram = cost["gram_flops"] / gram_flops_per_s if gram_flops_per_s else None
+    compute = fwd + gram if fwd is not None and gram is not None else None
+    mem = cost["bytes"] / bandwidth_bytes_per_s if bandwidth_bytes_per_s else None
+    known = [t for t in (compute, mem) if t is not None]
+    return {"forward_s": fwd, "gram_s": gram, "compute_s": compute, "memory_s": mem,
+            "floor_s": max(known) if known else None,
+            "bound": None if len(known) < 2 else ("compute" if compute >= mem else "memory")}
+
+
+class _PeakHostAndCuda:
+    """Peak host RSS growth (VmHWM, reset first, minus VmRSS before) and peak CUDA memory over a block."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.host: int | None = None
+        self.cuda: int | None = None
+        self.cuda_growth: int | None = None
+
+    def __enter__(self) -> "_PeakHostAndCuda":
+        gc.collect()
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._cuda0 = torch.cuda.memory_allocated(self.device)
+        self._rss0 = _proc_status("VmRSS")
+        self._reset = _reset_peak_rss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            self.cuda = int(torch.cuda.max_memory_allocated(self.device))
+            self.cuda_growth = self.cuda - self._cuda0
+        hwm = _proc_status("VmHWM")
+        if self._reset and self._rss0 is not None and hwm is not None:
+            self.host = max(0, hwm - self._rss0)
+
+    @property
+    def method(self) -> str:
+        host = ("host: peak RSS (VmHWM, reset at the start) minus RSS at the start: the growth over the loaded "
+                "model; a lower bound where the allocator reuses memory kept from earlier work"
+                if self.host is not None else "host: unavailable (the RSS high-water mark cannot be reset here)")
+        if self.device.type == "cuda":
+            host += "; CUDA: torch.cuda.max_memory_allocated (weights included) and its growth over the start"
+        return host
+
+
+class _PhaseTimes:
+    """Seconds spent in the statistics and in the scoring/fit, timed at their boundaries (device synced)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.statistics_s = 0.0
+        self.fit_s = 0.0
+
+    @contextlib.contextmanager
+    def timing(self, phase: str):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            setattr(self, phase, getattr(self, phase) + time.perf_counter() - t0)
+
+
+def _calibrate_module():
+    """The module nbl_ext.calibrate (the attribute ``nbl_ext.calibrate`` is the function)."""
+    import importlib
+
+    return importlib.import_module("nbl_ext.calibrate")
+
+
+class _StoredActivations:
+    """Stands in for the CovarianceAccumulator inside ``LayerwiseRunner.run``: keeps every (X, A) chunk on
+    the host (what the reference code does) instead of folding it into statistics."""
+
+    def __init__(self, dim_x: int, dim_y: int, *, device: torch.device | str | None = None) -> None:
+        self.dim_x, self.dim_y = dim_x, dim_y
+        self.xs: list[torch.Tensor] = []
+        self.ys: list[torch.Tensor] = []
+        self.count = 0
+        self.phases: _PhaseTimes | None = None
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> "_StoredActivations":
+        with self.phases.timing("statistics_s") if self.phases else contextlib.nullcontext():
+            if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+                raise ValueError("the layer's input or branch output contains NaN or inf")
+            self.xs.append(x.detach().reshape(-1, self.dim_x).to("cpu"))
+            self.ys.append(y.detach().reshape(-1, self.dim_y).to("cpu"))
+            self.count += self.xs[-1].shape[0]
+        return self
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.xs, *self.ys))
+
+    def to_accumulator(self, device: torch.device):
+        """float64 ``torch.cov`` of the concatenation ``[X | A]`` on ``device``, as a CovarianceAccumulator
+        (co-moments = covariance x (n - 1)), so that the same fit and scores run on it. Frees the chunks."""
+        from nbl_ext.stats import CovarianceAccumulator
+
+        p = torch.cat([torch.cat(self.xs), torch.cat(self.ys)], dim=1).to(device=device, dtype=torch.float64)
+        self.xs.clear()
+        self.ys.clear()
+        n, dx = p.shape[0], self.dim_x
+        cov = torch.cov(p.T) * (n - 1)  # (dx + dy)^2: also the redundant X-A block, as the reference does
+        mean = p.mean(dim=0)
+        del p
+        acc = CovarianceAccumulator(dx, self.dim_y, device=device)
+        acc.load_state_dict({"mean_x": mean[:dx], "mean_y": mean[dx:], "m_xx": cov[:dx, :dx],
+                             "m_yx": cov[dx:, :dx], "m_yy": cov[dx:, dx:],
+                             "count": torch.tensor(n), "dims": torch.tensor([dx, self.dim_y])})
+        return acc
+
+
+def store_all_bytes(model: nn.Module, num_samples: int, seq_len: int) -> int:
+    """Host bytes the store-all approach keeps: every layer's X and A for every token, in the model dtype."""
+    adapter = get_adapter(model)
+    s = next(model.parameters()).element_size()
+    return adapter.num_layers * 2 * num_samples * seq_len * adapter.hidden_size * s
+
+
+def _available_host_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _calibrate_store_all(model: nn.Module, data: torch.Tensor, *, batch_size: int, ridge: float, progress: bool,
+                         phases: _PhaseTimes) -> Any:
+    """The reference code's approach on nbl_ext's layer-by-layer forward: every layer's (X, A) for all
+    tokens kept on the host, then per layer float64 ``torch.cov`` of the concatenation and the same
+    LMMSE fit and scores (``nbl_ext.calibrate.score_layer``) as :func:`nbl_ext.calibrate`."""
+    import tempfile
+    from unittest import mock
+
+    cal = _calibrate_module()
+    from nbl_ext.result import CalibrationResult
+
+    adapter = get_adapter(model)
+    device = _model_device(model)
+    n_layers = adapter.num_layers
+
+    def stored(dim_x: int, dim_y: int, *, device=None) -> _StoredActivations:
+        st = _StoredActivations(dim_x, dim_y, device=device)
+        st.phases = phases
+        return st
+
+    batches = -(-data.shape[0] // batch_size)
+    pbar = cal._progress_bar(n_layers * batches, progress, "store-all calibration")
+    kept: list[tuple[_StoredActivations, torch.Tensor]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="nbl-bench-spill-") as spill, cal.eval_mode(model), \
+                mock.patch.object(cal, "CovarianceAccumulator", stored):
+            runner = cal.LayerwiseRunner(model, adapter, data, batch_size=batch_size, spill_dir=Path(spill),
+                                         pbar=pbar)
+            for i in range(n_layers):
+                if pbar is not None:
+                    pbar.set_postfix_str(f"layer {i}/{n_layers}")
+                st, cos = runner.run(i, score=True, write=i < n_layers - 1)
+                kept.append((st, cos))
+                runner.drop_boundary(i)
+    finally:
+        if pbar is not None:
+            pbar.close()
+    layers = []
+    for i in range(n_layers):
+        st, cos = kept[i]
+        with phases.timing("statistics_s"):
+            acc = st.to_accumulator(device)
+        kept[i] = (None, cos)  # type: ignore[assignment]
+        with phases.timing("fit_s"):
+            layers.append(cal.score_layer(i, acc, cos, ridge))
+        del acc
+    meta = {"model_type": adapter.model_type, "num_layers": n_layers, "hidden_size": adapter.hidden_size,
+            "num_samples": int(data.shape[0]), "seq_len": int(data.shape[1]), "tokens": int(data.numel()),
+            "batch_size": batch_size, "ridge": float(ridge), "method": "store_all (benchmark baseline)"}
+    return CalibrationResult(layers, meta)
+
+
+def time_calibration(model: nn.Module, data: torch.Tensor, *, method: str = "streaming", batch_size: int = 1,
+                     ridge: float = 0.0, progress: bool = False, ceilings: dict[str, Any] | None = None,
+                     check_memory: bool = True, warmup: bool = True, return_result: bool = False) -> dict[str, Any]:
+    """Time and peak memory of calibrating every layer of ``model`` on ``data`` (token ids, (samples, seq_len)).
+
+    ``method``:
+
+    * ``"streaming"``: :func:`nbl_ext.calibrate` exactly as users run it (no ``output_dir``: boundary
+      activations spill to a temporary directory; statistics streamed into float64 accumulators);
+    * ``"store_all"``: the reference code's approach, on the same layer-by-layer forward
+      (``nbl_ext.calibrate.LayerwiseRunner``): every layer's X and A for all tokens kept on the host in the
+      model dtype, then per layer float64 ``torch.cov`` of ``[X | A]`` on the model's device and the same
+      fit and scores (``score_layer``). ``check_memory``: refuse (ValueError) when the activations would
+      not fit in 90% of the host's available memory.
+
+    Phases (each timed at its boundaries with the device synced, which adds one sync per batch):
+    ``statistics_s`` (streaming: ``CovarianceAccumulator.update``; store_all: the host copies and the
+    ``torch.cov``), ``fit_s`` (``score_layer``: LMMSE solve, CCA bound, NMSE), and
+    ``forward_s = total - both`` (the recorder and layer forwards, the boundary spill I/O, the cosine).
+
+    ``warmup``: one untimed forward of 16 tokens first, so that the peak memory is not the first touch of
+    lazily mapped weights (a safetensors checkpoint is mmapped) and the first call's kernel set-up.
+
+    ``ceilings`` (:func:`measure_ceilings` in the model dtype, optionally with ``gram_flops_per_s``, the
+    float32 rate of the Gram products) turn :func:`calibration_cost` into floors (:func:`calibration_floor`)
+    and ``pct_of_floor = 100 floor_s / total_s``.
+
+    Returns a JSON-able dict: method, tokens, total_s, tokens_per_s (tokens through all layers / total),
+    the phases, peak_host_bytes (RSS growth; None where it cannot be measured), peak_cuda_bytes and
+    peak_cuda_growth_bytes (CUDA only), stored_activation_bytes (store_all: what it actually held), the
+    cost and floor; with ``return_result`` also ``result``, the :class:`~nbl_ext.CalibrationResult`.
+    """
+    cal = _calibrate_module()
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"time_calibration: method must be one of {CALIBRATION_METHODS}, got {method!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"time_calibration: batch_size must be a positive int, got {batch_size!r}")
+    adapter = get_adapter(model)
+    data = cal.check_token_data(data, adapter.vocab_size, "time_calibration")
+    device = _model_device(model)
+    dtype = next(model.parameters()).dtype
+    num_samples, seq_len = int(data.shape[0]), int(data.shape[1])
+    need = store_all_bytes(model, num_samples, seq_len)
+    if method == "store_all" and check_memory:
+        avail = _available_host_bytes()
+        if avail is not None and need > 0.9 * avail:
+            raise ValueError(
+                f"time_calibration: store_all would keep {need / 2**30:.1f} GiB of activations on the host "
+                f"({adapter.num_layers} layers x 2 x {num_samples * seq_len} tokens x {adapter.hidden_size} x "
+                f"{dtype.itemsize} bytes) but only {avail / 2**30:.1f} GiB is available; use fewer tokens "
+                "(its memory grows linearly with them; that is the point of streaming)")
+    if warmup:  # touch every weight once (lazily mmapped checkpoints count in RSS when first read), warm kernels
+        with cal.eval_mode(model):
+            model(input_ids=data[:1, : min(seq_len, 16)].to(device), use_cache=False)
+    phases = _PhaseTimes(device)
+    stored_bytes: list[int] = []
+    with _PeakHostAndCuda(device) as peak:
+        _sync(device)
+        t0 = time.perf_counter()
+        if method == "streaming":
+            from unittest import mock
+
+            from nbl_ext.stats import CovarianceAccumulator
+
+            class TimedAccumulator(CovarianceAccumulator):
+                def update(self, x, y):
+                    with phases.timing("statistics_s"):
+                        return super().update(x, y)
+
+            real_score = cal.score_layer
+
+            def timed_score(*args, **kwargs):
+                with phases.timing("fit_s"):
+                    return real_score(*args, **kwargs)
+
+            with mock.patch.object(cal, "CovarianceAccumulator", TimedAccumulator), \
+                    mock.patch.object(cal, "score_layer", timed_score):
+                result = cal.calibrate(model, data, batch_size=batch_size, progress=progress, ridge=ridge)
+        else:
+            result = _calibrate_store_all(model, data, batch_size=batch_size, ridge=ridge, progress=progress,
+                                          phases=phases)
+            stored_bytes.append(need)
+        _sync(device)
+        total = time.perf_counter() - t0
+    tokens = num_samples * seq_len
+    cost = calibration_cost(Shape.of(model), num_samples=num_samples, seq_len=seq_len, batch_size=batch_size,
+                            dtype=dtype)
+    rates = ceilings or {}
+    floor = calibration_floor(cost, matmul_flops_per_s=rates.get("matmul_flops_per_s"),
+                              gram_flops_per_s=rates.get("gram_flops_per_s") or (
+                                  rates.get("matmul_flops_per_s") if dtype == torch.float32 else None),
+                              bandwidth_bytes_per_s=rates.get("bandwidth_bytes_per_s"))
+    out: dict[str, Any] = {
+        "method": method, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "num_layers": adapter.num_layers, "hidden_size": adapter.hidden_size, "num_samples": num_samples,
+        "seq_len": seq_len, "tokens": tokens, "batch_size": batch_size, "timer": "perf_counter (device synced)",
+        "total_s": total, "tokens_per_s": tokens / total,
+        "forward_s": max(0.0, total - phases.statistics_s - phases.fit_s),
+        "statistics_s": phases.statistics_s, "fit_s": phases.fit_s,
+        "peak_host_bytes": peak.host, "peak_cuda_bytes": peak.cuda, "peak_cuda_growth_bytes": peak.cuda_growth,
+        "peak_memory_method": peak.method,
+        "stored_activation_bytes": stored_bytes[0] if stored_bytes else 0,
+        "cost": cost, "floor": floor, "ceilings": ceilings,
+        "pct_of_floor": 100.0 * floor["floor_s"] / total if floor["floor_s"] else None,
+        "bounds": result.bounds, "nmse": result.nmse, "cosines": result.cosines,
+    }
+    if return_result:
+        out["result"] = result
+    return out
+
+
+def calibration_ceilings(device: str | torch.device, dtype: str | torch.dtype | None = None) -> dict[str, Any]:
+    """:func:`measure_ceilings` in the model dtype plus ``gram_flops_per_s``: the float32 matmul rate (the
+    statistics' Gram products are float32 GEMMs whatever the model dtype)."""
+    dev = torch.device(device)
+    c = measure_ceilings(dev, dtype)
+    dt = _torch_dtype(dtype, dev, "calibration_ceilings")
+    c["gram_flops_per_s"] = c["matmul_flops_per_s"] if dt == torch.float32 else \
+        measure_ceilings(dev, torch.float32)["matmul_flops_per_s"]
+    c["method"] += "; gram rate: the same matmul in float32"
+    return c
+
+
+def compare_calibration(model: nn.Module, sample_counts: Sequence[int], *, seq_len: int = 2048,
+                        methods: Sequence[str] = CALIBRATION_METHODS, batch_size: int = 1,
+                        ceilings: dict[str, Any] | None = None, seed: int = 0, progress: bool = False,
+                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """:func:`time_calibration` of each method at each number of samples (``seq_len`` tokens each), in one run.
+
+    Random token ids (:func:`calibration_tokens`; the first ``s`` samples of one draw, so the counts nest).
+    A store_all run that would not fit in host memory is recorded as skipped with the reason (its need
+    grows linearly; see :func:`store_all_bytes`). Each run gains ``vs_streaming``: time and peak-memory
+    ratios to the streaming run at the same token count. Returns ``{"settings", "ceilings", "runs"}``.
+    """
+    say = log or (lambda _msg: None)
+    for m in methods:
+        if m not in CALIBRATION_METHODS:
+            raise ValueError(f"compare_calibration: method must be one of {CALIBRATION_METHODS}, got {m!r}")
+    counts = [int(c) for c in sample_counts]
+    if not counts or any(c < 1 for c in counts):
+        raise ValueError(f"compare_calibration: sample_counts must be positive ints, got {list(sample_counts)}")
+    vocab = get_adapter(model).vocab_size
+    data = calibration_tokens(vocab, max(counts), seq_len, seed=seed)
+    runs: list[dict[str, Any]] = []
+    for count in counts:
+        for m in methods:
+            say(f"{m}: {count} x {seq_len} tokens")
+            try:
+                r = time_calibration(model, data[:count], method=m, batch_size=batch_size, ceilings=ceilings,
+                                     progress=progress)
+            except ValueError as exc:
+                if m != "store_all" or "would keep" not in str(exc):
+                    raise
+                runs.append({"method": m, "num_samples": count, "seq_len": seq_len, "tokens": count * seq_len,
+                             "skipped": str(exc)})
+                say(f"  skipped: {exc}")
+                continue
+            runs.append(r)
+            say(f"  {r['total_s']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s")
+            _free(_model_device(model))
+    base = {r["tokens"]: r for r in runs if r["method"] == "streaming" and "skipped" not in r}
+    for r in runs:
+        o = base.get(r["tokens"])
+        if o is None or "skipped" in r:
+            continue
+        r["vs_streaming"] = {
+            "time_ratio": r["total_s"] / o["total_s"],
+            "peak_host_ratio": (r["peak_host_bytes"] / o["peak_host_bytes"])
+            if r["peak_host_bytes"] is not None and o["peak_host_bytes"] else None,
+            "peak_cuda_ratio": (r["peak_cuda_bytes"] / o["peak_cuda_bytes"])
+            if r["peak_cuda_bytes"] is not None and o["peak_cuda_bytes"] else None,
+        }
+    return {"settings": {"sample_counts": counts, "seq_len": seq_len, "methods": list(methods),
+                         "batch_size": batch_size, "seed": seed, "data": "random token ids"},
+            "ceilings": ceilings, "runs": runs}

@@ -5,6 +5,7 @@
     nbl report out/                   # per-layer table + plot (bound, NMSE, cosine; chosen layers)
     nbl eval out/ --data-dir ../shared/data/eval --limit 100   # lm-eval accuracy + perplexity
     nbl bench --shape llama-3.1-8b --k 4,8,12 --mode eager,static   # generation latency (GPU)
+    nbl bench --calibration --shape llama-3.1-8b --samples 32,256   # calibration cost (GPU)
 """
 from __future__ import annotations
 
@@ -79,11 +80,25 @@ what it does:
      decode speedup from bytes per step (weights + KV read; see nbl_ext.benchmark.floors), and
      writes everything to --output (JSON with the device, versions and git commit)
 
+calibration cost (--calibration; the generation options --k/--methods/--mode/... are not used):
+  1. builds the model as above; random token ids of SAMPLES x SEQ_LEN (cost does not depend on them)
+  2. for each count in --samples and each of --calib-methods, calibrates every layer:
+       streaming  nbl_ext.calibrate as users run it: float64 statistics streamed layer by layer,
+                  memory flat in the token count
+       store_all  the reference code's approach on the same layer-by-layer forward: every layer's
+                  X and A for all tokens kept on the host, then float64 torch.cov and the same fit
+                  (refused with the estimate when it would not fit in host memory)
+  3. prints time (forward / statistics / fit), tokens/s, peak host RSS growth, peak GPU memory and
+     the floor (forward FLOPs / same-run matmul rate + Gram FLOPs / float32 rate; see
+     nbl_ext.benchmark.calibration_cost), and writes everything to --output
+
 examples:
   nbl bench --shape llama-3.1-8b --k 4,8,12 --mode eager,static --output bench-8b.json   # on a GPU
   nbl bench --shape mistral-7b --batch 16 --prompt-len 8192 --new-tokens 128 --prefill-chunk 2048
   nbl bench --prompt-len 256 --new-tokens 32 --k 6,12 --mode eager   # SmolLM2-135M, CPU-sized
   nbl bench my/hf-model-dir --k 7 --methods drop --device cpu       # original weights of a local model
+  nbl bench --calibration --shape llama-3.1-8b --samples 32,256 --output calib-8b.json   # on a GPU
+  nbl bench --calibration --samples 4,16 --seq-len 512               # SmolLM2-135M on the CPU
 """
 
 
@@ -198,9 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", default=None, metavar="FILE.json", help="write the full report here")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    b = sub.add_parser("bench", help="generation latency: original vs NBL-k vs DROP-k",
+    b = sub.add_parser("bench", help="generation latency: original vs NBL-k vs DROP-k; --calibration: calibration cost",
                        description="Time prefill and decode of MODEL (or a random-weight --shape), original vs "
-                       "NBL-k and DROP-k, and report ratios, memory and floors.",
+                       "NBL-k and DROP-k, and report ratios, memory and floors. With --calibration: time and "
+                       "peak memory of calibrating every layer, streaming vs store-all, against the floor.",
                        epilog=_EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
     b.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help="real weights, as for `nbl compress` (default: the bundled SmolLM2-135M unless --shape)")
@@ -232,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip measuring bandwidth and matmul rate (then no floors in seconds)")
     b.add_argument("--seed", type=int, default=0, help="prompt and random-map seed (default 0)")
     b.add_argument("--output", default=None, metavar="FILE.json", help="write the full result here")
+    c = b.add_argument_group("calibration cost (--calibration)")
+    c.add_argument("--calibration", action="store_true",
+                   help="measure the cost of calibrating every layer instead of generation latency")
+    c.add_argument("--samples", type=_int_list, default=[256], metavar="S1,S2",
+                   help="calibration sample counts to measure (default: 256, the paper's)")
+    c.add_argument("--seq-len", type=_positive(int), default=2048, metavar="L",
+                   help="tokens per calibration sample (default 2048)")
+    c.add_argument("--calib-methods", type=_choice_list(("streaming", "store_all")),
+                   default=["streaming", "store_all"], metavar="M1,M2",
+                   help="streaming and/or store_all (default: streaming,store_all)")
+    c.add_argument("--calib-batch-size", type=_positive(int), default=1, metavar="B",
+                   help="samples per forward during calibration (default 1)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     r = sub.add_parser("report", help="per-layer table and plot of a compressed model or calibration",
                        description="Print the per-layer table of DIR (written by nbl compress) and save a PNG plot.")
@@ -508,6 +537,8 @@ def _bench(args) -> int:
         raise ValueError(f"give MODEL ({args.model}) or --shape ({args.shape}), not both")
     if args.num_layers is not None and args.shape is None:
         raise ValueError("--num-layers applies to --shape (random weights) only")
+    if args.calibration:
+        return _bench_calibration(args)
     if args.new_tokens < 2:
         raise ValueError(f"--new-tokens must be at least 2 (one prefill token and one decode step), got {args.new_tokens}")
     if args.warmup < 0:
@@ -551,6 +582,77 @@ def _bench(args) -> int:
     print(format_bench(report))
     _write_report(args.output, report, "bench")
     return 0
+
+
+def _bench_calibration(args) -> int:
+    import torch
+
+    from nbl_ext import benchmark
+    from nbl_ext.models import DEFAULT_MODEL, load_model
+
+    # MODEL vs --shape and --num-layers are checked by _bench before it comes here
+    if args.output and Path(args.output).is_dir():
+        raise IsADirectoryError(f"--output {args.output} is a directory; give a file name such as calib.json")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if args.shape is not None:
+        what = f"random {args.shape}" + (f" ({args.num_layers} layers)" if args.num_layers else "")
+        model = benchmark.random_model(args.shape, dtype=args.dtype, device=device, num_layers=args.num_layers,
+                                       seed=args.seed)
+    else:
+        what = str(args.model or DEFAULT_MODEL)
+        model = load_model(args.model, dtype=args.dtype, device=device, progress=not args.no_progress)[0]
+    info = benchmark.run_info(device)
+    print(f"nbl bench: calibration cost of {what} on {info['device'].get('name', device)}; methods "
+          f"{','.join(args.calib_methods)}; samples {','.join(map(str, args.samples))} x {args.seq_len} tokens",
+          file=sys.stderr)
+    ceilings = None if args.no_ceilings else benchmark.calibration_ceilings(device, next(model.parameters()).dtype)
+    result = benchmark.compare_calibration(
+        model, args.samples, seq_len=args.seq_len, methods=args.calib_methods, batch_size=args.calib_batch_size,
+        ceilings=ceilings, seed=args.seed, progress=not args.no_progress,
+        log=lambda msg: print(f"nbl bench: {msg}", file=sys.stderr))
+    report = {"nbl_bench_calibration": 1, **info,
+              "model": {"name": what, "shape": args.shape, "weights": "random" if args.shape else "real"},
+              "args": {k: v for k, v in vars(args).items() if k != "command"}, **result}
+    print(format_bench_calibration(report))
+    _write_report(args.output, report, "bench")
+    return 0
+
+
+def format_bench_calibration(report: dict) -> str:
+    """The table `nbl bench --calibration` prints: one row per method and token count."""
+    runs = report["runs"]
+    dev = report.get("device", {})
+    done = [r for r in runs if "skipped" not in r]
+    dtype = done[0]["dtype"] if done else "?"
+    lines = [f"{report.get('model', {}).get('name', '?')}: calibration of all layers, {dtype} on "
+             f"{dev.get('name', '?')}",
+             f"{'method':<10} {'samples x len':>14} {'tokens':>9} {'time s':>8} {'fwd s':>7} {'stats s':>7} "
+             f"{'fit s':>6} {'tokens/s':>9} {'host MiB':>9} {'GPU MiB':>8} {'floor s':>8} {'% floor':>7} {'x time':>6}"]
+    for r in runs:
+        head = f"{r['method']:<10} {str(r['num_samples']) + ' x ' + str(r['seq_len']):>14} {r['tokens']:>9}"
+        if "skipped" in r:
+            lines.append(f"{head}   skipped: {r['skipped']}")
+            continue
+        mib = lambda v: "-" if v is None else f"{v / 2**20:.0f}"  # noqa: E731
+        fl = r["floor"]["floor_s"]
+        pct = r["pct_of_floor"]
+        x = r.get("vs_streaming", {}).get("time_ratio")
+        lines.append(
+            f"{head} {r['total_s']:>8.1f} {r['forward_s']:>7.1f} {r['statistics_s']:>7.1f} {r['fit_s']:>6.1f} "
+            f"{r['tokens_per_s']:>9.0f} {mib(r['peak_host_bytes']):>9} {mib(r['peak_cuda_bytes']):>8} "
+            f"{'-' if fl is None else f'{fl:.1f}':>8} "
+            f"{'-' if pct is None else f'{pct:.0f}%':>7} "
+            f"{'-' if x is None else f'{x:.2f}':>6}")
+    c = report.get("ceilings")
+    if c:
+        lines.append(f"same-run ceilings: matmul {c['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({dtype}), float32 "
+                     f"{c['gram_flops_per_s'] / 1e9:.0f} GFLOP/s, copy {c['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s")
+    lines.append("host MiB: peak RSS growth over the loaded model; GPU MiB: peak allocated (weights included); "
+                 "floor: forward FLOPs / matmul rate + Gram FLOPs / float32 rate (or bytes / bandwidth); "
+                 "x time: / streaming at the same tokens")
+    return "\n".join(lines)
 
 
 def format_bench(report: dict) -> str:

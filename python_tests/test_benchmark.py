@@ -304,3 +304,152 @@ def test_bench_user_errors_exit_2(capsys, tiny_model_dir, argv, needle):
     assert cli.main(["bench", "--device", "cpu", *QUICK, *argv]) == 2  # argv last: it wins
     err = capsys.readouterr().err
     assert "nbl bench: error:" in err and needle in err.split("nbl bench: error:", 1)[1], err
+
+
+# --- calibration cost ----------------------------------------------------------------------------------
+
+CAL_VOCAB = 64  # > hidden 32: layer 0's inputs (embeddings) span all directions, C_xx is well conditioned
+
+
+def _cal_model():
+    return tiny_llama(CAL_VOCAB, seed=3)
+
+
+def test_store_all_gives_the_same_calibration_as_streaming():
+    """The benchmark's baseline computes the same statistics the other way: same W, b and scores."""
+    model = _cal_model()
+    data = benchmark.calibration_tokens(CAL_VOCAB, 8, 32, seed=1)
+    s = benchmark.time_calibration(model, data, method="streaming", batch_size=3, return_result=True)
+    a = benchmark.time_calibration(model, data, method="store_all", batch_size=3, return_result=True)
+    rs, ra = s.pop("result"), a.pop("result")
+    assert rs.num_layers == ra.num_layers == 2
+    for ls, la in zip(rs.layers, ra.layers):
+        assert ls.tokens == la.tokens == 8 * 32
+        # float32 Gram blocks of centered chunks (streaming) vs float64 torch.cov (store_all)
+        assert torch.allclose(la.weight, ls.weight, rtol=0, atol=1e-5 * float(ls.weight.abs().max()))
+        assert torch.allclose(la.bias, ls.bias, rtol=0, atol=1e-5 * max(1.0, float(ls.bias.abs().max())))
+        assert la.bound == pytest.approx(ls.bound, rel=1e-5)
+        assert la.nmse == pytest.approx(ls.nmse, rel=1e-4)
+        assert la.cosine == pytest.approx(ls.cosine, abs=1e-12)  # the same streaming cosine code in both
+    for r, method in ((s, "streaming"), (a, "store_all")):
+        assert r["method"] == method and r["tokens"] == 256 and r["num_layers"] == 2 and r["batch_size"] == 3
+        assert r["tokens_per_s"] == pytest.approx(256 / r["total_s"])
+        for key in ("forward_s", "statistics_s", "fit_s"):
+            assert 0 <= r[key] <= r["total_s"], (key, r[key], r["total_s"])
+        assert r["forward_s"] + r["statistics_s"] + r["fit_s"] == pytest.approx(r["total_s"])
+        assert r["statistics_s"] > 0 and r["fit_s"] > 0
+        assert r["bounds"] == pytest.approx(rs.bounds if method == "streaming" else ra.bounds)
+        assert (isinstance(r["peak_host_bytes"], int) and r["peak_host_bytes"] >= 0) or \
+            (r["peak_host_bytes"] is None and "unavailable" in r["peak_memory_method"])
+        assert r["peak_cuda_bytes"] is None and r["floor"]["floor_s"] is None and r["pct_of_floor"] is None
+        json.dumps(r)
+    # store_all held every layer's X and A for every token: 2 layers x 2 x 256 tokens x 32 x 4 bytes
+    assert a["stored_activation_bytes"] == 2 * 2 * 256 * 32 * 4 == benchmark.store_all_bytes(model, 8, 32)
+    assert s["stored_activation_bytes"] == 0
+    assert s["cost"] == a["cost"] == benchmark.calibration_cost(model, num_samples=8, seq_len=32, batch_size=3,
+                                                                dtype=torch.float32)
+
+
+def test_calibration_cost_and_floor_by_hand():
+    # tiny_llama: d 32, 2 layers, 4 heads x 8, 2 KV heads, intermediate 64; 2 samples x 8 tokens, float32
+    c = benchmark.calibration_cost(Shape.of(_cal_model()), num_samples=2, seq_len=8, batch_size=1,
+                                   dtype=torch.float32)
+    layer_mat = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64  # q, k, v, o, gate/up/down = 9216
+    assert c["tokens"] == 16
+    assert c["linear_flops"] == 2 * 16 * 2 * layer_mat
+    assert c["attention_flops"] == 4 * 32 * 2 * 2 * (8 * 9 // 2)  # position t attends t + 1 keys
+    assert c["forward_flops"] == c["linear_flops"] + c["attention_flops"]
+    assert c["gram_flops"] == 2 * 2 * 16 * 3 * 32 * 32
+    assert c["weight_bytes"] == 2 * 2 * 4 * (layer_mat + 64)  # 2 layers x 2 batches
+    assert c["stored_activation_bytes"] == c["activation_bytes"] == 2 * 2 * 16 * 32 * 4
+    assert c["bytes"] == c["weight_bytes"] + c["activation_bytes"]
+    assert c["state_bytes"] == 8 * (3 * 32 * 32 + 64)
+    assert benchmark.calibration_cost(Shape.of(_cal_model()), num_samples=2, seq_len=8, batch_size=2,
+                                      dtype=torch.float32)["weight_bytes"] == c["weight_bytes"] // 2
+    f = benchmark.calibration_floor(c, matmul_flops_per_s=1e6, gram_flops_per_s=2e6, bandwidth_bytes_per_s=1e3)
+    assert f["forward_s"] == pytest.approx(c["forward_flops"] / 1e6)
+    assert f["gram_s"] == pytest.approx(c["gram_flops"] / 2e6)
+    assert f["compute_s"] == pytest.approx(f["forward_s"] + f["gram_s"])
+    assert f["memory_s"] == pytest.approx(c["bytes"] / 1e3)
+    assert f["floor_s"] == max(f["compute_s"], f["memory_s"]) and f["bound"] == "memory"
+    assert benchmark.calibration_floor(c)["floor_s"] is None
+    # the 8B shape at the paper's 256 x 2048 tokens: 2 x 6.98e9 FLOPs per token in the layers' matmuls
+    big = benchmark.calibration_cost("llama-3.1-8b", num_samples=256, seq_len=2048)
+    assert big["linear_flops"] == 2 * 256 * 2048 * 32 * 218_103_808
+    assert big["stored_activation_bytes"] == 32 * 2 * 256 * 2048 * 4096 * 2  # 256 GiB on the host
+
+
+def test_time_calibration_with_ceilings_reports_floor():
+    model = _cal_model()
+    data = benchmark.calibration_tokens(CAL_VOCAB, 4, 32)
+    ceil = {"matmul_flops_per_s": 1e9, "gram_flops_per_s": 5e8, "bandwidth_bytes_per_s": 1e9}
+    r = benchmark.time_calibration(model, data, ceilings=ceil)
+    expect = benchmark.calibration_floor(r["cost"], matmul_flops_per_s=1e9, gram_flops_per_s=5e8,
+                                         bandwidth_bytes_per_s=1e9)
+    assert r["floor"] == expect and r["floor"]["floor_s"] > 0
+    assert r["pct_of_floor"] == pytest.approx(100 * expect["floor_s"] / r["total_s"])
+
+
+def test_time_calibration_rejects_bad_input(monkeypatch):
+    model = _cal_model()
+    data = benchmark.calibration_tokens(CAL_VOCAB, 4, 32)
+    with pytest.raises(ValueError, match="method must be one of"):
+        benchmark.time_calibration(model, data, method="all")
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        benchmark.time_calibration(model, data, batch_size=0)
+    with pytest.raises(TypeError, match="integer token ids"):
+        benchmark.time_calibration(model, data.float())
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 64\)"):
+        benchmark.time_calibration(model, data + CAL_VOCAB)
+    with pytest.raises(ValueError, match="num_samples must be a positive int"):
+        benchmark.calibration_tokens(CAL_VOCAB, 0, 8)
+    monkeypatch.setattr(benchmark, "_available_host_bytes", lambda: 1000)
+    with pytest.raises(ValueError, match=r"store_all would keep .* GiB of activations on the host"):
+        benchmark.time_calibration(model, data, method="store_all")
+    benchmark.time_calibration(model, data, method="store_all", check_memory=False)  # the check can be waived
+
+
+def test_compare_calibration_ratios_and_skips(monkeypatch):
+    model = _cal_model()
+    r = benchmark.compare_calibration(model, [4, 6], seq_len=32)
+    assert [(x["method"], x["num_samples"]) for x in r["runs"]] == [
+        ("streaming", 4), ("store_all", 4), ("streaming", 6), ("store_all", 6)]
+    for x in r["runs"]:
+        assert x["vs_streaming"]["time_ratio"] > 0
+    assert r["runs"][0]["vs_streaming"]["time_ratio"] == 1.0
+    monkeypatch.setattr(benchmark, "_available_host_bytes", lambda: 1000)
+    r = benchmark.compare_calibration(model, [4], seq_len=32)
+    assert "skipped" in r["runs"][1] and "would keep" in r["runs"][1]["skipped"]
+    with pytest.raises(ValueError, match="method must be one of"):
+        benchmark.compare_calibration(model, [2], methods=["streaming", "pickle"])
+    with pytest.raises(ValueError, match="sample_counts must be positive ints"):
+        benchmark.compare_calibration(model, [])
+
+
+@pytest.mark.filterwarnings("ignore::nbl_ext.numerics.SingularWarning")  # 20-token vocabulary: layer 0 is rank 20 < 32
+def test_bench_calibration_cli_writes_json(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "calib.json"
+    rc = cli.main(["bench", str(tiny_model_dir), "--calibration", "--samples", "2,3", "--seq-len", "8",
+                   "--device", "cpu", "--no-ceilings", "--no-progress", "--output", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "streaming" in printed and "store_all" in printed and "tokens/s" in printed
+    report = json.loads(out.read_text())
+    assert report["nbl_bench_calibration"] == 1 and report["model"]["weights"] == "real"
+    assert [(r["method"], r["tokens"]) for r in report["runs"]] == [
+        ("streaming", 16), ("store_all", 16), ("streaming", 24), ("store_all", 24)]
+    assert all(r["total_s"] > 0 and r["num_layers"] == 2 for r in report["runs"])
+    assert report["settings"]["seq_len"] == 8 and report["device"]["type"] == "cpu"
+
+
+def test_bench_calibration_help_and_errors(capsys, tiny_model_dir):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("--calibration", "--samples", "--seq-len", "--calib-methods", "store_all", "streaming"):
+        assert needle in text
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--calibration", "--calib-methods", "pickle"])
+    assert exc.value.code == 2 and "choose from streaming,store_all" in capsys.readouterr().err
+    assert cli.main(["bench", str(tiny_model_dir), "--calibration", "--shape", "mistral-7b"]) == 2
+    assert "not both" in capsys.readouterr().err
