@@ -4,7 +4,8 @@
 
 One table per suite present: the covariance accumulator (test_bench_accumulator.py),
 generation latency (test_bench_generate.py, ratios to the original of the same case) and
-calibration cost (test_bench_calibration.py, ratios to streaming at the same tokens).
+calibration cost (test_bench_calibration.py, ratios to streaming at the same tokens) and the
+fused linearized-attention forward (test_bench_affine.py, ratios within each case).
 """
 from __future__ import annotations
 
@@ -28,15 +29,34 @@ def summarize(path: Path) -> str:
     acc = [e for e in extras if "d_x" in e and "variant" in e]
     gen = [e for e in extras if e.get("suite") == "generate"]
     cal = [e for e in extras if e.get("suite") == "calibration"]
+    aff = [e for e in extras if e.get("suite") == "affine"]
     if acc:
         parts.append(_accumulator_table(acc, data))
     if gen:
         parts.append(_generate_table(gen))
     if cal:
         parts.append(calibration_table(cal))
-    if not acc and not gen and not cal:
+    if aff:
+        parts.append(_affine_table(aff))
+    if not acc and not gen and not cal and not aff:
         parts.append("(no benchmarks with results in this file)")
     return "\n\n".join(parts)
+
+
+def _affine_table(rows: list[dict]) -> str:
+    """nbl::affine_residual (test_bench_affine.py): kernel vs reference, bare GEMM and attention branch."""
+    out = ["| device | shape | dtype | rows | kernel us | ref / kernel | kernel / GEMM | kernel / attention "
+           "| % floor | % bandwidth |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    for e in sorted(rows, key=lambda e: (e["device"], e["shape"], e["dtype"], e["rows"])):
+        out.append(f"| {e['device']} | {e['shape']} | {e['dtype']} | {e['rows']} | {e['median_s'] * 1e6:.1f} "
+                   f"| {f(e.get('kernel_vs_reference'), '.2f')} | {f(e.get('kernel_vs_gemm'), '.2f')} "
+                   f"| {f(e.get('kernel_vs_attention'), '.3f')} | {f(e.get('pct_of_floor'), '.0f')} "
+                   f"| {f(e.get('pct_of_bandwidth'), '.0f')} |")
+    return "\n".join(out)
 
 
 def _accumulator_table(rows: list[dict], data: dict) -> str:
