@@ -62,6 +62,19 @@ at::Tensor affine_residual_cpu(const at::Tensor& h, const at::Tensor& weight, co
 
 #ifdef NBL_WITH_CUDA
 at::Tensor affine_residual_cuda(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias);
+
+// The CUDA kernel's code paths (csrc/cuda/affine_residual_cuda.cu has the
+// details and the roofline floors). kAuto: kGemv for at most 8 rows, else
+// kCublasLt (which falls back to kGemmEpilogue when cuBLASLt cannot take the
+// problem). The others force a path for tests:
+//   kGemv:            hand-written GEMV (at most 8 rows; more raise ValueError).
+//   kGemmEpilogue:    at::mm into float32 + one elementwise epilogue kernel.
+//   kCublasLt:        one cuBLASLt matmul, epilogue D = hW^T + h + b; falls
+//                     back to kGemmEpilogue when it cannot run.
+//   kCublasLtStrict:  the same, but raises instead of falling back (tests).
+enum class AffineResidualCudaPath { kAuto, kGemv, kGemmEpilogue, kCublasLt, kCublasLtStrict };
+at::Tensor affine_residual_cuda_path(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                                     AffineResidualCudaPath path);
 #endif
 
 // The CPU kernel's code paths. kAuto picks one by dtype and row count; the
