@@ -20,8 +20,10 @@
 //     float32 and rounded to h's dtype once; split-K reductions in the output
 //     dtype are disallowed. No float32 intermediate: the traffic is the
 //     GEMM's own.
-//     Floors: 2 n d^2 FLOPs; (2 n d + d^2) * sizeof(T) bytes (h read once as B
-//     and once as C, out written, weight read).
+//     Floors: 2 n d^2 FLOPs; (2 n d + d^2) * sizeof(T) bytes (h read and out
+//     written once, weight read once). The kernel reads h twice (as B and as
+//     C), n d * sizeof(T) above the floor, much of it from L2; compute-bound
+//     for n beyond a few hundred rows on H100/H200.
 //   * kGemmEpilogue (the fallback): one cuBLAS GEMM acc = h weight^T with a
 //     float32 output for bfloat16/float16 inputs (at::mm's out_dtype; float32
 //     accumulation; float32 inputs follow allow_tf32), then one elementwise
