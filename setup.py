@@ -44,6 +44,31 @@ def _pip_cuda_include_dirs(cuda_home: str) -> list[str]:
     return found
 
 
+def _cublas_link_args(cuda_home: str) -> tuple[list[str], list[str]]:
+    """(library_dirs, extra_link_args) that link cuBLAS and cuBLASLt (the CUDA
+    kernels call cublasGemmEx and cublasLtMatmul directly). The toolkit's
+    lib64 when it has them; otherwise the nvidia-* wheels that the CUDA torch
+    wheel depends on, linked by their versioned file names (they ship no
+    unversioned .so). At run time torch has already loaded these libraries
+    (same sonames), so no rpath is needed."""
+    lib64 = Path(cuda_home) / "lib64"
+    if (lib64 / "libcublasLt.so").exists() and (lib64 / "libcublas.so").exists():
+        return [str(lib64)], ["-lcublasLt", "-lcublas"]
+    try:
+        import nvidia
+    except ImportError:
+        return [], ["-lcublasLt", "-lcublas"]
+    dirs, args = [], []
+    for name in ("libcublasLt.so", "libcublas.so"):
+        found = sorted(p for base in getattr(nvidia, "__path__", []) for p in Path(base).glob(f"*/lib/{name}.*"))
+        if not found:
+            return [], ["-lcublasLt", "-lcublas"]
+        lib = found[0]
+        dirs.append(str(lib.parent))
+        args.append(f"-l:{lib.name}")
+    return sorted(set(dirs)), args
+
+
 def _extensions():
     if _flag("NBL_NO_EXTENSION"):
         return [], {}
@@ -74,12 +99,14 @@ def _extensions():
     kwargs = dict(include_dirs=[str(ROOT / "csrc")])
     if with_cuda:
         kwargs["include_dirs"] += _pip_cuda_include_dirs(CUDA_HOME)
+        kwargs["library_dirs"], link_args = _cublas_link_args(CUDA_HOME)
         sources += [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "cuda").glob("*.cu"))]
         ext = CUDAExtension(
             "nbl_ext._C",
             sources,
             define_macros=[("NBL_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_args,
             **kwargs,
         )
     else:

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = {"compiled": 0, "reference": 1, "store_all": 2}
+ORDER = {"compiled": 0, "compiled_bf16": 1, "reference": 2, "store_all": 3}
 
 
 def summarize(path: Path) -> str:

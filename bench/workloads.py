@@ -45,7 +45,9 @@ import torch
 
 from nbl_ext.benchmark import _proc_status, _reset_peak_rss
 
-VARIANTS = ("compiled", "reference", "store_all")
+#: compiled_bf16: the compiled op with precision="bfloat16" (bf16 Gram products, float32
+#: accumulation; see nbl_ext.stats.CovarianceAccumulator); its check tolerance is wider.
+VARIANTS = ("compiled", "compiled_bf16", "reference", "store_all")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 #: Tokens per update() call of the streaming variants (one row block of the kernel).
 CHUNK = 2048
@@ -57,6 +59,11 @@ MASSIVE_MEAN = 1.0e3
 #: Guard tolerance: relative Frobenius error of cov @ probes against the float64 oracle.
 #: Gram blocks are float32 (<= 2048-row sums), so ~1e-6 is expected; 1e-4 is "float32-grade".
 CHECK_RTOL = 1.0e-4
+#: Per-variant tolerances where the variant is less precise by design: compiled_bf16 rounds
+#: the centered values to bfloat16 (2**-9 relative per value); measured 0.45e-3..2.1e-3 on
+#: this data and metric (bench/README.md), held to the documented bound
+#: nbl_ext.stats.BF16_REL_ERR_BOUND = 4e-3 (2**-8).
+CHECK_RTOL_BY_VARIANT = {"compiled_bf16": 4.0e-3}
 
 
 class Moments(NamedTuple):
@@ -96,10 +103,10 @@ def iter_chunks(d: int, n: int, dtype: torch.dtype, *, chunk: int = CHUNK, seed:
 
 # --- the three variants -------------------------------------------------------
 def run_compiled(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], d_x: int, d_y: int,
-                 device: str | torch.device = "cpu") -> Moments:
+                 device: str | torch.device = "cpu", precision: str = "float32") -> Moments:
     import nbl_ext
 
-    acc = nbl_ext.CovarianceAccumulator(d_x, d_y, device=device)
+    acc = nbl_ext.CovarianceAccumulator(d_x, d_y, device=device, precision=precision)
     for x, y in chunks:
         acc.update(x, y)
     return Moments(acc.mean_x, acc.mean_y, acc.cov_xx, acc.cov_yx, acc.cov_yy)
@@ -135,6 +142,7 @@ def run_store_all(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], d_x: int,
 
 RUNNERS: dict[str, Callable[..., Moments]] = {
     "compiled": run_compiled,
+    "compiled_bf16": lambda chunks, d_x, d_y, device="cpu": run_compiled(chunks, d_x, d_y, device, "bfloat16"),
     "reference": run_reference,
     "store_all": run_store_all,
 }
@@ -193,9 +201,10 @@ def check(result: Moments, oracle: Oracle, variant: str) -> float:
     rel = float(torch.linalg.norm(got - oracle.cov_probes) / torch.linalg.norm(oracle.cov_probes))
     mean = torch.cat([result.mean_x, result.mean_y]).to(torch.float64)
     mean_err = float((mean - oracle.mean).abs().max() / oracle.mean.abs().max().clamp_min(1.0))
-    ok = math.isfinite(rel) and rel <= CHECK_RTOL and mean_err <= 1e-9
+    rtol = CHECK_RTOL_BY_VARIANT.get(variant, CHECK_RTOL)
+    ok = math.isfinite(rel) and rel <= rtol and mean_err <= 1e-9
     assert ok, (f"{variant}: covariance does not match the float64 oracle: relative error of cov @ probes "
-                f"{rel:.3e} (tolerance {CHECK_RTOL:.0e}), relative mean error {mean_err:.3e}")
+                f"{rel:.3e} (tolerance {rtol:.0e}), relative mean error {mean_err:.3e}")
     return rel
 
 

@@ -1,9 +1,11 @@
 // Backend-independent parts of nbl::cov_update_: argument checks, the
 // float64 chunk means with the non-finite check, the merge coefficients and
-// the Gram dtype rule (plan_cov_chunk).
+// the Gram dtype rule (plan_cov_chunk), the precision argument.
 #include "nbl_kernels.h"
 
 #include <c10/util/Exception.h>
+
+#include <string>
 
 namespace nbl {
 namespace detail {
@@ -56,17 +58,30 @@ at::Tensor checked_column_sum(const at::Tensor& x, const char* name) {
   return s;
 }
 
-at::ScalarType gram_dtype(const at::Tensor& x, const at::Tensor& y) {
+at::ScalarType gram_dtype(const at::Tensor& x, const at::Tensor& y, GramPrecision precision) {
+  if (precision == GramPrecision::kBFloat16) return at::kBFloat16;
   return (x.scalar_type() == at::kDouble || y.scalar_type() == at::kDouble) ? at::kDouble
                                                                             : at::kFloat;
 }
 
 }  // namespace
 
+GramPrecision parse_gram_precision(std::string_view precision) {
+  if (precision == "float32") return GramPrecision::kFloat32;
+  if (precision == "bfloat16") return GramPrecision::kBFloat16;
+  TORCH_CHECK_VALUE(false, "nbl::cov_update_: precision must be one of 'float32', 'bfloat16'; got '",
+                    std::string(precision),
+                    "'. Use 'float32' (the default, float32-grade Gram products) or 'bfloat16' "
+                    "(faster on tensor cores, less accurate); the accumulator was not updated");
+  return GramPrecision::kFloat32;  // unreachable
+}
+
 std::optional<CovChunk> plan_cov_chunk(const at::Tensor& mean_x, const at::Tensor& mean_y,
                                        const at::Tensor& m_xx, const at::Tensor& m_yx,
                                        const at::Tensor& m_yy, const at::Tensor& x_in,
-                                       const at::Tensor& y_in, int64_t count) {
+                                       const at::Tensor& y_in, int64_t count,
+                                       std::string_view precision) {
+  const GramPrecision prec = parse_gram_precision(precision);  // before anything else
   check_cov_update_args(mean_x, mean_y, m_xx, m_yx, m_yy, x_in, y_in, count);
   const int64_t n = x_in.size(0);
   if (n == 0) return std::nullopt;
@@ -80,7 +95,8 @@ std::optional<CovChunk> plan_cov_chunk(const at::Tensor& mean_x, const at::Tenso
   const double total = static_cast<double>(count) + static_cast<double>(n);
   c.coef = static_cast<double>(count) * static_cast<double>(n) / total;
   c.mean_step = static_cast<double>(n) / total;
-  c.gram = gram_dtype(c.x, c.y);
+  c.precision = prec;
+  c.gram = gram_dtype(c.x, c.y, prec);
   c.n = n;
   c.block = std::min<int64_t>(n, kGramRowBlock);
   return c;

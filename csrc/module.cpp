@@ -54,4 +54,32 @@ PYBIND11_MODULE(_C, m) {
           return nbl::affine_residual_cpu_path(h, weight, bias, p);
         },
         py::arg("h"), py::arg("weight"), py::arg("bias"), py::arg("path"));
+  // Test hook: run one code path of the CUDA kernel of nbl::affine_residual
+  // ("auto", "gemv", "gemm_epilogue", "cublaslt"); see nbl_kernels.h.
+  // "cublaslt" raises RuntimeError (saying why) instead of falling back when
+  // cuBLASLt cannot take the problem.
+  m.def("_affine_residual_cuda_path",
+        [](const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias, const std::string& path) {
+#ifdef NBL_WITH_CUDA
+          using P = nbl::AffineResidualCudaPath;
+          P p;
+          if (path == "auto") {
+            p = P::kAuto;
+          } else if (path == "gemv") {
+            p = P::kGemv;
+          } else if (path == "gemm_epilogue") {
+            p = P::kGemmEpilogue;
+          } else if (path == "cublaslt") {
+            p = P::kCublasLtStrict;
+          } else {
+            throw py::value_error("unknown path '" + path + "'; use auto, gemv, gemm_epilogue or cublaslt");
+          }
+          return nbl::affine_residual_cuda_path(h, weight, bias, p);
+#else
+          (void)h, (void)weight, (void)bias, (void)path;
+          throw std::runtime_error("nbl_ext._C was built without CUDA kernels");
+          return at::Tensor();
+#endif
+        },
+        py::arg("h"), py::arg("weight"), py::arg("bias"), py::arg("path"));
 }

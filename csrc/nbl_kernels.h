@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string_view>
 
 namespace nbl {
 
@@ -20,21 +21,34 @@ namespace nbl {
 // samples merged so far.
 //
 // The chunk x (n, dx), y (n, dy) is centered on its own float64 mean, its Gram
-// products are formed in float32 (float64 if either input is float64) in row
-// blocks of kGramRowBlock samples, accumulated into float64, and merged into
+// products are formed in row blocks of kGramRowBlock samples at the chosen
+// `precision` (GramPrecision below), accumulated into float64, and merged into
 // the state with the pairwise update of Chan, Golub and LeVeque:
 //   delta = mean_chunk - mean_state
 //   M    += M_chunk + count * n / (count + n) * delta_a delta_b^T
 //   mean += delta * n / (count + n)
-// Non-finite inputs raise c10::ValueError *before* any state is modified.
+// Non-finite inputs and an unknown precision raise c10::ValueError *before*
+// any state is modified.
+//
+// precision (the op's `str precision="float32"`):
+//   "float32"  (default) float32 Gram products of the float32-rounded centered
+//              values (float64 products when an input is float64); on CUDA
+//              TF32 is off whatever torch.backends.cuda.matmul.allow_tf32 says.
+//   "bfloat16" the centered values (float64 -> float32 -> bfloat16, round to
+//              nearest even) in bfloat16, Gram products accumulated in float32
+//              (CUDA: bf16 tensor-core GEMM with float32 output; CPU: the same
+//              numbers through a float32 GEMM: bf16 x bf16 products are exact
+//              in float32). Opt-in speed for a measured accuracy cost
+//              (nbl_ext.stats.CovarianceAccumulator's docstring).
+enum class GramPrecision { kFloat32, kBFloat16 };
 void cov_update_cpu(at::Tensor& mean_x, at::Tensor& mean_y, at::Tensor& m_xx,
                     at::Tensor& m_yx, at::Tensor& m_yy, const at::Tensor& x,
-                    const at::Tensor& y, int64_t count);
+                    const at::Tensor& y, int64_t count, std::string_view precision);
 
 #ifdef NBL_WITH_CUDA
 void cov_update_cuda(at::Tensor& mean_x, at::Tensor& mean_y, at::Tensor& m_xx,
                      at::Tensor& m_yx, at::Tensor& m_yy, const at::Tensor& x,
-                     const at::Tensor& y, int64_t count);
+                     const at::Tensor& y, int64_t count, std::string_view precision);
 #endif
 
 // Linearized attention branch (schema: nbl::affine_residual):
@@ -48,6 +62,19 @@ at::Tensor affine_residual_cpu(const at::Tensor& h, const at::Tensor& weight, co
 
 #ifdef NBL_WITH_CUDA
 at::Tensor affine_residual_cuda(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias);
+
+// The CUDA kernel's code paths (csrc/cuda/affine_residual_cuda.cu has the
+// details and the roofline floors). kAuto: kGemv for at most 8 rows, else
+// kCublasLt (which falls back to kGemmEpilogue when cuBLASLt cannot take the
+// problem). The others force a path for tests:
+//   kGemv:            hand-written GEMV (at most 8 rows; more raise ValueError).
+//   kGemmEpilogue:    at::mm into float32 + one elementwise epilogue kernel.
+//   kCublasLt:        one cuBLASLt matmul, epilogue D = hW^T + h + b; falls
+//                     back to kGemmEpilogue when it cannot run.
+//   kCublasLtStrict:  the same, but raises instead of falling back (tests).
+enum class AffineResidualCudaPath { kAuto, kGemv, kGemmEpilogue, kCublasLt, kCublasLtStrict };
+at::Tensor affine_residual_cuda_path(const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias,
+                                     AffineResidualCudaPath path);
 #endif
 
 // The CPU kernel's code paths. kAuto picks one by dtype and row count; the
@@ -86,14 +113,20 @@ struct CovChunk {
   at::Tensor d_x, d_y;      // chunk mean - state mean
   double coef;              // count * n / (count + n): weight of the rank-one merge term
   double mean_step;         // n / (count + n): how far the state mean moves
-  at::ScalarType gram;      // float64 if an input is float64, float32 otherwise
+  at::ScalarType gram;      // GEMM input dtype: float64 if an input is float64 (float32
+                            // precision), bfloat16 (bfloat16 precision), else float32
+  GramPrecision precision;  // parsed `precision` argument
   int64_t n, block;         // samples; rows per Gram block (<= kGramRowBlock)
 };
 // Validates the arguments and plans the chunk; std::nullopt for an empty chunk.
 std::optional<CovChunk> plan_cov_chunk(const at::Tensor& mean_x, const at::Tensor& mean_y,
                                        const at::Tensor& m_xx, const at::Tensor& m_yx,
                                        const at::Tensor& m_yy, const at::Tensor& x,
-                                       const at::Tensor& y, int64_t count);
+                                       const at::Tensor& y, int64_t count,
+                                       std::string_view precision);
+// "float32" / "bfloat16" -> GramPrecision; anything else raises c10::ValueError
+// naming the valid choices.
+GramPrecision parse_gram_precision(std::string_view precision);
 // Shared argument validation of nbl::affine_residual (same messages as the
 // Python reference): dtypes, devices and shapes of h, weight and bias.
 void check_affine_residual_args(const at::Tensor& h, const at::Tensor& weight,

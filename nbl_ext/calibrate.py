@@ -39,6 +39,7 @@ from nbl_ext.adapters import Adapter, get_adapter
 from nbl_ext.linearize import is_linearized
 from nbl_ext.numerics import SingularWarning, cca_bound, fit_linear, lmmse_nmse
 from nbl_ext.result import CalibrationResult, LayerCalibration, layers_from_records
+from nbl_ext.reference import GRAM_PRECISIONS
 from nbl_ext.stats import CovarianceAccumulator
 
 TARGETS = ("attn",)
@@ -176,8 +177,10 @@ class LayerwiseRunner:
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, samples: torch.Tensor, *, batch_size: int,
-                 spill_dir: Path, sample_offset: int = 0, pbar: Any = None) -> None:
+                 spill_dir: Path, sample_offset: int = 0, pbar: Any = None,
+                 gram_precision: str = "float32") -> None:
         self.model, self.adapter = model, adapter
+        self.gram_precision = gram_precision
         self.batches = list(samples.split(batch_size)) if samples.shape[0] else []
         self.batch_size = batch_size
         self.spill_dir = Path(spill_dir)
@@ -211,7 +214,7 @@ class LayerwiseRunner:
         d = self.adapter.hidden_size
         acc = cos = captured = handle = None
         if score:
-            acc = CovarianceAccumulator(d, d, device=device)
+            acc = CovarianceAccumulator(d, d, device=device, precision=self.gram_precision)
             cos = torch.zeros(2, dtype=torch.float64, device=device)
             module, pick = self.adapter.branch_output(layer)
             captured = []
@@ -335,6 +338,7 @@ def calibrate(
     output_dir: str | Path | None = None,
     resume: bool = True,
     ridge: float = 0.0,
+    gram_precision: str = "float32",
 ) -> CalibrationResult:
     """Score every decoder layer's attention branch for NBL and fit its LMMSE map.
 
@@ -351,6 +355,11 @@ def calibrate(
             (same model shape, data, batch size, world size, ridge); a mismatch
             is an error. ``False`` starts over.
         ridge: relative ridge for the LMMSE solve (see :func:`nbl_ext.fit_linear`).
+        gram_precision: how the covariance accumulators form their Gram
+            products: "float32" (default) or "bfloat16" (tensor-core speed on
+            GPUs, a measured accuracy cost; see
+            :class:`~nbl_ext.stats.CovarianceAccumulator`). Recorded in the
+            metadata (a resumed run must use the same value).
 
     Returns:
         :class:`CalibrationResult` with, per layer, the CCA bound between X and
@@ -363,6 +372,11 @@ def calibrate(
         raise ValueError(f"calibrate: target must be one of {TARGETS}, got {target!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"calibrate: batch_size must be a positive int, got {batch_size!r}")
+    if gram_precision not in GRAM_PRECISIONS:
+        raise ValueError(
+            f"calibrate: gram_precision must be one of {', '.join(map(repr, GRAM_PRECISIONS))}, "
+            f"got {gram_precision!r}"
+        )
     data = check_token_data(data, adapter.vocab_size, "calibrate")
     rank, world = _dist_info()
     local, offset = shard(data)
@@ -380,6 +394,7 @@ def calibrate(
         "batch_size": batch_size,
         "world_size": world,
         "ridge": float(ridge),
+        "gram_precision": gram_precision,
         "data_sha256": hashlib.sha256(data.cpu().contiguous().numpy().tobytes()).hexdigest(),
         "weights_sha256": weights_fingerprint(model),
     }
@@ -404,7 +419,7 @@ def calibrate(
         if runner_pbar is not None:
             stack.callback(runner_pbar.close)
         runner = LayerwiseRunner(model, adapter, local, batch_size=batch_size, spill_dir=spill,
-                                 sample_offset=offset, pbar=runner_pbar)
+                                 sample_offset=offset, pbar=runner_pbar, gram_precision=gram_precision)
         start = len(done)
         if start < n_layers and not runner.has_boundary(start):
             raise ValueError(
@@ -458,7 +473,8 @@ def _resume_state(out: Path, metadata: dict, resume: bool, n_layers: int, rank: 
     progress_path = out / _PROGRESS
     if resume and progress_path.exists():
         prog = read_json(progress_path, "calibrate(resume)")
-        old = prog.get("metadata", {}) if isinstance(prog, dict) else {}
+        old = dict(prog.get("metadata", {})) if isinstance(prog, dict) else {}
+        old.setdefault("gram_precision", "float32")  # runs from before the option had float32 Gram products
         ignore = {"nbl_ext_version", "name_or_path"}
         diff = sorted(k for k in set(old) | set(metadata) if k not in ignore and old.get(k) != metadata.get(k))
         if diff:

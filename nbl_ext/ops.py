@@ -22,15 +22,20 @@ _lib = torch.library.Library("nbl", "DEF")
 # --- nbl::cov_update_ ---------------------------------------------------------
 # Merge a chunk (x: (n, dx), y: (n, dy), any float dtype) into a float64
 # streaming state of means and centered co-moments of `count` samples.
+# precision: how the centered Gram products are formed, "float32" (default;
+# float64 for float64 inputs) or "bfloat16" (centered values rounded to bf16,
+# float32 accumulation: tensor-core speed on GPUs, measured accuracy cost in
+# nbl_ext.stats.CovarianceAccumulator). See reference.GRAM_PRECISIONS.
 _lib.define(
     "cov_update_(Tensor(a!) mean_x, Tensor(b!) mean_y, Tensor(c!) m_xx, Tensor(d!) m_yx, "
-    "Tensor(e!) m_yy, Tensor x, Tensor y, int count) -> ()"
+    "Tensor(e!) m_yy, Tensor x, Tensor y, int count, str precision=\"float32\") -> ()"
 )
 torch.library.register_kernel("nbl::cov_update_", None, reference.cov_update_reference, lib=_lib)
 
 
 @torch.library.register_fake("nbl::cov_update_", lib=_lib)
-def _cov_update_fake(mean_x, mean_y, m_xx, m_yx, m_yy, x, y, count) -> None:
+def _cov_update_fake(mean_x, mean_y, m_xx, m_yx, m_yy, x, y, count, precision="float32") -> None:
+    reference.check_gram_precision(precision)
     torch._check(x.dim() == 2 and y.dim() == 2, lambda: "nbl::cov_update_: x and y must be 2-D")
     torch._check(x.shape[0] == y.shape[0], lambda: "nbl::cov_update_: x and y sample counts differ")
     return None
@@ -45,9 +50,14 @@ def cov_update_(
     x: torch.Tensor,
     y: torch.Tensor,
     count: int,
+    precision: str = "float32",
 ) -> None:
-    """Dispatch ``nbl::cov_update_`` (compiled kernel for the device if any, else reference)."""
-    torch.ops.nbl.cov_update_(mean_x, mean_y, m_xx, m_yx, m_yy, x, y, count)
+    """Dispatch ``nbl::cov_update_`` (compiled kernel for the device if any, else reference).
+
+    ``precision`` is ``"float32"`` (default) or ``"bfloat16"``; see
+    :data:`nbl_ext.reference.GRAM_PRECISIONS`.
+    """
+    torch.ops.nbl.cov_update_(mean_x, mean_y, m_xx, m_yx, m_yy, x, y, count, precision)
 
 
 def has_compiled_kernel(op: str, device_type: str) -> bool:

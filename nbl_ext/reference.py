@@ -13,6 +13,26 @@ import torch
 #: Rows per Gram block; must match ``kGramRowBlock`` in csrc/nbl_kernels.h.
 GRAM_ROW_BLOCK = 2048
 
+#: Valid ``precision`` values of ``nbl::cov_update_`` (GramPrecision in csrc/nbl_kernels.h):
+#:   "float32":  centered values rounded to float32, float32 Gram products
+#:               (float64 values and products when an input is float64);
+#:   "bfloat16": centered values rounded float64 -> float32 -> bfloat16 (round
+#:               to nearest even), Gram products accumulated in float32 (a
+#:               bf16 tensor-core GEMM on CUDA; bf16 x bf16 products are exact
+#:               in float32, so a float32 GEMM of the rounded values is the same
+#:               computation up to summation order).
+GRAM_PRECISIONS = ("float32", "bfloat16")
+
+
+def check_gram_precision(precision: str) -> None:
+    """ValueError unless ``precision`` is one of :data:`GRAM_PRECISIONS` (same message as the C++ kernels)."""
+    if precision not in GRAM_PRECISIONS:
+        raise ValueError(
+            f"nbl::cov_update_: precision must be one of 'float32', 'bfloat16'; got '{precision}'. Use "
+            "'float32' (the default, float32-grade Gram products) or 'bfloat16' (faster on tensor cores, "
+            "less accurate); the accumulator was not updated"
+        )
+
 
 def _checked_column_sum(t: torch.Tensor, name: str) -> torch.Tensor:
     s = t.sum(dim=0, dtype=torch.float64)
@@ -34,15 +54,18 @@ def cov_update_reference(
     x: torch.Tensor,
     y: torch.Tensor,
     count: int,
+    precision: str = "float32",
 ) -> None:
     """Reference for ``nbl::cov_update_``: merge the chunk (x, y) into the state.
 
     State (float64, in place): means and centered co-moments of ``count``
     samples. The chunk is centered on its own float64 mean, its Gram products
-    are formed in float32 (float64 if an input is float64) per block of
-    ``GRAM_ROW_BLOCK`` rows and summed in float64, then merged with Chan et
-    al.'s pairwise update.
+    are formed per block of ``GRAM_ROW_BLOCK`` rows at ``precision`` (see
+    :data:`GRAM_PRECISIONS`: float32, or float64 if an input is float64, by
+    default) and summed in float64, then merged with Chan et al.'s pairwise
+    update.
     """
+    check_gram_precision(precision)
     if x.dim() != 2 or y.dim() != 2:
         raise ValueError(f"nbl::cov_update_: x and y must be 2-D (samples, features); got {x.dim()}-D and {y.dim()}-D")
     if x.shape[0] != y.shape[0]:
@@ -56,10 +79,17 @@ def cov_update_reference(
     mu_y = _checked_column_sum(y, "y") / n
     d_x = mu_x - mean_x
     d_y = mu_y - mean_y
-    gram = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    bf16 = precision == "bfloat16"
+    gram = torch.float32 if bf16 or torch.float64 not in (x.dtype, y.dtype) else torch.float64
+
+    def centered(t: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        c = (t.to(torch.float64) - mu).to(gram)
+        # bf16 rounding of the float32 value; held in float32 (exactly) for the GEMM.
+        return c.to(torch.bfloat16).to(torch.float32) if bf16 else c
+
     for r0 in range(0, n, GRAM_ROW_BLOCK):
-        xb = (x[r0 : r0 + GRAM_ROW_BLOCK].to(torch.float64) - mu_x).to(gram)
-        yb = (y[r0 : r0 + GRAM_ROW_BLOCK].to(torch.float64) - mu_y).to(gram)
+        xb = centered(x[r0 : r0 + GRAM_ROW_BLOCK], mu_x)
+        yb = centered(y[r0 : r0 + GRAM_ROW_BLOCK], mu_y)
         m_xx += xb.T @ xb
         m_yx += yb.T @ xb
         m_yy += yb.T @ yb

@@ -168,3 +168,75 @@ def test_statistics_before_data_are_clear_errors():
     for fn in (nbl_ext.fit_linear, nbl_ext.canonical_correlations, nbl_ext.cca_bound):
         with pytest.raises(ValueError, match="has 0"):
             fn(acc)
+
+
+# --- precision="bfloat16": the opt-in fast Gram mode and its accuracy cost ------------
+
+COVS = ("cov_xx", "cov_yx", "cov_yy")
+
+
+def _cov_err(acc, want) -> float:
+    """max over the three covariances of max |cov - oracle| / max |oracle| (BF16_REL_ERR_BOUND's measure)."""
+    return max(rel_err(getattr(acc, k), want[k]) for k in COVS)
+
+
+@pytest.mark.parametrize("case", ["plain", "massive", "few_samples", "many_chunks", "bf16_inputs", "float64_inputs"])
+def test_bfloat16_precision_error_is_bounded(device, gen, case):
+    """bf16 Gram mode vs a float64 two-pass oracle: within the stated bound, and the
+    float32 mode is much tighter on the same data."""
+    n, dtype, massive, chunk = 3000, torch.float32, 0.0, 3000
+    if case == "massive":
+        massive = 1e3  # "massive activations": the chunk centering keeps them harmless
+    elif case == "few_samples":
+        n = 64  # little averaging of the rounding errors
+    elif case == "many_chunks":
+        n, chunk = 9000, 500
+    elif case == "bf16_inputs":
+        dtype = torch.bfloat16
+    elif case == "float64_inputs":
+        dtype = torch.float64
+    x, y = make_xy(n, 48, 40, gen=gen, dtype=dtype, massive=massive)
+    want = np_stats(x, y)
+    errs = {}
+    for precision in ("float32", "bfloat16"):
+        acc = nbl_ext.CovarianceAccumulator(48, 40, device=device, precision=precision)
+        for r0 in range(0, n, chunk):
+            acc.update(x[r0 : r0 + chunk].to(device), y[r0 : r0 + chunk].to(device))
+        errs[precision] = _cov_err(acc, want)
+        # The means never depend on the Gram precision.
+        assert rel_err(acc.mean_x, want["mean_x"]) < 1e-11 and rel_err(acc.mean_y, want["mean_y"]) < 1e-11
+    assert errs["bfloat16"] <= nbl_ext.stats.BF16_REL_ERR_BOUND, errs
+    assert errs["float32"] <= nbl_ext.stats.BF16_REL_ERR_BOUND / 100, errs
+    assert errs["float32"] < errs["bfloat16"] / 10, errs  # bf16 is the less accurate mode, by far
+
+
+def test_bfloat16_precision_fit_is_close(gen):
+    """What the mode changes downstream: the fitted LMMSE map moves by about the covariance error."""
+    x, y = make_xy(4000, 32, 32, gen=gen)
+    fits = {}
+    for precision in ("float32", "bfloat16"):
+        acc = nbl_ext.CovarianceAccumulator(32, 32, precision=precision).update(x, y)
+        fits[precision] = nbl_ext.fit_linear(acc)
+    (w32, b32), (w16, b16) = fits["float32"], fits["bfloat16"]
+    assert rel_err(w16, w32.numpy()) < 1e-2 and rel_err(b16, b32.numpy()) < 1e-2
+
+
+def test_precision_argument_is_validated(gen):
+    with pytest.raises(ValueError, match=r"precision must be one of 'float32', 'bfloat16'; got 'fp16'"):
+        nbl_ext.CovarianceAccumulator(3, 2, precision="fp16")
+    acc = nbl_ext.CovarianceAccumulator(3, 2, precision="bfloat16")
+    assert acc.precision == "bfloat16" and "precision='bfloat16'" in repr(acc)
+    assert nbl_ext.CovarianceAccumulator(3, 2).precision == "float32"
+
+
+def test_invalid_precision_leaves_accumulator_unchanged(gen):
+    """A precision that slipped past the constructor (set afterwards) is rejected by the op
+    before any state changes; count and statistics stay as they were."""
+    x, y = make_xy(50, 4, 3, gen=gen)
+    acc = nbl_ext.CovarianceAccumulator(4, 3).update(x, y)
+    before = {k: v.clone() for k, v in acc.state_dict().items()}
+    acc.precision = "int8"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        acc.update(x, y)
+    after = acc.state_dict()
+    assert acc.count == 50 and all(torch.equal(before[k], after[k]) for k in before)

@@ -463,3 +463,185 @@ def test_cuda_matches_cpu_kernel(no_tf32):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+# --- CUDA kernel: every code path ---------------------------------------------------
+# _C._affine_residual_cuda_path forces one path of the CUDA kernel (nbl_kernels.h):
+#   gemv           hand-written GEMV, at most 8 rows (decode)
+#   gemm_epilogue  at::mm into float32 + an elementwise epilogue kernel (the fallback)
+#   cublaslt       one cuBLASLt matmul with the residual (beta * C) and bias epilogue;
+#                  raises RuntimeError (instead of falling back) when cuBLASLt cannot
+#                  take the problem: d not a multiple of 16 bytes, misaligned pointers
+#   auto           what the op runs: gemv up to 8 rows, else cublaslt with the fallback
+
+CUDA_PATHS = ("auto", "gemv", "gemm_epilogue", "cublaslt")
+GEMV_MAX_ROWS = 8  # kCudaGemvMaxRows
+
+
+def _rows(h):
+    return 1 if h.dim() == 1 else h.numel() // max(h.shape[-1], 1)
+
+
+def _cublaslt_takes(h, w, b):
+    """What the cuBLASLt path needs (after the kernel's .contiguous() copies)."""
+    d = h.shape[-1]
+    if d % (16 // h.element_size()):
+        return False
+    hc = h if h.is_contiguous() else h.contiguous()
+    return all(t.data_ptr() % 16 == 0 for t in (hc, w.contiguous(), b.contiguous()))
+
+
+def run_cuda_path(path, h, w, b):
+    """The forced path's output, or None where the path does not apply to h
+    (gemv above 8 rows; cublaslt where cuBLASLt cannot run, checked to raise)."""
+    if path == "gemv" and _rows(h) > GEMV_MAX_ROWS:
+        with pytest.raises(ValueError, match="GEMV path takes at most 8 rows"):
+            _C._affine_residual_cuda_path(h, w, b, path)
+        return None
+    if path == "cublaslt" and not _cublaslt_takes(h, w, b):
+        with pytest.raises(RuntimeError, match="cuBLASLt path cannot run this problem"):
+            _C._affine_residual_cuda_path(h, w, b, path)
+        return None
+    if path == "cublaslt" and h.dtype == torch.float64:
+        # cuBLASLt may offer no algorithm with a bias epilogue for 64F compute (the op
+        # then falls back, which auto covers); float64 is a checking dtype, not a model's.
+        try:
+            return _C._affine_residual_cuda_path(h, w, b, path)
+        except RuntimeError as err:
+            assert "found no algorithm" in str(err) or "NOT_SUPPORTED" in str(err), err
+            return None
+    return _C._affine_residual_cuda_path(h, w, b, path)
+
+
+cuda_kernel = pytest.mark.skipif(not CUDA_KERNEL, reason="needs a CUDA GPU and nbl_ext._C built with CUDA")
+
+
+@cuda
+@cuda_kernel
+@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17, 64, 333, 2048])
+@pytest.mark.parametrize("d", [8, 13, 24, 64, 100, 576, 2048])  # 13, 100: not multiples of 8
+def test_cuda_paths_accuracy_vs_float64(path, dtype, rows, d, no_tf32):
+    h, w, b = make_inputs((rows, d), dtype, device="cuda", seed=rows * 7 + d)
+    out = run_cuda_path(path, h, w, b)
+    if out is not None:
+        assert out.is_contiguous()
+        assert_accurate(out, h, w, b)
+
+
+@cuda
+@cuda_kernel
+@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", [(1, 576), (5, 64), (9, 64), (40, 576), (3, 13), (300, 13), (2, 33, 576)], ids=str)
+def test_cuda_paths_massive_activations(path, dtype, shape, no_tf32):
+    h, w, b = make_inputs(shape, dtype, device="cuda", seed=17, big_channels=True)
+    assert h.abs().max() > 900
+    out = run_cuda_path(path, h, w, b)
+    if out is not None:
+        assert_accurate(out, h, w, b)
+
+
+@cuda
+@cuda_kernel
+@pytest.mark.parametrize("path", CUDA_PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_cuda_paths_non_contiguous_1d_and_misaligned(path, dtype, no_tf32):
+    cases = dict(_views(dtype, "cuda"))
+    g = torch.Generator().manual_seed(23)
+    big = (torch.randn(64, 96, generator=g, dtype=torch.float64) + 0.3).to(dtype=dtype, device="cuda")
+    cases["transposed_prefill"] = big.t()[:, :64]  # (96, 64), strides (1, 96)
+    cases["row_step_prefill"] = big[::2, :]  # (32, 96)
+    cases["one_d"] = big[3]  # (96,)
+    flat = (torch.randn(40 * 64 + 1, generator=g, dtype=torch.float64) + 0.25).to(dtype=dtype, device="cuda")
+    cases["misaligned_prefill"] = flat[1:].view(40, 64)  # contiguous, data one element past alignment
+    cases["misaligned_decode"] = flat[1 : 1 + 4 * 64].view(4, 64)
+    for name, h in cases.items():
+        _, w, b = make_inputs((h.shape[-1],), dtype, device="cuda", seed=6)
+        before = h.clone()
+        out = run_cuda_path(path, h, w, b)
+        assert torch.equal(h, before), name
+        if out is not None:
+            assert out.shape == h.shape, name
+            assert_accurate(out, h, w, b)
+
+
+@cuda
+@cuda_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_cuda_misaligned_weight_and_bias_fall_back(dtype, no_tf32):
+    """cuBLASLt needs 16-byte aligned operands: auto falls back, cublaslt says why."""
+    h, w, b = make_inputs((40, 64), dtype, device="cuda", seed=31)
+    wbuf = torch.empty(64 * 64 + 1, dtype=dtype, device="cuda")
+    w_mis = wbuf[1:].view(64, 64)
+    w_mis.copy_(w)
+    bbuf = torch.empty(65, dtype=dtype, device="cuda")
+    b_mis = bbuf[1:]
+    b_mis.copy_(b)
+    for args in ((h, w_mis, b), (h, w, b_mis)):
+        assert_accurate(_C._affine_residual_cuda_path(*args, "auto"), *args)
+        assert_accurate(torch.ops.nbl.affine_residual(*args), *args)
+        with pytest.raises(RuntimeError, match="not 16-byte aligned"):
+            _C._affine_residual_cuda_path(*args, "cublaslt")
+
+
+@cuda
+@cuda_kernel
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("rows", [3, 9, 500])
+def test_cuda_paths_agree(dtype, rows, no_tf32):
+    """Every path rounds h + hW^T + b once from float32 (float64) sums: within an ulp or so."""
+    h, w, b = make_inputs((rows, 256), dtype, device="cuda", seed=rows)
+    outs = {p: run_cuda_path(p, h, w, b) for p in CUDA_PATHS}
+    outs = {p: o for p, o in outs.items() if o is not None}
+    assert {"auto", "gemm_epilogue"} <= set(outs) and ("cublaslt" in outs or dtype == torch.float64)
+    scale = exact(h, w, b).abs().max().item()
+    eps = torch.finfo(dtype).eps
+    # 16-bit: one rounding of nearly equal float32 sums; float32/64: summation order.
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 2 * eps)
+    for p, out in outs.items():
+        torch.testing.assert_close(out, outs["gemm_epilogue"], rtol=tol, atol=tol * scale, msg=p)
+    same = "gemv" if rows <= GEMV_MAX_ROWS else ("cublaslt" if "cublaslt" in outs else "gemm_epilogue")
+    torch.testing.assert_close(outs["auto"], outs[same], rtol=tol, atol=tol * scale)
+
+
+@cuda
+@cuda_kernel
+def test_cuda_cublaslt_follows_allow_tf32():
+    """float32: TF32 tensor cores only when torch.backends.cuda.matmul.allow_tf32 is set, like at::mm."""
+    h, w, b = make_inputs((512, 1024), torch.float32, device="cuda", seed=41)
+    want = exact(h, w, b)
+    scale = want.abs().max().item()
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        err_fp32 = (_C._affine_residual_cuda_path(h, w, b, "cublaslt").double() - want).abs().max().item()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        err_tf32 = (_C._affine_residual_cuda_path(h, w, b, "cublaslt").double() - want).abs().max().item()
+        err_mm_tf32 = (_C._affine_residual_cuda_path(h, w, b, "gemm_epilogue").double() - want).abs().max().item()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert err_fp32 <= 1e-5 * scale
+    assert err_tf32 <= 5e-3 * scale  # TF32: 10 mantissa bits
+    # Both paths make the same choice: TF32 error in both, or (if the GPU has no TF32) in neither.
+    assert (err_tf32 > 10 * err_fp32) == (err_mm_tf32 > 10 * err_fp32)
+
+
+@cuda
+@cuda_kernel
+def test_cuda_path_hook_errors():
+    h, w, b = make_inputs((2, 8), torch.float32, device="cuda")
+    with pytest.raises(ValueError, match="unknown path"):
+        _C._affine_residual_cuda_path(h, w, b, "fast")
+    with pytest.raises(ValueError, match="CUDA kernel got a cpu tensor"):
+        _C._affine_residual_cuda_path(h.cpu(), w.cpu(), b.cpu(), "auto")
+    with pytest.raises(ValueError, match="must be on one device"):
+        _C._affine_residual_cuda_path(h, w.cpu(), b, "cublaslt")
+
+
+@pytest.mark.skipif(not COMPILED or nbl_ext.extension_info()["cuda"], reason="needs a CPU-only build of nbl_ext._C")
+def test_cuda_path_hook_without_cuda_build():
+    h, w, b = make_inputs((2, 8), torch.float32)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels"):
+        _C._affine_residual_cuda_path(h, w, b, "auto")

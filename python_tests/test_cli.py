@@ -61,6 +61,37 @@ def test_compress_then_report(tmp_path, tiny_model_dir, calib_file, capsys, meth
 
 
 @pytest.mark.filterwarnings("ignore::nbl_ext.numerics.SingularWarning")
+def test_compress_gram_precision_reaches_the_accumulator(tmp_path, tiny_model_dir, calib_file, capsys, monkeypatch):
+    calibrate_mod = sys.modules["nbl_ext.calibrate"]  # nbl_ext.calibrate is also the function's name
+    seen = []
+    real = calibrate_mod.CovarianceAccumulator
+
+    def spy(*args, **kwargs):
+        acc = real(*args, **kwargs)
+        seen.append(acc.precision)
+        return acc
+
+    monkeypatch.setattr(calibrate_mod, "CovarianceAccumulator", spy)
+    out = tmp_path / "out"
+    rc = cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(calib_file), "--samples", "4",
+                   "--seq-len", "64", "--gram-precision", "bfloat16", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert seen and set(seen) == {"bfloat16"}  # one accumulator per layer, all in bf16 mode
+    assert json.loads((out / "nbl_run.json").read_text())["gram_precision"] == "bfloat16"
+    assert json.loads((out / "nbl_calibration.json").read_text())["metadata"]["gram_precision"] == "bfloat16"
+    with pytest.raises(SystemExit):
+        cli.main(["compress", "--gram-precision", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_compress_help_lists_gram_precision(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compress", "--help"])
+    text = capsys.readouterr().out
+    assert "--gram-precision {float32,bfloat16}" in text and "tensor-core" in text
+
+
+@pytest.mark.filterwarnings("ignore::nbl_ext.numerics.SingularWarning")
 def test_compress_errors_are_clear(tmp_path, tiny_model_dir, calib_file, capsys):
     base = ["compress", str(tiny_model_dir), "--calib", str(calib_file), "--samples", "4", "--seq-len", "64",
             "--no-progress"]

@@ -39,25 +39,64 @@ def test_extension_info_reports_the_build():
         assert ops.has_compiled_kernel("cov_update_", "cuda")
 
 
+PRECISIONS = list(reference.GRAM_PRECISIONS)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_opcheck(device, gen, dtype):
+def test_opcheck(device, gen, dtype, precision):
     x, y = make_xy(2100, 12, 7, gen=gen, dtype=dtype)  # > one Gram block
     st = _seeded_state(gen, 12, 7, device)
-    torch.library.opcheck(torch.ops.nbl.cov_update_.default, (*st, x.to(device), y.to(device), 300))
+    torch.library.opcheck(torch.ops.nbl.cov_update_.default, (*st, x.to(device), y.to(device), 300),
+                          {"precision": precision})
 
 
+def test_opcheck_default_precision(gen):
+    """Callers that pass no precision (the schema default) keep working."""
+    x, y = make_xy(300, 6, 4, gen=gen)
+    st = _seeded_state(gen, 6, 4)
+    torch.library.opcheck(torch.ops.nbl.cov_update_.default, (*st, x, y, 300))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_compiled_kernel_matches_reference(device, gen, dtype):
+def test_compiled_kernel_matches_reference(device, gen, dtype, precision):
     if not ops.has_compiled_kernel("cov_update_", device):
         pytest.skip(f"no compiled nbl::cov_update_ kernel for {device} in this build")
     x, y = make_xy(4500, 33, 21, gen=gen, dtype=dtype, massive=1e3)
     a = _seeded_state(gen, 33, 21, device)
     b = [t.clone() for t in a]
-    ops.cov_update_(*a, x.to(device), y.to(device), 300)  # dispatches to the C++/CUDA kernel
-    reference.cov_update_reference(*b, x.to(device), y.to(device), 300)
-    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    ops.cov_update_(*a, x.to(device), y.to(device), 300, precision)  # dispatches to the C++/CUDA kernel
+    reference.cov_update_reference(*b, x.to(device), y.to(device), 300, precision)
+    # Same roundings of the centered values in kernel and reference; only the
+    # float32 (float64) summation order of the GEMMs may differ.
+    tol = 1e-12 if dtype == torch.float64 and precision == "float32" else 2e-6
     for got, want in zip(a, b):
         assert float((got - want).abs().max()) <= tol * float(want.abs().max()), (got - want).abs().max()
+
+
+def test_bfloat16_precision_rounds_the_centered_values(gen):
+    """The bf16 mode is its own numerics (not float32's): it differs from the
+    float32 mode by about bf16's rounding, far more than float32 round-off."""
+    x, y = make_xy(3000, 16, 8, gen=gen)
+    a, b = _state(16, 8), _state(16, 8)
+    ops.cov_update_(*a, x, y, 0, "float32")
+    ops.cov_update_(*b, x, y, 0, "bfloat16")
+    rel = float((a[2] - b[2]).abs().max() / a[2].abs().max())
+    assert 1e-6 < rel < 1e-2, rel
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # the float64 means do not depend on it
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+@pytest.mark.parametrize("precision", ["fp8", "float16", "tf32", "", "Float32"])
+def test_unknown_precision_raises_before_mutating(device, gen, impl, precision):
+    x, y = make_xy(64, 5, 3, gen=gen)
+    st = _seeded_state(gen, 5, 3, device)
+    before = [t.clone() for t in st]
+    fn = ops.cov_update_ if impl == "op" else reference.cov_update_reference
+    with pytest.raises(ValueError, match=r"precision must be one of 'float32', 'bfloat16'; got '" + precision + "'"):
+        fn(*st, x.to(device), y.to(device), 300, precision)
+    assert all(torch.equal(a, b) for a, b in zip(st, before))
 
 
 def test_op_rejects_non_finite_before_mutating(device, gen):

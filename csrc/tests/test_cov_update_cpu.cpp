@@ -4,6 +4,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "expect.h"
@@ -61,13 +63,14 @@ struct State {
     myx = at::zeros({dy, dx}, o);
     myy = at::zeros({dy, dy}, o);
   }
-  void update(const at::Tensor& x, const at::Tensor& y) {
-    nbl::cov_update_cpu(mx, my, mxx, myx, myy, x, y, count);
+  void update(const at::Tensor& x, const at::Tensor& y, std::string_view precision) {
+    nbl::cov_update_cpu(mx, my, mxx, myx, myy, x, y, count, precision);
     count += x.size(0);
   }
 };
 
-void check_against_naive(at::ScalarType dtype, double tol, double offset) {
+void check_against_naive(at::ScalarType dtype, double tol, double offset,
+                         std::string_view precision = "float32") {
   at::manual_seed(1234);
   const int64_t n = 2 * nbl::kGramRowBlock + 123, dx = 37, dy = 23;  // several Gram blocks
   // Non-zero means ("massive activations" when offset is large), unit-scale spread.
@@ -78,15 +81,16 @@ void check_against_naive(at::ScalarType dtype, double tol, double offset) {
   // Uneven chunks, including a single sample and an empty one.
   const int64_t cuts[] = {0, 1, 1, 700, 3000, n};
   for (size_t c = 0; c + 1 < sizeof(cuts) / sizeof(cuts[0]); ++c) {
-    st.update(x.narrow(0, cuts[c], cuts[c + 1] - cuts[c]), y.narrow(0, cuts[c], cuts[c + 1] - cuts[c]));
+    st.update(x.narrow(0, cuts[c], cuts[c + 1] - cuts[c]), y.narrow(0, cuts[c], cuts[c + 1] - cuts[c]),
+              precision);
   }
   const Naive r = naive(x, y);
   const double e[] = {max_rel_err(st.mx, r.mx), max_rel_err(st.my, r.my), max_rel_err(st.mxx, r.mxx),
                       max_rel_err(st.myx, r.myx), max_rel_err(st.myy, r.myy)};
   const char* names[] = {"mean_x", "mean_y", "m_xx", "m_yx", "m_yy"};
   for (int k = 0; k < 5; ++k) {
-    EXPECT(e[k] < tol, "%s dtype=%s offset=%g: relative error %.3g >= %.3g", names[k],
-           c10::toString(dtype), offset, e[k], tol);
+    EXPECT(e[k] < tol, "%s dtype=%s offset=%g precision=%s: relative error %.3g >= %.3g", names[k],
+           c10::toString(dtype), offset, std::string(precision).c_str(), e[k], tol);
   }
   EXPECT(st.count == n, "count %lld != %lld", static_cast<long long>(st.count), static_cast<long long>(n));
 }
@@ -95,18 +99,37 @@ void check_nonfinite_rejected() {
   State st(4, 3);
   at::Tensor x = at::randn({10, 4});
   at::Tensor y = at::randn({10, 3});
-  st.update(x, y);
+  st.update(x, y, "float32");
   const at::Tensor before = st.mxx.clone();
   at::Tensor bad = x.clone();
   bad.index_put_({3, 1}, std::nan(""));
   bool threw = false;
   try {
-    nbl::cov_update_cpu(st.mx, st.my, st.mxx, st.myx, st.myy, bad, y, st.count);
+    nbl::cov_update_cpu(st.mx, st.my, st.mxx, st.myx, st.myy, bad, y, st.count, "float32");
   } catch (const c10::ValueError& err) {
     threw = std::string(err.what()).find("x contains 1 non-finite") != std::string::npos;
   }
   EXPECT(threw, "NaN in x did not raise the expected ValueError");
   EXPECT(at::equal(before, st.mxx), "state changed after a rejected chunk");
+}
+
+void check_unknown_precision_rejected() {
+  State st(4, 3);
+  at::Tensor x = at::randn({10, 4});
+  at::Tensor y = at::randn({10, 3});
+  st.update(x, y, "float32");
+  const at::Tensor before[] = {st.mx.clone(), st.my.clone(), st.mxx.clone(), st.myx.clone(), st.myy.clone()};
+  bool threw = false;
+  try {
+    nbl::cov_update_cpu(st.mx, st.my, st.mxx, st.myx, st.myy, x, y, st.count, "fp8");
+  } catch (const c10::ValueError& err) {
+    const std::string msg = err.what();
+    threw = msg.find("precision must be one of 'float32', 'bfloat16'; got 'fp8'") != std::string::npos;
+  }
+  EXPECT(threw, "an unknown precision did not raise the expected ValueError");
+  EXPECT(at::equal(before[0], st.mx) && at::equal(before[1], st.my) && at::equal(before[2], st.mxx) &&
+             at::equal(before[3], st.myx) && at::equal(before[4], st.myy),
+         "state changed after an unknown precision");
 }
 
 }  // namespace
@@ -121,6 +144,13 @@ int main() {
   // bf16 / fp16 inputs: exact after upcast, so the same float32-grade bound.
   check_against_naive(at::kBFloat16, 2e-5, 1.0);
   check_against_naive(at::kHalf, 2e-5, 1.0);
+  // precision "bfloat16": centered values rounded to bf16 (2^-9 relative),
+  // float32 accumulation: at most 2^-8 of the largest entry in any case
+  // (nbl_ext.stats.BF16_REL_ERR_BOUND = 4e-3); ~1e-4 typical at this n.
+  check_against_naive(at::kFloat, 4e-3, 1.0, "bfloat16");
+  check_against_naive(at::kFloat, 4e-3, 1e4, "bfloat16");
+  check_against_naive(at::kDouble, 4e-3, 1.0, "bfloat16");
   check_nonfinite_rejected();
+  check_unknown_precision_rejected();
   return nbl_test::report("test_cov_update_cpu");
 }
