@@ -1068,7 +1068,9 @@ def _calibrate_store_all(model: nn.Module, data: torch.Tensor, *, batch_size: in
     device = _model_device(model)
     n_layers = adapter.num_layers
 
-    def stored(dim_x: int, dim_y: int, *, device=None) -> _StoredActivations:
+    def stored(dim_x: int, dim_y: int, *, device=None, precision: str = "float32") -> _StoredActivations:
+        # store_all keeps the activations and computes float64 covariances at the end:
+        # there are no Gram products whose precision could be chosen.
         st = _StoredActivations(dim_x, dim_y, device=device)
         st.phases = phases
         return st
