@@ -262,9 +262,10 @@ std::string launch_cublaslt(const at::Tensor& h2, const at::Tensor& w, const at:
   void* workspace = at::cuda::getCUDABlasLtWorkspace();
   NBL_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                   &workspace_size, sizeof(workspace_size)));
-  // Keep the accumulation in the compute type: no split-K reduction in the
-  // (16-bit) output type, which would round the partial sums.
-  const uint32_t reduction_mask = CUBLASLT_REDUCTION_SCHEME_MASK & ~CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
+  // Keep the accumulation in the compute type: split-K only with its partial
+  // sums reduced in the compute type (COMPUTE_TYPE); INPLACE and OUTPUT_TYPE
+  // add the parts up in the (16-bit) output type, which would round them.
+  const uint32_t reduction_mask = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
   NBL_LT_TRY(cublasLtMatmulPreferenceSetAttribute(desc.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
                                                   &reduction_mask, sizeof(reduction_mask)));
   const uint32_t align = 16;  // checked by cublaslt_unsupported
