@@ -281,36 +281,52 @@ def _prefill(model: nn.Module, prompt: torch.Tensor, cache: Any, chunk: int | No
 
 
 class _PeakMemory:
-    """Peak memory over a block: CUDA max_memory_allocated, or the CPU process's peak RSS growth."""
+    """Peak memory over a block, for the generation and the calibration measurements alike.
+
+    ``host``: the process's peak RSS growth (VmHWM, reset at the start, minus VmRSS at the
+    start); ``cuda``: ``torch.cuda.max_memory_allocated`` (weights included) and
+    ``cuda_growth`` over the start, on CUDA devices. ``value`` is the one number a
+    generation run reports: ``cuda`` on CUDA, ``host`` elsewhere.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.value: int | None = None
-        self.method = ""
+        self.host: int | None = None
+        self.cuda: int | None = None
+        self.cuda_growth: int | None = None
 
     def __enter__(self) -> "_PeakMemory":
+        gc.collect()
         if self.device.type == "cuda":
             _sync(self.device)
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self._rss0 = _proc_status("VmRSS")
-            self._reset = _reset_peak_rss()
+            self._cuda0 = torch.cuda.memory_allocated(self.device)
+        self._rss0 = _proc_status("VmRSS")
+        self._reset = _reset_peak_rss()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             _sync(self.device)
-            self.value = int(torch.cuda.max_memory_allocated(self.device))
-            self.method = "torch.cuda.max_memory_allocated over the warm-up and timed runs (weights included)"
-        elif self.device.type == "cpu" and self._reset and self._rss0 is not None:
-            hwm = _proc_status("VmHWM")
-            self.value = None if hwm is None else max(0, hwm - self._rss0)
-            self.method = ("CPU: peak RSS (VmHWM, reset first) minus RSS before the warm-up and timed runs: their "
-                           "growth over the weights; a lower bound where the allocator reuses memory it kept from "
-                           "earlier work")
-        else:
-            self.method = (f"unavailable: {self.device.type} device" if self.device.type not in ("cpu", "cuda")
-                           else "unavailable: the RSS high-water mark cannot be reset here (/proc/self/clear_refs)")
+            self.cuda = int(torch.cuda.max_memory_allocated(self.device))
+            self.cuda_growth = self.cuda - self._cuda0
+        hwm = _proc_status("VmHWM")
+        if self._reset and self._rss0 is not None and hwm is not None:
+            self.host = max(0, hwm - self._rss0)
+
+    @property
+    def value(self) -> int | None:
+        return self.cuda if self.device.type == "cuda" else self.host
+
+    @property
+    def method(self) -> str:
+        host = ("host: peak RSS (VmHWM, reset at the start) minus RSS at the start: the growth over the loaded "
+                "model; a lower bound where the allocator reuses memory kept from earlier work"
+                if self.host is not None else "host: unavailable (the RSS high-water mark cannot be reset here)")
+        if self.device.type == "cuda":
+            host += "; CUDA: torch.cuda.max_memory_allocated (weights included) and its growth over the start"
+        return host
 
 
 def _proc_status(key: str) -> int | None:
@@ -928,45 +944,6 @@ def calibration_floor(cost: dict[str, int], *, matmul_flops_per_s: float | None 
             "bound": None if len(known) < 2 else ("compute" if compute >= mem else "memory")}
 
 
-class _PeakHostAndCuda:
-    """Peak host RSS growth (VmHWM, reset first, minus VmRSS before) and peak CUDA memory over a block."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.host: int | None = None
-        self.cuda: int | None = None
-        self.cuda_growth: int | None = None
-
-    def __enter__(self) -> "_PeakHostAndCuda":
-        gc.collect()
-        if self.device.type == "cuda":
-            _sync(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._cuda0 = torch.cuda.memory_allocated(self.device)
-        self._rss0 = _proc_status("VmRSS")
-        self._reset = _reset_peak_rss()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            _sync(self.device)
-            self.cuda = int(torch.cuda.max_memory_allocated(self.device))
-            self.cuda_growth = self.cuda - self._cuda0
-        hwm = _proc_status("VmHWM")
-        if self._reset and self._rss0 is not None and hwm is not None:
-            self.host = max(0, hwm - self._rss0)
-
-    @property
-    def method(self) -> str:
-        host = ("host: peak RSS (VmHWM, reset at the start) minus RSS at the start: the growth over the loaded "
-                "model; a lower bound where the allocator reuses memory kept from earlier work"
-                if self.host is not None else "host: unavailable (the RSS high-water mark cannot be reset here)")
-        if self.device.type == "cuda":
-            host += "; CUDA: torch.cuda.max_memory_allocated (weights included) and its growth over the start"
-        return host
-
-
 class _PhaseTimes:
     """Seconds spent in the statistics and in the scoring/fit, timed at their boundaries (device synced)."""
 
@@ -1164,7 +1141,7 @@ def time_calibration(model: nn.Module, data: torch.Tensor, *, method: str = "str
             model(input_ids=data[:1, : min(seq_len, 16)].to(device), use_cache=False)
     phases = _PhaseTimes(device)
     stored_bytes: list[int] = []
-    with _PeakHostAndCuda(device) as peak:
+    with _PeakMemory(device) as peak:
         _sync(device)
         t0 = time.perf_counter()
         if method == "streaming":

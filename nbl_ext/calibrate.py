@@ -13,8 +13,12 @@ How one calibration runs (GPTQ/SliceGPT style, peak memory = one layer + one bat
   branch output A (the adapter says which). X is the layer input.
   (X, A) stream into a :class:`~nbl_ext.stats.CovarianceAccumulator` and a
   streaming mean cosine(X, X + A) (the DROP score);
-* layer i's outputs are written per batch (safetensors, model dtype) as the
-  next layer's inputs; nothing is held in memory across batches.
+* layer i's outputs are the next layer's inputs: written per batch (safetensors,
+  model dtype) to a spill directory, so nothing is held in memory across
+  batches; or, on a GPU with room for them (``activations="auto"``), kept there:
+  two boundaries (tokens x hidden x dtype each) live at a time, host memory
+  stays flat, and the disk round trip (write + read of every boundary: 256 GiB
+  for the 8B shape at 256 x 2048 tokens) is gone.
 
 With ``output_dir`` every finished layer's statistics and the boundary for the
 next layer are saved (atomically), so a killed run restarts where it stopped.
@@ -44,6 +48,10 @@ from nbl_ext.stats import CovarianceAccumulator
 
 TARGETS = ("attn",)
 _PROGRESS = "progress.json"
+ACTIVATIONS = ("auto", "memory", "disk")
+#: activations="auto" keeps the boundaries on a CUDA device when two of them take at most this share of its
+#: free memory (the layer's own activations and the accumulator need the rest).
+_MEMORY_SHARE = 0.25
 
 
 # --- small utilities ------------------------------------------------------------
@@ -177,27 +185,45 @@ class LayerwiseRunner:
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, samples: torch.Tensor, *, batch_size: int,
-                 spill_dir: Path, sample_offset: int = 0, pbar: Any = None,
+                 spill_dir: Path | None, sample_offset: int = 0, pbar: Any = None,
                  gram_precision: str = "float32") -> None:
         self.model, self.adapter = model, adapter
         self.gram_precision = gram_precision
         self.batches = list(samples.split(batch_size)) if samples.shape[0] else []
         self.batch_size = batch_size
-        self.spill_dir = Path(spill_dir)
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        # spill_dir None: boundaries stay in memory, on the device of the layer that produced them.
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
+        if self.spill_dir is not None:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self._memory: dict[int, list[torch.Tensor]] = {}
         self.sample_offset = sample_offset
         self.pbar = pbar
         self.input_device = model.get_input_embeddings().weight.device
 
     def boundary(self, i: int) -> Path:
+        if self.spill_dir is None:
+            raise RuntimeError("LayerwiseRunner: boundaries are kept in memory (spill_dir=None), not on disk")
         return self.spill_dir / f"boundary_{i:04d}"
 
     def has_boundary(self, i: int) -> bool:
-        return i == 0 or all((self.boundary(i) / f"batch_{b:06d}.safetensors").is_file() for b in range(len(self.batches)))
+        if i == 0:
+            return True
+        if self.spill_dir is None:
+            return len(self._memory.get(i, ())) == len(self.batches)
+        return all((self.boundary(i) / f"batch_{b:06d}.safetensors").is_file() for b in range(len(self.batches)))
 
     def drop_boundary(self, i: int) -> None:
         if i > 0:
-            shutil.rmtree(self.boundary(i), ignore_errors=True)
+            if self.spill_dir is None:
+                self._memory.pop(i, None)
+            else:
+                shutil.rmtree(self.boundary(i), ignore_errors=True)
+
+    def _read(self, i: int, b: int, device: torch.device) -> torch.Tensor:
+        if self.spill_dir is None:
+            return self._memory[i][b].to(device)
+        return read_tensors(self.boundary(i) / f"batch_{b:06d}.safetensors", "calibrate",
+                            device=str(device))["hidden_states"]
 
     def _where(self, i: int, b: int) -> str:
         lo = self.sample_offset + b * self.batch_size
@@ -220,7 +246,8 @@ class LayerwiseRunner:
             captured = []
             handle = module.register_forward_hook(lambda _m, _a, out: captured.append(pick(out)))
         out_dir = tmp_dir = None
-        if write:
+        outputs: list[torch.Tensor] = []
+        if write and self.spill_dir is not None:
             out_dir = self.boundary(i + 1)
             tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -232,8 +259,7 @@ class LayerwiseRunner:
                 if i == 0:
                     x = args[0] if args else kwargs["hidden_states"]
                 else:
-                    x = read_tensors(self.boundary(i) / f"batch_{b:06d}.safetensors", "calibrate",
-                                     device=str(device))["hidden_states"]
+                    x = self._read(i, b, device)
                 if score:
                     captured.clear()
                 out = run_layer(layer, x, args, kwargs)
@@ -253,16 +279,20 @@ class LayerwiseRunner:
                     cos[1] += c.numel()
                 if not bool(torch.isfinite(out).all()):
                     raise ValueError(f"calibrate: non-finite outputs (NaN or inf) of {self._where(i, b)}")
-                if write:
+                if write and tmp_dir is not None:
                     atomic_save_tensors(tmp_dir / f"batch_{b:06d}.safetensors", {"hidden_states": out})
+                elif write:
+                    outputs.append(out)
                 if self.pbar is not None:
                     self.pbar.update(1)
         finally:
             if handle is not None:
                 handle.remove()
-        if write:
+        if write and tmp_dir is not None:
             shutil.rmtree(out_dir, ignore_errors=True)
             tmp_dir.replace(out_dir)
+        elif write:
+            self._memory[i + 1] = outputs  # complete boundaries only, like the disk's rename
         return (acc, cos) if score else None
 
 
@@ -325,6 +355,17 @@ def shard(data: torch.Tensor) -> tuple[torch.Tensor, int]:
     return data[idx], int(idx[0])
 
 
+def _boundaries_fit(model: nn.Module, adapter: Adapter, samples: torch.Tensor) -> bool:
+    """activations="auto": True when the boundaries can stay on a CUDA device (see :func:`calibrate`)."""
+    device = model.get_input_embeddings().weight.device
+    if device.type != "cuda":
+        return False  # on the host the spill directory keeps memory flat in the token count
+    element = model.get_input_embeddings().weight.element_size()
+    need = 2 * samples.numel() * adapter.hidden_size * element
+    free, _ = torch.cuda.mem_get_info(device)
+    return need <= _MEMORY_SHARE * free
+
+
 # --- public entry point -----------------------------------------------------------
 
 
@@ -339,6 +380,7 @@ def calibrate(
     resume: bool = True,
     ridge: float = 0.0,
     gram_precision: str = "float32",
+    activations: str = "auto",
 ) -> CalibrationResult:
     """Score every decoder layer's attention branch for NBL and fit its LMMSE map.
 
@@ -360,6 +402,14 @@ def calibrate(
             GPUs, a measured accuracy cost; see
             :class:`~nbl_ext.stats.CovarianceAccumulator`). Recorded in the
             metadata (a resumed run must use the same value).
+        activations: where each layer's outputs (the next layer's inputs)
+            wait: "disk" (a spill directory, one batch in memory at a time),
+            "memory" (kept on the device that produced them: two boundaries of
+            tokens x hidden x dtype at a time), or "auto" (default): "memory" on a
+            CUDA device when two boundaries take at most a quarter of its free
+            memory and no ``output_dir`` is given, else "disk". With
+            ``output_dir`` the boundaries must be on disk (that is what a resumed
+            run restarts from), so "memory" is refused there.
 
     Returns:
         :class:`CalibrationResult` with, per layer, the CCA bound between X and
@@ -377,6 +427,12 @@ def calibrate(
             f"calibrate: gram_precision must be one of {', '.join(map(repr, GRAM_PRECISIONS))}, "
             f"got {gram_precision!r}"
         )
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"calibrate: activations must be one of {', '.join(map(repr, ACTIVATIONS))}, "
+                         f"got {activations!r}")
+    if activations == "memory" and output_dir is not None:
+        raise ValueError("calibrate: activations='memory' cannot be resumed; with output_dir the layer outputs "
+                         "are spilled to disk (use activations='auto' or 'disk', or drop output_dir)")
     data = check_token_data(data, adapter.vocab_size, "calibrate")
     rank, world = _dist_info()
     local, offset = shard(data)
@@ -406,7 +462,9 @@ def calibrate(
     done: list[LayerCalibration] = []
     with contextlib.ExitStack() as stack:
         if out is None:
-            spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nbl-spill-")))
+            in_memory = activations == "memory" or (
+                activations == "auto" and _boundaries_fit(model, adapter, local))
+            spill = None if in_memory else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nbl-spill-")))
         else:
             out.mkdir(parents=True, exist_ok=True)
             spill = out / "spill" / f"rank_{rank:05d}"

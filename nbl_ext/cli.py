@@ -174,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
     c.add_argument("--refit", choices=["none", "sequential"], default="none",
                    help="sequential: re-fit each chosen layer on the partially linearized model")
+    c.add_argument("--activations", choices=["auto", "memory", "disk"], default="auto",
+                   help="where each layer's outputs wait for the next layer during calibration: disk (a temporary "
+                        "spill directory; host memory flat in the token count), memory (on the device that "
+                        "produced them: two layers' worth, tokens x hidden x dtype each), or auto (default: "
+                        "memory on a GPU with room for it, else disk)")
     c.add_argument("--gram-precision", choices=["float32", "bfloat16"], default="float32",
                    help="precision of the covariance Gram products: float32 (default; float32-grade) or "
                         "bfloat16 (centered activations rounded to bf16, float32 accumulation: tensor-core "
@@ -337,7 +342,7 @@ def _compress(args) -> int:
                                      seed=args.seed, model=model, progress=progress)
     t1 = time.perf_counter()
     result = nbl_ext.calibrate(model, tokens, batch_size=args.batch_size, progress=progress,
-                               gram_precision=args.gram_precision)
+                               gram_precision=args.gram_precision, activations=args.activations)
     t2 = time.perf_counter()
     layers = result.select(k, method=args.method)
     refit = None if args.refit == "none" else args.refit
@@ -349,7 +354,7 @@ def _compress(args) -> int:
     (out / "nbl_run.json").write_text(json.dumps({
         "model": args.model or DEFAULT_MODEL, "method": args.method, "layers": layers, "k": k,
         "calib": str(args.calib), "holdout": holdout, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
-        "refit": refit, "gram_precision": args.gram_precision, "device": device, "dtype": str(next(model.parameters()).dtype),
+        "refit": refit, "gram_precision": args.gram_precision, "activations": args.activations, "device": device, "dtype": str(next(model.parameters()).dtype),
         "seconds": {"load_and_data": round(t1 - t0, 2), "calibrate": round(t2 - t1, 2), "linearize": round(t3 - t2, 2)},
         "nbl_ext": nbl_ext.__version__, "torch": torch.__version__,
     }, indent=2) + "\n")

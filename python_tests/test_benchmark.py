@@ -69,7 +69,7 @@ def test_time_generation_numbers_are_sane(mode):
     assert r["weights_bytes"] == sum(t.numel() * 4 for t in (*_model().parameters(), *_model().buffers()))
     # CPU peak memory: the RSS growth where Linux lets us reset the high-water mark, else None with the reason
     assert (isinstance(r["peak_memory_bytes"], int) and r["peak_memory_bytes"] >= 0) or \
-        (r["peak_memory_bytes"] is None and r["peak_memory_method"].startswith("unavailable"))
+        (r["peak_memory_bytes"] is None and "unavailable" in r["peak_memory_method"])
     assert r["peak_memory_method"]
     json.dumps(r)  # JSON-able as returned
 

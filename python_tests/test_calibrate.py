@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -82,6 +83,41 @@ def test_batch_size_does_not_change_the_result():
     for a, b in zip(r1.layers, r3.layers):
         torch.testing.assert_close(a.weight, b.weight, rtol=1e-9, atol=1e-10)
         assert a.bound == pytest.approx(b.bound, rel=1e-9) and a.cosine == pytest.approx(b.cosine, rel=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_boundaries_in_memory_give_the_same_result_as_on_disk(family, monkeypatch):
+    """activations="memory" keeps each layer's outputs on the device instead of a spill directory: same numbers."""
+    import nbl_ext.calibrate as cal_mod  # noqa: F401  (the module; nbl_ext.calibrate is also the function)
+
+    model = tiny_model(family, 3, dtype=torch.float64)
+    data = token_data(3, 40)
+    spills = []
+    real = tempfile.TemporaryDirectory
+
+    def spy(*args, **kwargs):
+        spills.append(kwargs.get("prefix"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", spy)
+    disk = nbl_ext.calibrate(model, data, batch_size=2, progress=False, activations="disk")
+    assert spills == ["nbl-spill-"]
+    mem = nbl_ext.calibrate(model, data, batch_size=2, progress=False, activations="memory")
+    auto = nbl_ext.calibrate(model, data, batch_size=2, progress=False)  # CPU: auto means disk
+    assert spills == ["nbl-spill-", "nbl-spill-"]
+    for a, b, c in zip(disk.layers, mem.layers, auto.layers):
+        torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+        torch.testing.assert_close(a.bias, b.bias, rtol=0, atol=0)
+        assert a.bound == b.bound == c.bound and a.cosine == b.cosine and a.nmse == b.nmse
+
+
+def test_activations_argument_is_checked(tmp_path):
+    model = tiny_model("llama", 2)
+    with pytest.raises(ValueError, match="activations must be one of 'auto', 'memory', 'disk'"):
+        nbl_ext.calibrate(model, token_data(2, 8), activations="gpu", progress=False)
+    with pytest.raises(ValueError, match="activations='memory' cannot be resumed"):
+        nbl_ext.calibrate(model, token_data(2, 8), activations="memory", output_dir=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 class _Interrupt(Exception):

@@ -78,6 +78,7 @@ def test_compress_gram_precision_reaches_the_accumulator(tmp_path, tiny_model_di
     assert rc == 0
     assert seen and set(seen) == {"bfloat16"}  # one accumulator per layer, all in bf16 mode
     assert json.loads((out / "nbl_run.json").read_text())["gram_precision"] == "bfloat16"
+    assert json.loads((out / "nbl_run.json").read_text())["activations"] == "auto"
     assert json.loads((out / "nbl_calibration.json").read_text())["metadata"]["gram_precision"] == "bfloat16"
     with pytest.raises(SystemExit):
         cli.main(["compress", "--gram-precision", "fp8"])
@@ -89,6 +90,7 @@ def test_compress_help_lists_gram_precision(capsys):
         cli.main(["compress", "--help"])
     text = capsys.readouterr().out
     assert "--gram-precision {float32,bfloat16}" in text and "tensor-core" in text
+    assert "--activations {auto,memory,disk}" in text
 
 
 @pytest.mark.filterwarnings("ignore::nbl_ext.numerics.SingularWarning")
