@@ -96,6 +96,7 @@ examples:
   nbl bench --shape llama-3.1-8b --k 4,8,12 --mode eager,static --output bench-8b.json   # on a GPU
   nbl bench --shape mistral-7b --batch 16 --prompt-len 8192 --new-tokens 128 --prefill-chunk 2048
   nbl bench --prompt-len 256 --new-tokens 32 --k 6,12 --mode eager   # SmolLM2-135M, CPU-sized
+  nbl bench --k 6,12 --mode eager --interleave --repeats 5          # a shared CPU: variants timed round by round
   nbl bench my/hf-model-dir --k 7 --methods drop --device cpu       # original weights of a local model
   nbl bench --calibration --shape llama-3.1-8b --samples 32,256 --output calib-8b.json   # on a GPU
   nbl bench --calibration --samples 4,16 --seq-len 512               # SmolLM2-135M on the CPU
@@ -248,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generated tokens, at least 2 (default 2048)")
     b.add_argument("--warmup", type=int, default=1, metavar="W", help="untimed warm-up runs (default 1)")
     b.add_argument("--repeats", type=_positive(int), default=3, metavar="R", help="timed runs (default 3)")
+    b.add_argument("--interleave", action="store_true",
+                   help="eager mode: build every variant first, then time them round by round (R rounds of one "
+                        "run each), so drift on a shared machine hits all variants alike; holds all the models "
+                        "at once (small models, CPU)")
     b.add_argument("--prefill-chunk", type=_positive(int), default=None, metavar="C",
                    help="prefill in chunks of C tokens (long contexts at large batch)")
     b.add_argument("--no-compile", action="store_true", help="static mode without torch.compile")
@@ -585,7 +590,8 @@ def _bench(args) -> int:
     result = benchmark.compare(
         factory, pairs, modes=args.mode, batch=args.batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         warmup=args.warmup, repeats=args.repeats, compile=not args.no_compile, prefill_chunk=args.prefill_chunk,
-        ceilings=ceilings, seed=args.seed, log=lambda msg: print(f"nbl bench: {msg}", file=sys.stderr))
+        ceilings=ceilings, seed=args.seed, log=lambda msg: print(f"nbl bench: {msg}", file=sys.stderr),
+        interleave=args.interleave)
     report = {"nbl_bench": 1, **info, "model": {"name": what, "shape": args.shape, "num_layers": result["num_layers"],
                                                 "weights": "random" if args.shape else "real",
                                                 "maps": "random (synthetic_linearize, speed only)"},

@@ -247,6 +247,34 @@ def test_compare_runs_every_variant_with_ratios():
         benchmark.compare(_model, [("nbl", 3)], warmup=0, repeats=1)
 
 
+def test_compare_interleaved_rounds():
+    """interleave=True: every variant built first, timed round by round; same report shape, medians of rounds."""
+    calls = []
+    real = benchmark.time_generation
+
+    def spy(model, **kw):
+        calls.append((id(model), kw["repeats"], kw["warmup"]))
+        return real(model, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(benchmark, "time_generation", spy)
+        result = benchmark.compare(_model, [("nbl", 1), ("drop", 1)], batch=BATCH, prompt_len=PROMPT,
+                                   new_tokens=NEW, warmup=1, repeats=3, interleave=True)
+    models = [c[0] for c in calls]
+    assert len(calls) == 9 and len(set(models)) == 3
+    assert models[:3] == models[3:6] == models[6:]  # round-robin: o, nbl, drop, o, nbl, drop, ...
+    assert [c[2] for c in calls] == [1, 1, 1, 0, 0, 0, 0, 0, 0] and all(c[1] == 1 for c in calls)
+    runs = result["runs"]
+    assert [r["variant"] for r in runs] == ["original", "nbl-k1", "drop-k1"] and result["settings"]["interleave"]
+    for r in runs:
+        assert r["interleaved_rounds"] == 3 and r["decode_steps"] == 3 * (NEW - 1)
+        assert r["decode_step_min_s"] <= r["decode_step_s"] <= r["decode_step_max_s"]
+        assert r["e2e_tokens_per_s"] == pytest.approx(BATCH * NEW / r["e2e_s"])
+        assert r["vs_original"]["decode_speedup"] > 0
+    with pytest.raises(ValueError, match="interleave=True times eager mode only"):
+        benchmark.compare(_model, [("nbl", 1)], modes=("eager", "static"), interleave=True)
+
+
 # --- nbl bench ---------------------------------------------------------------------------------------
 
 QUICK = ["--prompt-len", "8", "--new-tokens", "4", "--warmup", "0", "--repeats", "1", "--no-ceilings"]
@@ -267,6 +295,20 @@ def test_bench_cli_writes_json(tmp_path, tiny_model_dir, capsys):
     assert {(r["variant"], r["mode"]) for r in report["runs"]} == {
         (v, m) for v in ("original", "nbl-k1", "drop-k1") for m in ("eager", "static")}
     assert all(r["decode_step_s"] > 0 and "vs_original" in r for r in report["runs"])
+
+
+def test_bench_cli_interleave(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "bench.json"
+    quick = [a if a != "1" else "2" for a in QUICK]  # two rounds
+    rc = cli.main(["bench", str(tiny_model_dir), "--k", "1", "--mode", "eager", "--device", "cpu", *quick,
+                   "--interleave", "--output", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["interleave"] is True
+    assert all(r["interleaved_rounds"] == 2 for r in report["runs"])
+    rc = cli.main(["bench", str(tiny_model_dir), "--k", "1", "--mode", "static", "--device", "cpu", *QUICK,
+                   "--interleave"])
+    assert rc != 0 and "eager mode only" in capsys.readouterr().err
 
 
 def test_bench_help_teaches(capsys):
