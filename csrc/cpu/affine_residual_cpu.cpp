@@ -7,8 +7,8 @@
 //     BLAS GEMM out += h weight^T with beta = 1: the bias and the residual
 //     ride in BLAS's C matrix, no temporary.
 //   * float32 with more rows: oneDNN's fused linear + add (below), which on
-//     the AMD EPYC build machines ran 1.1-2x faster than MKL's SGEMM (the
-//     reference's addmm) from 8 rows up, and slower at 1-4 rows.
+//     the AMD EPYC build machines ran up to 2.8x faster than MKL's SGEMM (the
+//     reference's addmm) from 4 rows up, and slower at 1-2 rows.
 //   * bfloat16 / float16 above the GEMV thresholds (prefill), on a CPU with native
 //     instructions for the dtype (AVX512-BF16 / AMX-BF16; AVX512-FP16 /
 //     AMX-FP16): oneDNN, the library PyTorch bundles, through the op that
@@ -61,12 +61,14 @@ namespace {
 //     240/356/909 us at n = 1/2/4 vs oneDNN 409/383/556 and reference
 //     414/406/675 (the AVX512-BF16 GEMM does 2-4x the float32 GEMV's FLOPs).
 //   * bfloat16/float16 elsewhere: the GEMV for n <= 16, kBlas above;
-//   * float32: kBlas (MKL) for n < 8, oneDNN from 8 rows up (d = 2048, n =
-//     8/16/256: 1.4/2.2/40 ms vs MKL 4.0/4.7/49 ms); float64: kBlas.
+//   * float32: kBlas (MKL) for n < 4, oneDNN from 4 rows up. Quiet machine,
+//     d = 2048, n = 4/16/128: oneDNN 0.66/1.09/5.6 ms, MKL 1.85/1.82/7.0 ms,
+//     reference 2.04/2.38/8.0 ms; d = 576 the two libraries are within 10% of
+//     each other from 4 rows and 10-35% ahead of the reference. float64: kBlas.
 constexpr int64_t kCpuGemvMaxRows = 16;
 constexpr int64_t kCpuGemvMaxRowsOneDnn = 2;
 constexpr int64_t kCpuGemvMaxElemsOneDnn = 4608;
-constexpr int64_t kCpuOneDnnMinRowsFloat32 = 8;
+constexpr int64_t kCpuOneDnnMinRowsFloat32 = 4;
 
 
 // h as a contiguous (rows, d) matrix (a view when h is contiguous).
