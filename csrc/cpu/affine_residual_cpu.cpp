@@ -8,7 +8,7 @@
 //     ride in BLAS's C matrix, no temporary.
 //   * float32 with more rows: oneDNN's fused linear + add (below), which on
 //     the AMD EPYC build machines ran up to 2.8x faster than MKL's SGEMM (the
-//     reference's addmm) from 4 rows up, and slower at 1-2 rows.
+//     reference's addmm) on large calls and slower on small ones (threshold below).
 //   * bfloat16 / float16 above the GEMV thresholds (prefill), on a CPU with native
 //     instructions for the dtype (AVX512-BF16 / AMX-BF16; AVX512-FP16 /
 //     AMX-FP16): oneDNN, the library PyTorch bundles, through the op that
@@ -61,14 +61,18 @@ namespace {
 //     240/356/909 us at n = 1/2/4 vs oneDNN 409/383/556 and reference
 //     414/406/675 (the AVX512-BF16 GEMM does 2-4x the float32 GEMV's FLOPs).
 //   * bfloat16/float16 elsewhere: the GEMV for n <= 16, kBlas above;
-//   * float32: kBlas (MKL) for n < 4, oneDNN from 4 rows up. Quiet machine,
-//     d = 2048, n = 4/16/128: oneDNN 0.66/1.09/5.6 ms, MKL 1.85/1.82/7.0 ms,
-//     reference 2.04/2.38/8.0 ms; d = 576 the two libraries are within 10% of
-//     each other from 4 rows and 10-35% ahead of the reference. float64: kBlas.
+//   * float32: oneDNN when n d >= 16384, else kBlas (MKL). oneDNN reorders
+//     the weight on every call (d^2 floats), which small calls do not repay when
+//     other work runs between them: in bench/test_bench_affine.py at d = 576
+//     oneDNN took 0.80x the reference's speed at 4 rows and 0.94-1.03x at 16,
+//     1.14-1.23x from 128 rows. Back to back on the quiet machine, d = 2048, n =
+//     4/16/128: oneDNN 0.66/1.09/5.6 ms, MKL 1.85/1.82/7.0 ms, reference
+//     2.04/2.38/8.0 ms (MKL's SGEMM is slow on this AMD CPU at d = 2048).
+//     float64: kBlas.
 constexpr int64_t kCpuGemvMaxRows = 16;
 constexpr int64_t kCpuGemvMaxRowsOneDnn = 2;
 constexpr int64_t kCpuGemvMaxElemsOneDnn = 4608;
-constexpr int64_t kCpuOneDnnMinRowsFloat32 = 4;
+constexpr int64_t kCpuOneDnnMinElemsFloat32 = 16384;
 
 
 // h as a contiguous (rows, d) matrix (a view when h is contiguous).
@@ -344,7 +348,7 @@ at::Tensor affine_residual_cpu_path(const at::Tensor& h, const at::Tensor& weigh
              : onednn ? AffineResidualCpuPath::kOneDnn
                       : AffineResidualCpuPath::kBlas;
     } else {
-      path = (t == at::kFloat && onednn && n >= kCpuOneDnnMinRowsFloat32) ? AffineResidualCpuPath::kOneDnn
+      path = (t == at::kFloat && onednn && n * h2.size(1) >= kCpuOneDnnMinElemsFloat32) ? AffineResidualCpuPath::kOneDnn
                                                                          : AffineResidualCpuPath::kBlas;
     }
   }
