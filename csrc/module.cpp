@@ -10,11 +10,32 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "nbl_kernels.h"
 
 namespace py = pybind11;
+
+namespace {
+
+// The test hooks' path names: the enum value named `path`, else a ValueError
+// listing the names ("unknown path 'x'; use a, b or c").
+template <typename P>
+P parse_path(const std::string& path, std::initializer_list<std::pair<const char*, P>> choices) {
+  std::string names;
+  size_t i = 0;
+  for (const auto& [name, value] : choices) {
+    if (path == name) return value;
+    if (i > 0) names += i + 1 == choices.size() ? " or " : ", ";
+    names += name;
+    ++i;
+  }
+  throw py::value_error("unknown path '" + path + "'; use " + names);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nbl-ext compiled kernels (CPU always, CUDA when built with it)";
@@ -37,20 +58,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("_affine_residual_cpu_path",
         [](const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias, const std::string& path) {
           using P = nbl::AffineResidualCpuPath;
-          P p;
-          if (path == "auto") {
-            p = P::kAuto;
-          } else if (path == "blas") {
-            p = P::kBlas;
-          } else if (path == "gemv_portable") {
-            p = P::kGemvPortable;
-          } else if (path == "gemv_avx2") {
-            p = P::kGemvAvx2;
-          } else if (path == "onednn") {
-            p = P::kOneDnn;
-          } else {
-            throw py::value_error("unknown path '" + path + "'; use auto, blas, gemv_portable, gemv_avx2 or onednn");
-          }
+          const P p = parse_path<P>(path, {{"auto", P::kAuto}, {"blas", P::kBlas}, {"gemv_portable", P::kGemvPortable},
+                                           {"gemv_avx2", P::kGemvAvx2}, {"onednn", P::kOneDnn}});
           return nbl::affine_residual_cpu_path(h, weight, bias, p);
         },
         py::arg("h"), py::arg("weight"), py::arg("bias"), py::arg("path"));
@@ -62,18 +71,8 @@ PYBIND11_MODULE(_C, m) {
         [](const at::Tensor& h, const at::Tensor& weight, const at::Tensor& bias, const std::string& path) {
 #ifdef NBL_WITH_CUDA
           using P = nbl::AffineResidualCudaPath;
-          P p;
-          if (path == "auto") {
-            p = P::kAuto;
-          } else if (path == "gemv") {
-            p = P::kGemv;
-          } else if (path == "gemm_epilogue") {
-            p = P::kGemmEpilogue;
-          } else if (path == "cublaslt") {
-            p = P::kCublasLtStrict;
-          } else {
-            throw py::value_error("unknown path '" + path + "'; use auto, gemv, gemm_epilogue or cublaslt");
-          }
+          const P p = parse_path<P>(path, {{"auto", P::kAuto}, {"gemv", P::kGemv},
+                                           {"gemm_epilogue", P::kGemmEpilogue}, {"cublaslt", P::kCublasLtStrict}});
           return nbl::affine_residual_cuda_path(h, weight, bias, p);
 #else
           (void)h, (void)weight, (void)bias, (void)path;

@@ -74,7 +74,6 @@ constexpr int64_t kCpuGemvMaxRowsOneDnn = 2;
 constexpr int64_t kCpuGemvMaxElemsOneDnn = 4608;
 constexpr int64_t kCpuOneDnnMinElemsFloat32 = 16384;
 
-
 // h as a contiguous (rows, d) matrix (a view when h is contiguous).
 at::Tensor as_rows(const at::Tensor& h) {
   return (h.dim() == 1 ? h.unsqueeze(0) : h.flatten(0, -2)).contiguous();
