@@ -553,17 +553,17 @@ def _bench(args) -> int:
         raise ValueError(f"give MODEL ({args.model}) or --shape ({args.shape}), not both")
     if args.num_layers is not None and args.shape is None:
         raise ValueError("--num-layers applies to --shape (random weights) only")
-    if args.calibration:
-        return _bench_calibration(args)
-    if args.new_tokens < 2:
-        raise ValueError(f"--new-tokens must be at least 2 (one prefill token and one decode step), got {args.new_tokens}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.output and Path(args.output).is_dir():
         raise IsADirectoryError(f"--output {args.output} is a directory; give a file name such as bench.json")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if args.calibration:
+        return _bench_calibration(args, device)
+    if args.new_tokens < 2:
+        raise ValueError(f"--new-tokens must be at least 2 (one prefill token and one decode step), got {args.new_tokens}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.shape is not None:  # the layer count is known before anything is built
         n_layers = args.num_layers or benchmark.SHAPES[args.shape]["num_hidden_layers"]
         too_big = [k for k in args.k if k > n_layers]
@@ -601,18 +601,11 @@ def _bench(args) -> int:
     return 0
 
 
-def _bench_calibration(args) -> int:
-    import torch
-
+def _bench_calibration(args, device: str) -> int:
     from nbl_ext import benchmark
     from nbl_ext.models import DEFAULT_MODEL, load_model
 
-    # MODEL vs --shape and --num-layers are checked by _bench before it comes here
-    if args.output and Path(args.output).is_dir():
-        raise IsADirectoryError(f"--output {args.output} is a directory; give a file name such as calib.json")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    # MODEL vs --shape, --num-layers, --output and the device are checked by _bench before it comes here
     if args.shape is not None:
         what = f"random {args.shape}" + (f" ({args.num_layers} layers)" if args.num_layers else "")
         model = benchmark.random_model(args.shape, dtype=args.dtype, device=device, num_layers=args.num_layers,
