@@ -88,7 +88,7 @@ def _store_all_fits(model: str, dtype: str, samples: int, seq_len: int) -> tuple
     """store_all keeps layers x 2 x tokens x d elements on the host; compare with what is available."""
     sh = nb.Shape.of(model)
     s = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    need = sh.layers * 2 * samples * seq_len * sh.hidden * s
+    need = nb.calibration_cost(sh, num_samples=samples, seq_len=seq_len, dtype=dtype)["stored_activation_bytes"]
     avail = nb._available_host_bytes()
     msg = (f"store_all needs ~{need / 2**30:.1f} GiB of host memory ({sh.layers} layers x 2 x {samples * seq_len} "
            f"tokens x {sh.hidden} x {s} B) of {'?' if avail is None else f'{avail / 2**30:.1f}'} GiB available; "

@@ -61,7 +61,7 @@ from nbl_ext.result import METHODS, check_layer_list
 __all__ = [
     "CALIBRATION_METHODS", "MODES", "SHAPES", "Shape", "calibration_cost", "calibration_floor", "calibration_tokens",
     "compare", "compare_calibration", "decode_cost", "floors", "last_layers", "measure_ceilings", "random_model",
-    "run_info", "store_all_bytes", "synthetic_linearize", "synthetic_maps", "time_calibration", "time_generation",
+    "run_info", "store_all_bytes", "synthetic_linearize", "synthetic_maps", "time_calibration", "time_call", "time_generation",
 ]
 
 MODES = ("eager", "static")
@@ -223,6 +223,15 @@ class _Clock:
         return [t - self.marks[0] for t in self.marks]
 
 
+def time_call(device: str | torch.device, fn: Callable[[], Any]) -> float:
+    """Seconds one call of ``fn`` takes on ``device``'s timeline (CUDA events, waited for; perf_counter on CPU)."""
+    clock = _Clock(torch.device(device))
+    clock.mark()
+    fn()
+    clock.mark()
+    return clock.seconds()[-1]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -351,9 +360,10 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
+def _check_int(name: str, value: Any, low: int, where: str = "time_generation") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"time_generation: {name} must be an int >= {low}, got {value!r}")
+        what = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{where}: {name} must be {what}, got {value!r}")
     return value
 
 
@@ -682,14 +692,7 @@ def measure_ceilings(device: str | torch.device, dtype: str | torch.dtype | None
     def timed(fn) -> float:
         fn()
         _sync(dev)
-        times = []
-        for _ in range(repeats):
-            clock = _Clock(dev)
-            clock.mark()
-            fn()
-            clock.mark()
-            times.append(clock.seconds()[-1])
-        return statistics.median(times)
+        return statistics.median(time_call(dev, fn) for _ in range(repeats))
 
     src = torch.empty(mib * 2**20, dtype=torch.uint8, device=dev)
     src.fill_(1)
@@ -932,8 +935,7 @@ def calibration_tokens(vocab_size: int, num_samples: int, seq_len: int, *, seed:
     """Random calibration token ids ``(num_samples, seq_len)`` in ``[0, vocab_size)``: the cost of a forward
     does not depend on which tokens it sees (real text is for quality, not for timing)."""
     for name, v in (("vocab_size", vocab_size), ("num_samples", num_samples), ("seq_len", seq_len)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"calibration_tokens: {name} must be a positive int, got {v!r}")
+        _check_int(name, v, 1, "calibration_tokens")
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab_size, (num_samples, seq_len), generator=g)
 
@@ -958,8 +960,7 @@ def calibration_cost(shape: Any, *, num_samples: int, seq_len: int, batch_size: 
     """
     sh = Shape.of(shape)
     for name, v in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"calibration_cost: {name} must be a positive int, got {v!r}")
+        _check_int(name, v, 1, "calibration_cost")
     s = _element_size(dtype)
     d, L = sh.hidden, sh.layers
     q, kv = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
@@ -1066,10 +1067,10 @@ class _StoredActivations:
 
 
 def store_all_bytes(model: nn.Module, num_samples: int, seq_len: int) -> int:
-    """Host bytes the store-all approach keeps: every layer's X and A for every token, in the model dtype."""
-    adapter = get_adapter(model)
-    s = next(model.parameters()).element_size()
-    return adapter.num_layers * 2 * num_samples * seq_len * adapter.hidden_size * s
+    """Host bytes the store-all approach keeps: every layer's X and A for every token, in the model dtype
+    (:func:`calibration_cost`'s ``stored_activation_bytes``)."""
+    return calibration_cost(Shape.of(model), num_samples=num_samples, seq_len=seq_len,
+                            dtype=next(model.parameters()).dtype)["stored_activation_bytes"]
 
 
 def _available_host_bytes() -> int | None:
@@ -1108,11 +1109,13 @@ def _calibrate_store_all(model: nn.Module, data: torch.Tensor, *, batch_size: in
     batches = -(-data.shape[0] // batch_size)
     pbar = cal._progress_bar(n_layers * batches, progress, "store-all calibration")
     kept: list[tuple[_StoredActivations, torch.Tensor]] = []
+    # Boundaries where streaming's activations="auto" puts them, so the two differ in the statistics only.
+    in_memory = cal._boundaries_fit(model, adapter, data)
     try:
         with tempfile.TemporaryDirectory(prefix="nbl-bench-spill-") as spill, cal.eval_mode(model), \
                 mock.patch.object(cal, "CovarianceAccumulator", stored):
-            runner = cal.LayerwiseRunner(model, adapter, data, batch_size=batch_size, spill_dir=Path(spill),
-                                         pbar=pbar)
+            runner = cal.LayerwiseRunner(model, adapter, data, batch_size=batch_size,
+                                         spill_dir=None if in_memory else Path(spill), pbar=pbar)
             for i in range(n_layers):
                 if pbar is not None:
                     pbar.set_postfix_str(f"layer {i}/{n_layers}")
@@ -1144,8 +1147,9 @@ def time_calibration(model: nn.Module, data: torch.Tensor, *, method: str = "str
 
     ``method``:
 
-    * ``"streaming"``: :func:`nbl_ext.calibrate` exactly as users run it (no ``output_dir``: boundary
-      activations spill to a temporary directory; statistics streamed into float64 accumulators);
+    * ``"streaming"``: :func:`nbl_ext.calibrate` exactly as users run it (no ``output_dir``,
+      ``activations="auto"``: boundary activations spill to a temporary directory, or stay on a GPU with
+      room for them; statistics streamed into float64 accumulators);
     * ``"store_all"``: the reference code's approach, on the same layer-by-layer forward
       (``nbl_ext.calibrate.LayerwiseRunner``): every layer's X and A for all tokens kept on the host in the
       model dtype, then per layer float64 ``torch.cov`` of ``[X | A]`` on the model's device and the same
@@ -1155,7 +1159,7 @@ def time_calibration(model: nn.Module, data: torch.Tensor, *, method: str = "str
     Phases (each timed at its boundaries with the device synced, which adds one sync per batch):
     ``statistics_s`` (streaming: ``CovarianceAccumulator.update``; store_all: the host copies and the
     ``torch.cov``), ``fit_s`` (``score_layer``: LMMSE solve, CCA bound, NMSE), and
-    ``forward_s = total - both`` (the recorder and layer forwards, the boundary spill I/O, the cosine).
+    ``forward_s = total - both`` (the recorder and layer forwards, any boundary spill I/O, the cosine).
 
     ``warmup``: one untimed forward of 16 tokens first, so that the peak memory is not the first touch of
     lazily mapped weights (a safetensors checkpoint is mmapped) and the first call's kernel set-up.
@@ -1173,8 +1177,7 @@ def time_calibration(model: nn.Module, data: torch.Tensor, *, method: str = "str
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"time_calibration: method must be one of {CALIBRATION_METHODS}, got {method!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"time_calibration: batch_size must be a positive int, got {batch_size!r}")
+    _check_int("batch_size", batch_size, 1, "time_calibration")
     adapter = get_adapter(model)
     data = cal.check_token_data(data, adapter.vocab_size, "time_calibration")
     device = _model_device(model)
