@@ -12,6 +12,7 @@ in-place linearization and self-contained checkpoints::
     result = nbl_ext.calibrate(model, tokens)
     nbl_ext.linearize(model, result, result.select(k))
     nbl_ext.save_pretrained(model, "out/", tok, calibration=result)
+    nbl_ext.heal(model, tokens, nbl_ext.HealConfig(method="lora"))   # optional: recover accuracy
 """
 from nbl_ext._extension import extension_info
 from nbl_ext import ops  # noqa: F401  (defines the nbl:: ops)
@@ -30,12 +31,16 @@ from nbl_ext.result import CalibrationResult
 from nbl_ext.calibrate import calibrate
 from nbl_ext.linearize import linearize
 from nbl_ext.serialization import load_pretrained, save_pretrained
+from nbl_ext.heal import HealConfig, HealResult, OriginalBranches, heal
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationResult",
     "CovarianceAccumulator",
+    "HealConfig",
+    "HealResult",
+    "OriginalBranches",
     "SingularWarning",
     "calibrate",
     "canonical_correlations",
@@ -43,6 +48,7 @@ __all__ = [
     "extension_info",
     "fit_linear",
     "get_adapter",
+    "heal",
     "linearize",
     "lmmse_nmse",
     "load_calibration_tokens",
