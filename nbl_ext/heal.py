@@ -288,10 +288,13 @@ class _Distill(_Objective):
         layers = adapter.layers()
         dtype, device = layers[replaced[0]].nbl_affine.weight.dtype, layers[replaced[0]].nbl_affine.weight.device
         self.teacher_layers = {}
+        def placed(m: nn.Module) -> nn.Module:  # a copy only where the device or dtype differs
+            if all(p.device == device and p.dtype == dtype for p in m.parameters()):
+                return m
+            return copy.deepcopy(m).to(device=device, dtype=dtype)
+
         for i in replaced:
-            mods = {n: copy.deepcopy(m).to(device=device, dtype=dtype) for n, m in teacher.branches[i].items()}
-            for m in mods.values():
-                m.requires_grad_(False)
+            mods = {n: placed(m) for n, m in teacher.branches[i].items()}  # run under no_grad only
             self.teacher_layers[i] = _original_layer(layers[i], mods)
         self.loss = loss
         self.first, self.last = replaced[0], replaced[-1]
