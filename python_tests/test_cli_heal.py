@@ -63,6 +63,22 @@ def test_heal_writes_a_loadable_checkpoint(tmp_path, compressed, capsys, method)
         assert not (out / "adapter").exists()
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_heal_in_place_replaces_dir_atomically(tmp_path, compressed, capsys):
+    import shutil
+
+    calib, src = compressed
+    target = tmp_path / "ckpt"
+    shutil.copytree(src, target)
+    before = nbl_ext.load_pretrained(target).state_dict()
+    assert cli.main(["heal", str(target), "--in-place", "--calib", str(calib), *HEAL, "--steps", "2",
+                     "--lr", "3e-2"]) == 0
+    assert (target / "nbl_heal.json").is_file() and (target / "adapter" / "adapter_config.json").is_file()
+    after = nbl_ext.load_pretrained(target).state_dict()
+    assert after.keys() == before.keys()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp or aside directories left over
+
+
 def test_heal_errors_are_clear(tmp_path, tiny_model_dir, compressed, capsys):
     calib, src = compressed
     cases = [

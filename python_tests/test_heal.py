@@ -180,7 +180,7 @@ def test_drop_model_gets_lora_around_the_dropped_blocks_and_is_never_made_worse(
     unhealed = copy.deepcopy(model)
     # dropping layer 2 of this random model costs nothing on held-out text, so LoRA can only overfit:
     # early stopping (patience 2) ends the run and the unhealed weights are kept
-    res = heal(model, train, _fast(steps=12, patience=2), heldout=held)
+    res = heal(model, train, _fast(steps=12, patience=2), heldout=held, progress=True)
     assert res.targets == ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj",
                            "model.layers.2.mlp.down_proj", "model.layers.3.self_attn.o_proj",
                            "model.layers.3.mlp.down_proj"]
