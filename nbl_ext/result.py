@@ -11,6 +11,7 @@ import torch
 
 from nbl_ext._io import atomic_directory, atomic_save_tensors, atomic_write_json, read_json, read_tensors
 from nbl_ext.criteria import get_criterion
+from nbl_ext.validation import check_choice, check_int
 
 #: The names of today's two recipes, accepted wherever a criterion or a replacement is chosen:
 #: "nbl" selects by the CCA bound (and replaces with the affine map), "drop" by the cosine (and removes).
@@ -145,13 +146,10 @@ class CalibrationResult:
         ``method`` ("nbl" or "drop"), the older spelling, picks the same criteria.
         """
         if method is not None:
-            if method not in METHODS:
-                raise ValueError(f"select: method must be one of {METHODS}, got {method!r}")
-            criterion = method
+            criterion = check_choice(method, METHODS, "method", what="select")
         crit = get_criterion(criterion)
         n = self.num_layers
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"select: k must be an int, got {k!r} ({type(k).__name__})")
+        check_int(k, "k", what="select")
         if not 0 <= k <= n:
             raise ValueError(f"select: k must be between 0 and the number of layers ({n}), got {k}")
         return sorted(self.rank(crit.name)[:k])
