@@ -21,8 +21,8 @@ _ROW_KEYS = {"cca_bound": "bound"}
 _REQUIRED_ROW_KEYS = ("bound", "nmse", "cosine")
 _FORMAT = "nbl-ext-calibration"
 _VERSION = 1
-_JSON = "calibration.json"
-_TENSORS = "calibration.safetensors"
+CALIBRATION_JSON = "calibration.json"
+CALIBRATION_TENSORS = "calibration.safetensors"
 
 
 @dataclass
@@ -173,8 +173,8 @@ class CalibrationResult:
     def save(self, path: str | os.PathLike) -> None:
         """Write ``calibration.json`` + ``calibration.safetensors`` to directory ``path`` atomically."""
         with atomic_directory(path) as tmp:
-            atomic_save_tensors(tmp / _TENSORS, _tensor_dict(self.layers), metadata={"format": _FORMAT})
-            atomic_write_json(tmp / _JSON, {"format": _FORMAT, "version": _VERSION, **self.summary()})
+            atomic_save_tensors(tmp / CALIBRATION_TENSORS, _tensor_dict(self.layers), metadata={"format": _FORMAT})
+            atomic_write_json(tmp / CALIBRATION_JSON, {"format": _FORMAT, "version": _VERSION, **self.summary()})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationResult":
@@ -183,15 +183,15 @@ class CalibrationResult:
         what = f"CalibrationResult.load({str(path)!r})"
         if not path.is_dir():
             raise FileNotFoundError(f"{what}: not a directory")
-        doc = read_json(path / _JSON, what)
+        doc = read_json(path / CALIBRATION_JSON, what)
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-            raise ValueError(f"{what}: {_JSON} is not an nbl-ext calibration file")
+            raise ValueError(f"{what}: {CALIBRATION_JSON} is not an nbl-ext calibration file")
         if doc.get("version") != _VERSION:
             raise ValueError(f"{what}: unsupported calibration format version {doc.get('version')!r} (expected {_VERSION})")
         meta, rows = doc.get("metadata"), doc.get("layers")
         if not isinstance(meta, dict) or not isinstance(rows, list):
-            raise ValueError(f"{what}: {_JSON} lacks 'metadata' or 'layers'")
-        tensors = read_tensors(path / _TENSORS, what)
+            raise ValueError(f"{what}: {CALIBRATION_JSON} lacks 'metadata' or 'layers'")
+        tensors = read_tensors(path / CALIBRATION_TENSORS, what)
         return cls(layers_from_records(rows, tensors, meta, what), meta)
 
 

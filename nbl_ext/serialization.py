@@ -86,6 +86,18 @@ def _check_nbl_section(nbl: Any, num_layers: int, hidden_size: int, what: str) -
     return method, sorted(layers), refit
 
 
+def _check_run_config(nbl: dict, what: str) -> Any:
+    """The NBLConfig a checkpoint written by nbl_ext.compress records (None for other checkpoints)."""
+    from nbl_ext.config import NBLConfig
+
+    if nbl.get("config") is None:
+        return None
+    try:
+        return NBLConfig.from_dict(nbl["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: config.json's nbl.config is not a valid NBLConfig ({exc})") from None
+
+
 def _check_weights_file(model: nn.Module, file: Path, what: str) -> None:
     """Clear errors for missing / unexpected / mis-shaped tensors (tied weights stored once)."""
     from safetensors import safe_open
@@ -147,6 +159,7 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     num_layers, hidden = int(text.num_hidden_layers), int(text.hidden_size)
     nbl = raw.get("nbl")
     structure = _check_nbl_section(nbl, num_layers, hidden, what) if nbl is not None else None
+    run_config = _check_run_config(nbl, what) if structure is not None else None
     if structure is None and getattr(text, KV_SHARING_ATTR, None) is not None:
         raise ValueError(f"{what}: config.json has kv_sharing_modes but no nbl section; it was not written by nbl_ext")
     # The structure is re-derived from the nbl section, not trusted from the file.
@@ -162,6 +175,8 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
         d = adapter.hidden_size
         placeholder = (torch.zeros(d, d), torch.zeros(d))
         apply_structure(model, adapter, method, layers, {i: placeholder for i in layers}, refit)
+        if run_config is not None:
+            model.config.nbl["config"] = run_config.to_dict()
     _check_weights_file(model, weights, what)
     load_model(model, str(weights), strict=True)
     if (root / "generation_config.json").is_file():
