@@ -13,6 +13,12 @@ in-place linearization and self-contained checkpoints::
     nbl_ext.linearize(model, result, result.select(k))
     nbl_ext.save_pretrained(model, "out/", tok, calibration=result)
     nbl_ext.heal(model, tokens, nbl_ext.HealConfig(method="lora"))   # optional: recover accuracy
+
+or, in one call driven by a config object (the same three steps)::
+
+    model, result = nbl_ext.compress(model, tokens, nbl_ext.NBLConfig(k=8, num_samples=16, seq_len=256))
+
+Selection criteria are a registry (``nbl_ext.register_criterion``; see :mod:`nbl_ext.criteria`).
 """
 from nbl_ext._extension import extension_info
 from nbl_ext import ops  # noqa: F401  (defines the nbl:: ops)
@@ -31,6 +37,9 @@ from nbl_ext.result import CalibrationResult
 from nbl_ext.calibrate import calibrate
 from nbl_ext.linearize import linearize
 from nbl_ext.serialization import load_pretrained, save_pretrained
+from nbl_ext.criteria import LayerContext, criterion_names, get_criterion, register_criterion
+from nbl_ext.config import NBLConfig
+from nbl_ext.api import compress
 from nbl_ext.heal import HealConfig, HealResult, OriginalBranches, heal
 
 __version__ = "0.1.0"
@@ -41,13 +50,18 @@ __all__ = [
     "HealConfig",
     "HealResult",
     "OriginalBranches",
+    "LayerContext",
+    "NBLConfig",
     "SingularWarning",
     "calibrate",
     "canonical_correlations",
     "cca_bound",
+    "compress",
+    "criterion_names",
     "extension_info",
     "fit_linear",
     "get_adapter",
+    "get_criterion",
     "heal",
     "linearize",
     "lmmse_nmse",
@@ -55,6 +69,7 @@ __all__ = [
     "load_model",
     "load_pretrained",
     "read_documents",
+    "register_criterion",
     "save_pretrained",
     "split_documents",
     "__version__",

@@ -402,8 +402,12 @@ def _compress(args) -> int:
     import torch
 
     import nbl_ext
+    from nbl_ext._io import atomic_write_json
+    from nbl_ext.api import default_k, holdout_split
     from nbl_ext.data import load_calibration_tokens
+    from nbl_ext.linearize import resolve_replacement
     from nbl_ext.models import DEFAULT_MODEL, load_model
+    from nbl_ext.serialization import RUN
 
     progress = not args.no_progress
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -412,58 +416,56 @@ def _compress(args) -> int:
     print(f"nbl compress: loading {args.model or DEFAULT_MODEL + ' (bundled default)'} on {device}", file=sys.stderr)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, progress=progress)
     n_layers = len(nbl_ext.get_adapter(model).layers())
-    k = args.layers if args.layers is not None else max(1, n_layers // 4)
+    k = args.layers if args.layers is not None else default_k(n_layers)
     if not 0 <= k <= n_layers:
         raise ValueError(f"--layers must be between 0 and the model's {n_layers} layers, got {k}")
     out = Path(args.out or Path("nbl-out") / f"{_slug(args.model or DEFAULT_MODEL)}-{args.method}-k{k}")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it")
 
-    source, holdout = _calibration_source(args)
+    config = nbl_ext.NBLConfig(
+        criterion=args.method, k=k, replacement=resolve_replacement(None, args.method, "nbl compress"),
+        refit=None if args.refit == "none" else args.refit, num_samples=args.samples, seq_len=args.seq_len,
+        batch_size=args.batch_size, gram_precision=args.gram_precision, activations=args.activations,
+        seed=args.seed, holdout=args.holdout)
+    source, holdout = holdout_split(args.calib, config.holdout)
+    config = config.replace(holdout=holdout)  # the fraction actually held out
     print(f"nbl compress: calibration data: {args.calib}{f' minus {holdout:.0%} held out' if holdout else ''}, "
           f"{args.samples} x {args.seq_len} tokens", file=sys.stderr)
-    tokens = load_calibration_tokens(source, tokenizer, num_samples=args.samples, seq_len=args.seq_len,
-                                     seed=args.seed, model=model, progress=progress)
+    tokens = load_calibration_tokens(source, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
+                                     seed=config.seed, model=model, progress=progress)
     t1 = time.perf_counter()
-    result = nbl_ext.calibrate(model, tokens, batch_size=args.batch_size, progress=progress,
-                               gram_precision=args.gram_precision, activations=args.activations)
-    t2 = time.perf_counter()
-    layers = result.select(k, method=args.method)
-    refit = None if args.refit == "none" else args.refit
-    nbl_ext.linearize(model, result, layers, method=args.method, refit=refit, data=tokens if refit else None,
-                      batch_size=args.batch_size, progress=progress)
-    t3 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    model, result = nbl_ext.compress(model, tokens, config, progress=progress, timer=_stopwatch(seconds))
+    layers = model.config.nbl["layers"]
     _print_table(result.table(), set(layers), args.method)
     nbl_ext.save_pretrained(model, out, tokenizer, calibration=result)
-    (out / "nbl_run.json").write_text(json.dumps({
-        "model": args.model or DEFAULT_MODEL, "method": args.method, "layers": layers, "k": k,
-        "calib": str(args.calib), "holdout": holdout, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
-        "refit": refit, "gram_precision": args.gram_precision, "activations": args.activations, "device": device, "dtype": str(next(model.parameters()).dtype),
-        "seconds": {"load_and_data": round(t1 - t0, 2), "calibrate": round(t2 - t1, 2), "linearize": round(t3 - t2, 2)},
+    atomic_write_json(out / RUN, {
+        **config.to_dict(), "layers": layers, "model": args.model or DEFAULT_MODEL, "method": args.method,
+        "calib": str(args.calib), "device": device, "dtype": str(next(model.parameters()).dtype),
+        "seconds": {"load_and_data": round(t1 - t0, 2), "calibrate": round(seconds["calibrate"], 2),
+                    "linearize": round(seconds["select"] + seconds["linearize"], 2)},
         "nbl_ext": nbl_ext.__version__, "torch": torch.__version__,
-    }, indent=2) + "\n")
+    })
     print(f"\nnbl compress: {args.method} on {len(layers)} of {n_layers} attention blocks {layers}; "
-          f"calibration {t2 - t1:.1f} s; saved to {out}\n"
+          f"calibration {seconds['calibrate']:.1f} s; saved to {out}\n"
           f"  reload with: nbl_ext.load_pretrained({str(out)!r})   |   inspect with: nbl report {out}")
     return 0
 
 
-def _calibration_source(args):
-    """The documents to calibrate on and the held-out fraction (files only; see nbl_ext.data.HOLDOUT_FRACTION)."""
-    from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, split_documents
+def _stopwatch(seconds: dict[str, float]):
+    """A phase timer for nbl_ext.compress: wall seconds per phase into ``seconds``."""
+    import contextlib
 
-    path = Path(args.calib)
-    is_file = args.calib != "self" and not args.calib.startswith("hf:") and path.is_file()
-    if args.holdout is not None and not 0.0 <= args.holdout < 1.0:
-        raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
-    if not is_file:
-        if args.holdout:
-            raise ValueError(f"--holdout applies to a document file; --calib {args.calib} is not one")
-        return args.calib, None
-    fraction = HOLDOUT_FRACTION if args.holdout is None else args.holdout
-    if fraction == 0:
-        return args.calib, 0.0
-    return split_documents(path, fraction, seed=HOLDOUT_SEED)[0], fraction
+    @contextlib.contextmanager
+    def timer(phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t
+
+    return timer
 
 
 def _eval(args) -> int:
@@ -531,11 +533,15 @@ def _load_for_eval(model_arg, dtype, device, progress):
     from nbl_ext.models import DEFAULT_MODEL, load_model
 
     path = Path(model_arg) if model_arg else None
-    if path is not None and path.is_dir() and (path / "config.json").is_file() \
-            and "nbl" in json.loads((path / "config.json").read_text()):
+    from nbl_ext.serialization import CONFIG
+
+    if path is not None and path.is_dir() and (path / CONFIG).is_file() \
+            and "nbl" in json.loads((path / CONFIG).read_text()):
         from transformers import AutoTokenizer
 
-        kwargs = {} if dtype in (None, "auto") else {"dtype": getattr(__import__("torch"), dtype)}
+        from nbl_ext.validation import parse_dtype
+
+        kwargs = {} if dtype in (None, "auto") else {"dtype": parse_dtype(dtype, what="nbl eval")}
         model = nbl_ext.load_pretrained(path, device=device, **kwargs).eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -551,7 +557,9 @@ def _overlap_notes(source: str, c4: Path | None) -> list[str]:
     """Warn when the held-out C4 documents may have been calibrated on (nbl compress --holdout 0)."""
     from nbl_ext.data import HOLDOUT_FRACTION
 
-    run_file = Path(source) / "nbl_run.json"
+    from nbl_ext.serialization import RUN
+
+    run_file = Path(source) / RUN
     if c4 is None or not run_file.is_file():
         return []
     run = json.loads(run_file.read_text())
@@ -566,7 +574,10 @@ def _load_report(path: Path) -> tuple[list[dict], set[int], str | None]:
     """Per-layer rows and the chosen layers from a checkpoint (save_pretrained) or calibration directory."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; pass the --out directory of `nbl compress`")
-    summary_file = next((path / n for n in ("nbl_calibration.json", "calibration.json", "calibration/calibration.json")
+    from nbl_ext.result import CALIBRATION_JSON
+    from nbl_ext.serialization import CONFIG, SUMMARY
+
+    summary_file = next((path / n for n in (SUMMARY, CALIBRATION_JSON, f"calibration/{CALIBRATION_JSON}")
                          if (path / n).is_file()), None)
     if summary_file is None:
         raise FileNotFoundError(f"{path} holds no calibration summary (nbl_calibration.json or calibration.json); "
@@ -576,7 +587,7 @@ def _load_report(path: Path) -> tuple[list[dict], set[int], str | None]:
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{summary_file} has no per-layer scores")
     chosen, method = set(), None
-    config = path / "config.json"
+    config = path / CONFIG
     if config.is_file():
         nbl = json.loads(config.read_text()).get("nbl") or {}
         chosen, method = set(nbl.get("layers", [])), nbl.get("method")
@@ -633,6 +644,7 @@ def _heal(args) -> int:
     from nbl_ext._io import atomic_directory, atomic_write_json, read_json
     from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, load_calibration_tokens, split_documents
     from nbl_ext.heal import HealConfig, OriginalBranches, heal
+    from nbl_ext.serialization import CONFIG, RUN
 
     src = Path(args.dir)
     if args.in_place == (args.out is not None):
@@ -643,10 +655,10 @@ def _heal(args) -> int:
             raise ValueError(f"--out {out} is DIR itself; pass --in-place to replace it")
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it")
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a checkpoint directory (no config.json); pass the --out directory "
+    if not (src / CONFIG).is_file():
+        raise FileNotFoundError(f"{src} is not a checkpoint directory (no {CONFIG}); pass the --out directory "
                                 "of `nbl compress`")
-    raw = read_json(src / "config.json", "nbl heal")
+    raw = read_json(src / CONFIG, "nbl heal")
     if not isinstance(raw, dict) or "nbl" not in raw:
         raise ValueError(f"{src} is not an nbl-ext checkpoint (its config.json has no nbl section): nothing was "
                          f"linearized; compress it first (nbl compress {src} --out DIR) and heal DIR")
@@ -656,7 +668,7 @@ def _heal(args) -> int:
                      micro_batch_size=args.micro_batch_size, lora_rank=args.rank, lora_alpha=args.alpha,
                      lora_dropout=args.dropout, lora_targets=args.targets, distill_loss=args.loss,
                      patience=args.patience, eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
-    run_file = src / "nbl_run.json"
+    run_file = src / RUN
     run = read_json(run_file, "nbl heal") if run_file.is_file() else {}
     progress = not args.no_progress
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -702,7 +714,7 @@ def _heal(args) -> int:
             if adapter_dir is not None:
                 shutil.copytree(adapter_dir, tmp / "adapter")
             if run:
-                atomic_write_json(tmp / "nbl_run.json", run)
+                atomic_write_json(tmp / RUN, run)
             atomic_write_json(tmp / "nbl_heal.json", {
                 **result.summary(), "source": str(src), "calib": str(args.calib), "samples": args.samples,
                 "heldout_samples": args.heldout_samples, "seq_len": args.seq_len, "device": device,

@@ -74,8 +74,10 @@ from torch import nn
 
 from nbl_ext._io import atomic_directory, read_json, read_tensors
 from nbl_ext.adapters import Adapter, get_adapter
-from nbl_ext.calibrate import check_token_data, weights_fingerprint
+from nbl_ext.calibrate import weights_fingerprint
+from nbl_ext.engine import check_token_data
 from nbl_ext.linearize import AffineResidual, LinearizedLayerMixin, is_linearized
+from nbl_ext.validation import check_choice, check_count
 
 __all__ = ["HealConfig", "HealResult", "OriginalBranches", "heal"]
 
@@ -118,20 +120,16 @@ class HealConfig:
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
-            return ValueError(f"HealConfig.{name} {why}, got {getattr(self, name)!r}")
+            return ValueError(f"HealConfig: {name} {why}, got {getattr(self, name)!r}")
 
         for name, choices in (("method", METHODS), ("distill_loss", DISTILL_LOSSES), ("lora_targets", LORA_TARGETS),
                               ("lr_schedule", SCHEDULES)):
-            if getattr(self, name) not in choices:
-                raise bad(name, f"must be one of {choices}")
+            check_choice(getattr(self, name), choices, name, what="HealConfig")
         for name, lo, optional in (("steps", 1, True), ("batch_size", 1, False), ("micro_batch_size", 1, True),
                                    ("lora_rank", 1, False), ("lora_radius", 0, False), ("patience", 0, False),
                                    ("eval_every", 1, True), ("save_every", 1, True), ("seed", 0, False)):
-            v = getattr(self, name)
-            if v is None and optional:
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise bad(name, f"must be an int >= {lo}" + (" (or None)" if optional else ""))
+            if not (optional and getattr(self, name) is None):
+                check_count(getattr(self, name), name, lo, what="HealConfig")
         for name, lo, hi in (("epochs", 0.0, math.inf), ("lr", 0.0, math.inf), ("lora_alpha", 0.0, math.inf),
                              ("max_grad_norm", 0.0, math.inf)):
             v = getattr(self, name)

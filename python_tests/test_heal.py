@@ -37,7 +37,7 @@ def models():
     from nbl_ext.adapters import get_adapter
     from nbl_ext.linearize import apply_structure
 
-    apply_structure(lin, get_adapter(lin), "nbl", LAYERS, maps, None)
+    apply_structure(lin, get_adapter(lin), "affine", LAYERS, maps, None)
     # text the original writes (sampled): what it predicts is learnable, unlike uniform random ids
     start = token_data(40, 1, seed=1)
     with torch.random.fork_rng(), torch.no_grad():
@@ -203,9 +203,9 @@ def test_errors_are_clear(models):
         heal(copy.deepcopy(lin), train, _fast(heldout_fraction=0.0))
     with pytest.raises(ValueError, match="zero training steps"):
         heal(copy.deepcopy(lin), train, HealConfig(epochs=0.01, batch_size=64), heldout=held)
-    with pytest.raises(ValueError, match="HealConfig.steps must be an int >= 1"):
+    with pytest.raises(ValueError, match="HealConfig: steps must be a positive int, got 0"):
         HealConfig(steps=0)
-    with pytest.raises(ValueError, match="HealConfig.method must be one of"):
+    with pytest.raises(ValueError, match="HealConfig: method must be one of 'lora', 'distill'"):
         HealConfig(method="qlora")
     with pytest.raises(ValueError, match="needs the original model"):
         heal(copy.deepcopy(lin), train, _fast(method="distill"), heldout=held)
