@@ -17,6 +17,7 @@ from nbl_ext.heal import HealConfig, OriginalBranches, heal  # noqa: E402
 from nbl_ext.linearize import AffineResidual  # noqa: E402
 
 heal_mod = importlib.import_module("nbl_ext.heal")  # the module (nbl_ext.heal is the function)
+trainer_mod = importlib.import_module("nbl_ext.trainer")
 LAYERS = [1, 2]
 
 
@@ -97,7 +98,8 @@ def test_distill_trains_only_the_maps_and_lowers_heldout_loss(models, loss):
     assert res.trainable_parameters == len(LAYERS) * (32 * 32 + 32)
     now = model.state_dict()
     assert all(torch.equal(now[k], v) for k, v in others.items())  # only W, b moved
-    assert not torch.equal(now["model.layers.2.nbl_affine.weight"], lin.state_dict()["model.layers.2.nbl_affine.weight"])
+    key = "model.layers.2.nbl_affine.weight"
+    assert not torch.equal(now[key], lin.state_dict()[key])
     # distillation brings the outputs nearer to the original's
     with torch.no_grad():
         ref = original(held).logits
@@ -145,19 +147,19 @@ def test_resume_after_interruption_gives_the_uninterrupted_weights(models, tmp_p
     ref_res = heal(ref, train, _fast(**cfg), heldout=held, **kw)
 
     model = copy.deepcopy(lin)
-    real = heal_mod._Trainer.train_step
+    real = trainer_mod.Trainer.train_step
 
     def dies_at_step_5(self, step):
         if step == 5:
             raise KeyboardInterrupt
         return real(self, step)
 
-    monkeypatch.setattr(heal_mod._Trainer, "train_step", dies_at_step_5)
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", dies_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         heal(model, train, _fast(state_dir=str(tmp_path / "state"), **cfg), heldout=held, **kw)
     assert all(torch.equal(v, lin.state_dict()[k]) for k, v in model.state_dict().items())  # left as it was
     assert (tmp_path / "state" / "heal_state" / "state.safetensors").is_file()
-    monkeypatch.setattr(heal_mod._Trainer, "train_step", real)
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real)
     res = heal(model, train, _fast(state_dir=str(tmp_path / "state"), **cfg), heldout=held, **kw)
     assert res.resumed_from == 4 and res.steps == 6
     assert res.history == ref_res.history
