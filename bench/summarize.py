@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's nbl_ext
 
-from nbl_ext.benchmark import report  # noqa: E402
+from nbl_ext.benchmark import report
 
 
 def summarize(path: Path) -> str:
@@ -25,7 +25,8 @@ def summarize(path: Path) -> str:
     nbl = data["machine_info"].get("nbl", {})
     commit = data.get("commit_info", {})
     device = nbl.get("cuda_device_name") or f"CPU {data['machine_info'].get('cpu', {}).get('brand_raw', '')}".strip()
-    header = (f"`{path.name}`: {device}, {nbl.get('torch_num_threads', '?')} threads, torch {nbl.get('torch_version', '?')}, "
+    header = (f"`{path.name}`: {device}, {nbl.get('torch_num_threads', '?')} threads, "
+              f"torch {nbl.get('torch_version', '?')}, "
               f"commit {str(commit.get('id', '?'))[:10]}{' (dirty)' if commit.get('dirty') else ''}, "
               f"{data.get('datetime', '')[:19]}")
     suites: dict[str, list[dict]] = {}
@@ -68,12 +69,13 @@ def _generate(benches: list[dict], data: dict) -> list[str]:
     rows = report.generation_rows(benches)
     out = [
         "Generation latency (nbl_ext.benchmark.time_generation; x = ratio to the original of the same case, "
-        "ideal x = bytes per decode step original / variant, % floor = bytes / same-run bandwidth over the measured step)",
+        "ideal x = bytes per decode step original / variant, % floor = bytes / same-run bandwidth over the measured "
+        "step)",
         "",
         *report.generation_table(benches),
     ]
-    ceil = sorted({(e["device"], e["dtype"], round(e["bandwidth_bytes_per_s"] / 1e9), round(e["matmul_flops_per_s"] / 1e9))
-                   for e in rows if e.get("bandwidth_bytes_per_s")})
+    ceil = sorted({(e["device"], e["dtype"], round(e["bandwidth_bytes_per_s"] / 1e9),
+                    round(e["matmul_flops_per_s"] / 1e9)) for e in rows if e.get("bandwidth_bytes_per_s")})
     if ceil:
         out += ["", "Same-run ceilings (copy GB/s, matmul GFLOP/s): " + "; ".join(
             f"{d} {dt}: {bw} GB/s, {mm} GFLOP/s" for d, dt, bw, mm in ceil)]

@@ -35,16 +35,26 @@ import os
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's nbl_ext, whatever is installed
 
 from nbl_ext.benchmark.report import (  # noqa: E402  (the tables and the JSON reading: one place, nbl bench's too)
-    ACCUMULATOR_VARIANTS, CALIB_KEYS, TABLES, accumulator_rows, affine_rows, calibration_rows, fmt, generation_case,
-    generation_rows, is_benchmark_json, row_device, suite_of,
+    ACCUMULATOR_VARIANTS,
+    CALIB_KEYS,
+    TABLES,
+    accumulator_rows,
+    affine_rows,
+    calibration_rows,
+    fmt,
+    generation_case,
+    generation_rows,
+    is_benchmark_json,
+    row_device,
+    suite_of,
 )
 
 DEFAULT_RESULTS = ROOT / "bench" / "results"
@@ -362,7 +372,6 @@ def plot_calibration(label: str, rows: list[dict], png: Path) -> None:
 
 # --- other suites -----------------------------------------------------------------------------------------
 def affine_section(label: str, run: Run, rows: list[dict], png: Path | None, rel: str) -> list[str]:
-    ex = affine_rows(rows)
     out = [f"## Fused linearized-attention forward (`nbl::affine_residual`): {label}", "", run_meta(run, rows), "",
            "Per case: the compiled op, PyTorch's reference (addmm + add), a bare GEMM of the same shape and, for "
            "the 2048-token prefill, the attention branch the map replaces (`h + self_attn(input_layernorm(h))`, "

@@ -28,14 +28,31 @@ One module per concern:
 from __future__ import annotations
 
 from nbl_ext.benchmark.calibration import (
-    CALIBRATION_METHODS, calibration_tokens, compare_calibration, store_all_bytes, time_calibration,
+    CALIBRATION_METHODS,
+    calibration_tokens,
+    compare_calibration,
+    store_all_bytes,
+    time_calibration,
 )
 from nbl_ext.benchmark.comparison import compare
 from nbl_ext.benchmark.costs import (
-    Shape, calibration_ceilings, calibration_cost, calibration_floor, decode_cost, floors, measure_ceilings,
+    Shape,
+    calibration_ceilings,
+    calibration_cost,
+    calibration_floor,
+    decode_cost,
+    floors,
+    measure_ceilings,
 )
 from nbl_ext.benchmark.generation import MODES, WARMUP_TOKENS, cache_bytes, time_generation
-from nbl_ext.benchmark.models import SHAPES, last_layers, random_model, shape_config, synthetic_linearize, synthetic_maps
+from nbl_ext.benchmark.models import (
+    SHAPES,
+    last_layers,
+    random_model,
+    shape_config,
+    synthetic_linearize,
+    synthetic_maps,
+)
 from nbl_ext.benchmark.provenance import run_info
 from nbl_ext.benchmark.report import format_bench, format_bench_calibration
 from nbl_ext.benchmark.timing import PhaseTimes, time_call

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,12 +52,12 @@ class _StoredActivations:
 
     @classmethod
     def factory(cls, dim_x: int, dim_y: int, *, device: torch.device | str | None = None,
-                precision: str = "float32") -> "_StoredActivations":
+                precision: str = "float32") -> _StoredActivations:
         """The engine's ``accumulator_factory``. ``precision`` is ignored: store_all keeps the activations and
         computes float64 covariances at the end, there are no Gram products whose precision could be chosen."""
         return cls(dim_x, dim_y, device=device)
 
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> "_StoredActivations":
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> _StoredActivations:
         if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
             raise ValueError("the layer's input or branch output contains NaN or inf")
         self.xs.append(x.detach().reshape(-1, self.dim_x).to("cpu"))

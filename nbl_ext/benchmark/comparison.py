@@ -3,8 +3,9 @@ with ratios to the original and each variant's decode floor."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from torch import nn
 

@@ -28,7 +28,7 @@ class Shape:
     vocab: int
 
     @classmethod
-    def of(cls, obj: Any) -> "Shape":
+    def of(cls, obj: Any) -> Shape:
         """From a shape name (:data:`SHAPES`), a Hugging Face config, or a model."""
         if isinstance(obj, Shape):
             return obj
@@ -146,15 +146,19 @@ def measure_ceilings(device: str | torch.device, dtype: str | torch.dtype | None
         sync(dev)
         return statistics.median(time_call(dev, fn) for _ in range(repeats))
 
-    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=dev)
-    src.fill_(1)
-    dst = torch.empty_like(src)
-    t_copy = timed(lambda: dst.copy_(src))
-    del src, dst
-    a = torch.randn(n, n, device=dev).to(dt)
-    b = torch.randn(n, n, device=dev).to(dt)
-    t_mm = timed(lambda: torch.mm(a, b))
-    del a, b
+    def copy_rate() -> float:  # each buffer is freed when its function returns
+        src = torch.empty(mib * 2**20, dtype=torch.uint8, device=dev)
+        src.fill_(1)
+        dst = torch.empty_like(src)
+        return timed(lambda: dst.copy_(src))
+
+    def matmul_rate() -> float:
+        a = torch.randn(n, n, device=dev).to(dt)
+        b = torch.randn(n, n, device=dev).to(dt)
+        return timed(lambda: torch.mm(a, b))
+
+    t_copy = copy_rate()
+    t_mm = matmul_rate()
     return {"bandwidth_bytes_per_s": 2 * mib * 2**20 / t_copy, "matmul_flops_per_s": 2 * n**3 / t_mm,
             "method": f"median of {repeats}: copy of {mib} MiB (read + write counted); {n}^3 matmul in "
                       f"{str(dt).removeprefix('torch.')}", "device": str(dev)}

@@ -7,7 +7,8 @@ Speed does not depend on weight values, so the speed claims use real model shape
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,7 +100,8 @@ def last_layers(num_layers: int, k: int) -> list[int]:
 
 def synthetic_maps(hidden_size: int, layers: Iterable[int], *, seed: int = 0, scale: float = 0.01
                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Random affine maps ``{layer: (W, b)}``: ``W ~ N(0, scale^2 / d)`` (spectral norm ~ 2 scale), ``b ~ N(0, scale^2)``.
+    """Random affine maps ``{layer: (W, b)}``: ``W ~ N(0, scale^2 / d)`` (spectral norm ~ 2 scale),
+    ``b ~ N(0, scale^2)``.
 
     float32 on the CPU, from a generator seeded per layer: the same maps on every device.
     """
@@ -125,7 +127,7 @@ def synthetic_linearize(model: nn.Module, layers: Any, method: str = "nbl", *, s
     adapter = get_adapter(model)
     if method not in METHODS:
         raise ValueError(f"synthetic_linearize: method must be one of {METHODS}, got {method!r}")
-    if getattr(adapter.config, "nbl", None) or any(is_linearized(l) for l in adapter.layers()):
+    if getattr(adapter.config, "nbl", None) or any(is_linearized(layer) for layer in adapter.layers()):
         raise ValueError("synthetic_linearize: this model is already linearized; start from the original model")
     chosen = check_layer_list(layers, adapter.num_layers, "synthetic_linearize")
     weights = synthetic_maps(adapter.hidden_size, chosen, seed=seed, scale=scale) if method == "nbl" else None

@@ -143,9 +143,10 @@ def accumulator_rows(benches: list[dict]) -> list[dict]:
 def accumulator_table(benches: list[dict]) -> list[str]:
     """Markdown table of the accumulator suite; ``x store_all`` = store_all's median / this one."""
     ex = accumulator_rows(benches)
-    store = {(e.get("device"), e["dtype"], e["d_x"], e["tokens"]): e["median_s"] for e in ex if e["variant"] == "store_all"}
-    out = ["| variant | dtype | d | tokens | median ms | tokens/s | GFLOP/s | % of fp32 GEMM | floor ms | x store_all | peak MB |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    store = {(e.get("device"), e["dtype"], e["d_x"], e["tokens"]): e["median_s"]
+             for e in ex if e["variant"] == "store_all"}
+    out = ["| variant | dtype | d | tokens | median ms | tokens/s | GFLOP/s | % of fp32 GEMM | floor ms | x store_all "
+           "| peak MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in ex:
         base = store.get((e.get("device"), e["dtype"], e["d_x"], e["tokens"]))
         out.append(f"| {e['variant']} | {e['dtype']} | {e['d_x']} | {e['tokens']} | {1e3 * e['median_s']:.1f} "
