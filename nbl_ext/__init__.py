@@ -16,6 +16,7 @@ in-place linearization and self-contained checkpoints::
 from nbl_ext._extension import extension_info
 from nbl_ext import ops  # noqa: F401  (defines the nbl:: ops)
 from nbl_ext.numerics import (
+    Moments,
     SingularWarning,
     canonical_correlations,
     cca_bound,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationResult",
     "CovarianceAccumulator",
+    "Moments",
     "SingularWarning",
     "calibrate",
     "canonical_correlations",
