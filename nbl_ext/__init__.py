@@ -24,6 +24,7 @@ from nbl_ext.numerics import (
     lmmse_nmse,
 )
 from nbl_ext.stats import CovarianceAccumulator
+from nbl_ext.crossval import CrossValidation, choose_ridge, cross_validate, cross_validated_nmse
 from nbl_ext.data import load_calibration_tokens, read_documents, split_documents
 from nbl_ext.models import load_model
 from nbl_ext.adapters import get_adapter
@@ -37,11 +38,15 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationResult",
     "CovarianceAccumulator",
+    "CrossValidation",
     "Moments",
     "SingularWarning",
     "calibrate",
     "canonical_correlations",
     "cca_bound",
+    "choose_ridge",
+    "cross_validate",
+    "cross_validated_nmse",
     "extension_info",
     "fit_linear",
     "get_adapter",
