@@ -105,7 +105,9 @@ def _check_ridges(ridges: Sequence[float] | torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(r).all()) or float(r.min()) < 0:
         raise ValueError(f"cross_validate: every ridge must be a finite number >= 0, got {r.tolist()}")
     if r.numel() > 1 and not bool((r[1:] > r[:-1]).all()):
-        raise ValueError(f"cross_validate: ridges must be strictly increasing (sorted, no duplicates), got {r.tolist()}")
+        raise ValueError(
+            f"cross_validate: ridges must be strictly increasing (sorted, no duplicates), got {r.tolist()}"
+        )
     return r
 
 
