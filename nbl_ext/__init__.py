@@ -15,6 +15,7 @@ in-place linearization and self-contained checkpoints::
 """
 from nbl_ext._extension import extension_info
 from nbl_ext import ops  # noqa: F401  (defines the nbl:: ops)
+from nbl_ext.ops import reference_kernels_enabled, use_reference_kernels
 from nbl_ext.numerics import (
     Moments,
     SingularWarning,
@@ -56,7 +57,9 @@ __all__ = [
     "load_model",
     "load_pretrained",
     "read_documents",
+    "reference_kernels_enabled",
     "save_pretrained",
     "split_documents",
+    "use_reference_kernels",
     "__version__",
 ]
