@@ -36,7 +36,7 @@ from nbl_ext.numerics import (
     Moments,
     MomentsLike,
     SingularWarning,
-    _nonconstant,
+    nonconstant_channels,
     as_moments,
 )
 
@@ -136,6 +136,20 @@ def _check_folds(folds: Sequence[MomentsLike]) -> list[Moments]:
                                                                               m.m_yy))) for m in ms]
 
 
+def merge_folds(folds: Sequence[MomentsLike]) -> Moments:
+    """The moments of all folds together (the full statistics), e.g. for the final fit with the chosen ridge."""
+    if isinstance(folds, (Moments, torch.Tensor)) or not isinstance(folds, Sequence):
+        raise TypeError(f"merge_folds: expected a list of per-fold Moments or CovarianceAccumulators, got "
+                        f"{type(folds).__name__}")
+    if not folds:
+        raise ValueError("merge_folds: expected a non-empty list of per-fold Moments or CovarianceAccumulators")
+    ms = [as_moments(f, "merge_folds") for f in folds]
+    out = ms[0]
+    for m in ms[1:]:
+        out = out.merge(m)
+    return out
+
+
 def _training_sets(ms: list[Moments]) -> list[Moments]:
     """For each j the merge of all folds but j (prefix and suffix merges: 3K merges, not K^2)."""
     k = len(ms)
@@ -169,7 +183,7 @@ def _fold_errors(train: Moments, test: Moments, ridges: torch.Tensor) -> tuple[t
     d_y = test.mean_y - train.mean_y
     base = float(test.m_yy.trace()) + test.count * float(d_y @ d_y)  # error of W = 0, b = mean_y(train)
     var = train.m_xx.diagonal()
-    keep = _nonconstant(var)
+    keep = nonconstant_channels(var)
     if not bool(keep.any()):
         return torch.full_like(ridges, base), ridges.clone()
     idx = keep.nonzero().squeeze(1)
@@ -249,4 +263,4 @@ def choose_ridge(folds: Sequence[MomentsLike], ridges: Sequence[float] | torch.T
     return cv.best_ridge, cv.nmse
 
 
-__all__ = ["CrossValidation", "choose_ridge", "cross_validate", "cross_validated_nmse"]
+__all__ = ["CrossValidation", "choose_ridge", "cross_validate", "cross_validated_nmse", "merge_folds"]

@@ -210,7 +210,8 @@ def as_moments(obj: MomentsLike, what: str) -> Moments:
 # --- solves -----------------------------------------------------------------
 
 
-def _nonconstant(var: torch.Tensor) -> torch.Tensor:
+def nonconstant_channels(var: torch.Tensor) -> torch.Tensor:
+    """Mask of the channels whose variance ``var`` is above ``CONST_RTOL`` x the largest (the rest are constant)."""
     top = var.max() if var.numel() else var.new_zeros(())
     return var > CONST_RTOL * top if float(top) > 0 else torch.zeros_like(var, dtype=torch.bool)
 
@@ -252,7 +253,7 @@ def solve_psd(c: torch.Tensor, rhs: torch.Tensor, ridge: float = 0.0, what: str 
     c = c.to(_F64)
     rhs = rhs.to(_F64)
     var = c.diagonal()
-    keep = _nonconstant(var)
+    keep = nonconstant_channels(var)
     out = torch.zeros_like(rhs)
     if not bool(keep.any()):
         warnings.warn(f"{what}: every input channel is constant; the fit is the mean alone",
@@ -296,7 +297,7 @@ def fit_linear(acc: MomentsLike, ridge: float = 0.0) -> tuple[torch.Tensor, torc
 def _whitener(c: torch.Tensor) -> torch.Tensor:
     """Matrix V with V^T C V = I on the non-null subspace of PSD C (clamped eigh)."""
     var = c.diagonal()
-    keep = _nonconstant(var)
+    keep = nonconstant_channels(var)
     d = c.shape[0]
     if not bool(keep.any()):
         return c.new_zeros((d, 0))

@@ -7,7 +7,7 @@ import torch
 
 import nbl_ext
 from helpers import make_xy, np_stats, rel_err
-from nbl_ext.crossval import choose_ridge, cross_validate, cross_validated_nmse
+from nbl_ext.crossval import choose_ridge, cross_validate, cross_validated_nmse, merge_folds
 
 RIDGES = [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 
@@ -76,8 +76,9 @@ def test_eigendecomposition_equals_per_ridge_solves(gen):
 def test_fold_merge_equals_full_statistics(gen):
     x, y = _data(gen, n=701, d=9)
     folds = [a.moments() for a in _folds(x, y, 3)]
-    merged = folds[0].merge(folds[1]).merge(folds[2])
+    merged = merge_folds(folds)
     assert merged.count == 701
+    assert torch.equal(merged.m_yx, folds[0].merge(folds[1]).merge(folds[2]).m_yx)
     acc = nbl_ext.CovarianceAccumulator.from_moments(merged)
     for key, ref in np_stats(x, y).items():
         assert rel_err(getattr(acc, key), ref) < 1e-10, key
@@ -120,5 +121,7 @@ def test_bad_inputs_are_clear_errors(gen):
             cross_validate(folds, bad)
     with pytest.raises(TypeError, match="list of per-fold"):
         cross_validate(folds[0], RIDGES)
+    with pytest.raises(ValueError, match="non-empty list"):
+        merge_folds([])
     with pytest.raises(ValueError, match="y is constant"):
         cross_validate(_folds(x, torch.ones_like(y), 2), RIDGES)
