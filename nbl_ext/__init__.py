@@ -12,6 +12,12 @@ in-place linearization and self-contained checkpoints::
     result = nbl_ext.calibrate(model, tokens)
     nbl_ext.linearize(model, result, result.select(k))
     nbl_ext.save_pretrained(model, "out/", tok, calibration=result)
+
+or, in one call driven by a config object (the same three steps)::
+
+    model, result = nbl_ext.compress(model, tokens, nbl_ext.NBLConfig(k=8, num_samples=16, seq_len=256))
+
+Selection criteria are a registry (``nbl_ext.register_criterion``; see :mod:`nbl_ext.criteria`).
 """
 from nbl_ext._extension import extension_info
 from nbl_ext import ops  # noqa: F401  (defines the nbl:: ops)
@@ -33,6 +39,9 @@ from nbl_ext.result import CalibrationResult
 from nbl_ext.calibrate import calibrate
 from nbl_ext.linearize import linearize
 from nbl_ext.serialization import load_pretrained, save_pretrained
+from nbl_ext.criteria import LayerContext, criterion_names, get_criterion, register_criterion
+from nbl_ext.config import NBLConfig
+from nbl_ext.api import compress
 
 __version__ = "0.1.0"
 
@@ -41,6 +50,8 @@ __all__ = [
     "CovarianceAccumulator",
     "CrossValidation",
     "Moments",
+    "LayerContext",
+    "NBLConfig",
     "SingularWarning",
     "calibrate",
     "canonical_correlations",
@@ -48,9 +59,12 @@ __all__ = [
     "choose_ridge",
     "cross_validate",
     "cross_validated_nmse",
+    "compress",
+    "criterion_names",
     "extension_info",
     "fit_linear",
     "get_adapter",
+    "get_criterion",
     "linearize",
     "lmmse_nmse",
     "load_calibration_tokens",
@@ -58,6 +72,7 @@ __all__ = [
     "load_pretrained",
     "read_documents",
     "reference_kernels_enabled",
+    "register_criterion",
     "save_pretrained",
     "split_documents",
     "use_reference_kernels",
