@@ -113,6 +113,4 @@ def test_the_package_has_no_import_cycle():
     graph = import_graph()
     assert len(graph) > 10 and "nbl_ext.cli" in graph  # the walk found the package
     found = cycles(graph)
-    if found == [["nbl_ext.numerics", "nbl_ext.stats"]]:  # numerics reads the accumulator's private fields
-        pytest.xfail("fixed on branch w1b-numerics")
     assert not found, "import cycles in nbl_ext: " + "; ".join(" <-> ".join(c) for c in found)
