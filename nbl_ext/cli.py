@@ -37,6 +37,7 @@ examples:
 afterwards:
   nbl report OUT                                 # per-layer table and plot
   python -c "import nbl_ext; m = nbl_ext.load_pretrained('OUT')"   # a transformers model
+  NBL_REFERENCE=1 nbl compress ...  # pure-PyTorch kernels: fallback if a GPU run fails (CUDA kernels untested on GPUs)
 """
 
 
@@ -460,7 +461,9 @@ def _load_for_eval(model_arg, dtype, device, progress):
             and "nbl" in json.loads((path / CONFIG).read_text()):
         from transformers import AutoTokenizer
 
-        kwargs = {} if dtype in (None, "auto") else {"dtype": getattr(__import__("torch"), dtype)}
+        from nbl_ext.validation import parse_dtype
+
+        kwargs = {} if dtype in (None, "auto") else {"dtype": parse_dtype(dtype, what="nbl eval")}
         model = nbl_ext.load_pretrained(path, device=device, **kwargs).eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
