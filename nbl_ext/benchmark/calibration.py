@@ -24,6 +24,7 @@ from nbl_ext.benchmark.timing import PeakMemory, PhaseTimes, available_host_byte
 from nbl_ext.calibrate import boundaries_fit, calibrate
 from nbl_ext.criteria import token_statistics
 from nbl_ext.engine import LayerStats, LayerwiseRunner, check_token_data, eval_mode, progress_bar, score_layer
+from nbl_ext.numerics import Moments
 from nbl_ext.result import CalibrationResult
 from nbl_ext.stats import CovarianceAccumulator
 from nbl_ext.validation import check_count
@@ -75,11 +76,8 @@ class _StoredActivations:
         cov = torch.cov(p.T) * (n - 1)  # (dx + dy)^2: also the redundant X-A block, as the reference does
         mean = p.mean(dim=0)
         del p
-        acc = CovarianceAccumulator(dx, self.dim_y, device=device)
-        acc.load_state_dict({"mean_x": mean[:dx], "mean_y": mean[dx:], "m_xx": cov[:dx, :dx],
-                             "m_yx": cov[dx:, :dx], "m_yy": cov[dx:, dx:],
-                             "count": torch.tensor(n), "dims": torch.tensor([dx, self.dim_y])})
-        return acc
+        return CovarianceAccumulator.from_moments(
+            Moments(n, mean[:dx], mean[dx:], cov[:dx, :dx], cov[dx:, :dx], cov[dx:, dx:]))
 
 
 def store_all_bytes(model: nn.Module, num_samples: int, seq_len: int) -> int:
