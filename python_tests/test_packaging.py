@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
 
+tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads TOML (tomllib)")
 packaging_requirements = pytest.importorskip("packaging.requirements")
 
 ROOT = Path(__file__).resolve().parents[1]
