@@ -5,7 +5,7 @@
 # Source it (it sets $VENV and $PYBIN), or run it.
 #
 # Idempotent: each step stores a hash of its inputs in the venv and is skipped while they match, so a
-# run on an unchanged tree only checks (a few seconds, most of it the final import):
+# run on an unchanged tree only compares hashes (about a second):
 #   $VENV/.nbl-stamp-deps   requirements-dev.txt, the bundled-model packages, the Python version
 #   $VENV/.nbl-stamp-gemma  the Gemma 3 package (unless NBL_SKIP_GEMMA=1)
 #   $VENV/.nbl-stamp-pkg    pyproject.toml, setup.py (metadata and the `nbl` command)
@@ -25,7 +25,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${NBL_VENV:-$ROOT/.venv}
 PYBIN=$VENV/bin/python
 _CHECK=${NBL_SETUP_CHECK:-0}
-_PENDING=()
+_PENDING=()  # steps that would run (check mode)
+_RAN=()      # steps that ran
 _step() { printf '\n=== %s ===\n' "$*"; }
 _pip() { "$PYBIN" -m pip install --disable-pip-version-check "$@"; }
 # _hash FILE... : one sha256 over the files' names and contents, plus the words in $_EXTRA.
@@ -35,7 +36,7 @@ _current() { [ -f "$VENV/.nbl-stamp-$1" ] && [ "$(cat "$VENV/.nbl-stamp-$1")" = 
 # _todo NAME WHAT : in check mode, note the step and return 1 (skip it); otherwise print WHAT and return 0.
 _todo() {
   if [ "$_CHECK" = 1 ]; then _PENDING+=("$1"); echo "would run: $2"; return 1; fi
-  echo "$2"
+  _RAN+=("$1"); echo "$2"
 }
 
 # _build_lines: the build's output with a line per compiled file ("[3/9] compile csrc/cpu/x.cpp") and per link
@@ -106,6 +107,8 @@ fi
 if [ "$_CHECK" = 1 ]; then
   if [ ${#_PENDING[@]} -gt 0 ]; then echo; echo "set-up check: would run ${_PENDING[*]}"; exit 1; fi
   echo; echo "set-up check: nothing to do"
-else
+elif [ ${#_RAN[@]} -gt 0 ]; then
+  # Something changed: the package must import with its compiled kernels. (With nothing changed, every input
+  # is the one this check passed on before.)
   "$PYBIN" -c "import nbl_ext, json; i = nbl_ext.extension_info(); print(json.dumps(i)); assert i['compiled'], i['load_error']"
 fi
