@@ -41,8 +41,10 @@ sed 's/^/  /' <<<"$CMDS"
    MAX_JOBS=${MAX_JOBS:-2} bash -euxo pipefail -c "$CMDS")
 
 # What the commands must have given: the package from the copy, with its compiled kernels, and the command.
+# (-I and a neutral directory: the import must come from the install, not from the current directory.)
 PY=$WORK/nbl-ext/.venv/bin/python
-"$PY" - "$WORK/nbl-ext" <<'EOF'
+cd "$WORK"
+"$PY" -I - "$WORK/nbl-ext" <<'EOF'
 import sys
 from pathlib import Path
 
