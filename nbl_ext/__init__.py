@@ -22,7 +22,9 @@ Selection criteria are a registry (``nbl_ext.register_criterion``; see :mod:`nbl
 """
 from nbl_ext._extension import extension_info
 from nbl_ext import ops  # noqa: F401  (defines the nbl:: ops)
+from nbl_ext.ops import reference_kernels_enabled, use_reference_kernels
 from nbl_ext.numerics import (
+    Moments,
     SingularWarning,
     canonical_correlations,
     cca_bound,
@@ -30,6 +32,7 @@ from nbl_ext.numerics import (
     lmmse_nmse,
 )
 from nbl_ext.stats import CovarianceAccumulator
+from nbl_ext.crossval import CrossValidation, choose_ridge, cross_validate, cross_validated_nmse
 from nbl_ext.data import load_calibration_tokens, read_documents, split_documents
 from nbl_ext.models import load_model
 from nbl_ext.adapters import get_adapter
@@ -47,8 +50,10 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationResult",
     "CovarianceAccumulator",
+    "CrossValidation",
     "HealConfig",
     "HealResult",
+    "Moments",
     "OriginalBranches",
     "LayerContext",
     "NBLConfig",
@@ -56,6 +61,9 @@ __all__ = [
     "calibrate",
     "canonical_correlations",
     "cca_bound",
+    "choose_ridge",
+    "cross_validate",
+    "cross_validated_nmse",
     "compress",
     "criterion_names",
     "extension_info",
@@ -69,8 +77,10 @@ __all__ = [
     "load_model",
     "load_pretrained",
     "read_documents",
+    "reference_kernels_enabled",
     "register_criterion",
     "save_pretrained",
     "split_documents",
+    "use_reference_kernels",
     "__version__",
 ]
