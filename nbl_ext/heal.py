@@ -44,15 +44,19 @@ tokens (estimates from the parameter counts: weights 8.03 G parameters, one atte
 
 * student weights 15.5 GB (16.1 GB original - 12 x 84 MB branches + 12 x 34 MB maps);
 * distill only: the 12 original branches 1.0 GB (the teacher's only extra weights);
-* trainable state: distill 201 M parameters (12 maps) x (float32 master 4 + AdamW 8 +
-  gradients 2 + 4 bytes) = 3.6 GB; LoRA rank 32 on the 12 maps 3.1 M parameters, 60 MB;
+* trainable state: distill 201 M parameters (12 maps) x (float32 master 4 + AdamW 8 + bf16
+  gradient 2 + its float32 copy 4 bytes) = 3.6 GB, plus the best-so-far snapshot (float32, 0.8 GB)
+  and the maps before training (restored on error, 0.4 GB): 4.8 GB; LoRA rank 32 on the 12 maps:
+  3.1 M parameters, under 0.1 GB;
 * logits: 1024 x 128256 x 4 bytes = 0.53 GB per copy, about 4 copies for the loss and its
   gradient (plus the teacher's probabilities for "kl"): about 2.5 GB; none for "hidden";
-* activations kept for the backward from the first trainable layer on: about 0.3 GB per layer
-  (about 10 GB when the first replaced block is early; less when it is late).
+* activations kept for the backward, from the first trainable layer on: about 0.2-0.3 GB per
+  layer (1024 tokens x ~84 k saved values x 2 bytes), up to ~10 GB when the first replaced block
+  is near the input, less when it is late.
 
-About 30 GB in all (distill with "kl"), 26 GB for LoRA: one 40/80 GB GPU. ``micro_batch_size``
-scales the last two items linearly.
+At most about 34 GB in all (distill with "kl"), 28 GB for LoRA: one 40/80 GB GPU.
+``micro_batch_size`` scales the last two items linearly. These are estimates from the shapes,
+not measurements.
 """
 from __future__ import annotations
 
