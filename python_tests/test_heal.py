@@ -121,6 +121,37 @@ def test_the_teacher_is_the_original_model_and_the_replayed_prefix_changes_nothi
     assert all(type(l).__name__.startswith("NBL") for i, l in enumerate(layers) if i in LAYERS)  # swapped back
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen2"])
+def test_teacher_and_replay_are_exact_in_other_families(family):
+    """Gemma 3 (sandwich norms, sliding + full layers, tied embeddings) and Qwen2 (mixed sliding layers)."""
+    from nbl_ext.adapters import get_adapter
+    from nbl_ext.linearize import apply_structure
+
+    original = tiny_model(family, 4, seed=0)
+    model = copy.deepcopy(original)
+    adapter = get_adapter(model)
+    d, gen = adapter.hidden_size, torch.Generator().manual_seed(0)
+    apply_structure(model, adapter, "affine", [2, 3], {i: (0.1 * torch.randn(d, d, generator=gen), torch.zeros(d))
+                                                       for i in (2, 3)}, None)
+    ids = token_data(2, 12, seed=4)
+    obj = heal_mod._Distill(model, adapter, [2, 3], OriginalBranches(original, [2, 3]), "kl")
+    with torch.no_grad():
+        t_logits, seen = obj._run(ids, obj.teacher_layers, obj.teacher_layers)
+        torch.testing.assert_close(t_logits, original(ids).logits, rtol=0, atol=0)
+        replay = {j: heal_mod._Replay(adapter.layers()[j], seen[-1] if j == 1 else None) for j in range(2)}
+        s_logits, _ = obj._run(ids, replay, {})
+        torch.testing.assert_close(s_logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_model_trains_through_float32_masters(models):
+    original, lin, train, held = models
+    model, teacher = copy.deepcopy(lin).to(torch.bfloat16), copy.deepcopy(original).to(torch.bfloat16)
+    res = heal(model, train, _fast(method="distill", steps=6), heldout=held, teacher=teacher)
+    assert res.heldout_loss_after < res.heldout_loss_before
+    w = model.model.layers[1].nbl_affine.weight
+    assert w.dtype == torch.bfloat16 and not w.requires_grad
+
+
 def test_healed_checkpoint_reloads_generates_and_compiles_exactly(models, tmp_path):
     _, lin, train, held = models
     model = copy.deepcopy(lin)
