@@ -471,7 +471,10 @@ def heal(model: nn.Module, data: torch.Tensor, config: HealConfig | None = None,
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             torch.manual_seed(cfg.seed)
             if cfg.method == "lora":
-                from peft import LoraConfig, get_peft_model
+                try:
+                    from peft import LoraConfig, get_peft_model
+                except ImportError:
+                    raise ImportError("heal(method='lora') needs peft: pip install 'peft>=0.17,<0.22'") from None
 
                 targets = _lora_targets(model, adapter, replaced, method, cfg)
                 peft_model = get_peft_model(model, LoraConfig(
