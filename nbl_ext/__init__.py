@@ -30,6 +30,9 @@ from nbl_ext.result import CalibrationResult
 from nbl_ext.calibrate import calibrate
 from nbl_ext.linearize import linearize
 from nbl_ext.serialization import load_pretrained, save_pretrained
+from nbl_ext.hf import register_auto_classes
+
+register_auto_classes()  # AutoModelForCausalLM.from_pretrained(checkpoint) works from here on
 
 __version__ = "0.1.0"
 
