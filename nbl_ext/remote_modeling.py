@@ -120,6 +120,14 @@ def _classes(family: str) -> tuple[type, type]:
     return config_cls, model_cls
 
 
-for _family in FAMILIES:
-    for _cls in _classes(_family):
-        globals()[_cls.__name__] = _cls
+def __getattr__(name: str) -> type:
+    """``NBL<Base>Config`` / ``NBL<Base>`` of a family, built on first access (imports only that family)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for family in FAMILIES:
+        if name in (f"NBL{CONFIG_MAPPING_NAMES[family]}", f"NBL{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family]}"):
+            for cls in _classes(family):
+                globals()[cls.__name__] = cls
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
