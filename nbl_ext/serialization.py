@@ -104,26 +104,27 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
 
 
 def _write_weights(model: nn.Module, directory: Path, max_shard_size: int | str) -> None:
-    """model.safetensors, or shards + transformers' index file (tied tensors stored once either way)."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import _remove_duplicate_names, save_file, save_model
+    """model.safetensors, or shards + the index file, as transformers writes them.
 
-    state = model.state_dict()
-    for removed in _remove_duplicate_names(state).values():  # the names save_model drops
-        for name in removed:
-            del state[name]
+    Tied weights are stored once under the name transformers keeps (the source, e.g.
+    ``model.embed_tokens.weight``, not ``lm_head.weight``): from_pretrained then loads it in place, where a
+    checkpoint holding only the tied target makes it materialize the source first (+ its size in host memory).
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
     split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
-    if not split.is_sharded:
-        save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
-        return
     for shard, names in split.filename_to_tensors.items():
         save_file({k: state[k].detach().contiguous().cpu() for k in names}, str(directory / shard),
                   metadata={"format": "pt"})
-    atomic_write_json(directory / WEIGHTS_INDEX, {
-        "metadata": {"total_parameters": model.num_parameters(), **split.metadata},
-        "weight_map": split.tensor_to_filename,
-    })
+    if split.is_sharded:
+        atomic_write_json(directory / WEIGHTS_INDEX, {
+            "metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+            "weight_map": split.tensor_to_filename,
+        })
 
 
 def _weight_files(root: Path, what: str) -> tuple[list[Path], Path]:

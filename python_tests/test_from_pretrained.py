@@ -64,6 +64,11 @@ def test_from_pretrained_builds_on_meta_and_gives_identical_logits(family, tmp_p
     model, path = _checkpoint(tmp_path_factory, family)
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == f"nbl_{family}" and config["architectures"] == [type(model).__name__]
+    if config.get("tie_word_embeddings"):  # stored once, under the name transformers keeps (loaded in place)
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
     built_on = []
     original = linearize_mod.build_structure
 
