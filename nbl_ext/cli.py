@@ -37,6 +37,7 @@ examples:
 afterwards:
   nbl report OUT                                 # per-layer table and plot
   python -c "import nbl_ext; m = nbl_ext.load_pretrained('OUT')"   # a transformers model
+  NBL_REFERENCE=1 nbl compress ...  # pure-PyTorch kernels: fallback if a GPU run fails (CUDA kernels untested on GPUs)
 """
 
 
@@ -323,8 +324,12 @@ def _compress(args) -> int:
     import torch
 
     import nbl_ext
+    from nbl_ext._io import atomic_write_json
+    from nbl_ext.api import default_k, holdout_split
     from nbl_ext.data import load_calibration_tokens
+    from nbl_ext.linearize import resolve_replacement
     from nbl_ext.models import DEFAULT_MODEL, load_model
+    from nbl_ext.serialization import RUN
 
     progress = not args.no_progress
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -333,58 +338,56 @@ def _compress(args) -> int:
     print(f"nbl compress: loading {args.model or DEFAULT_MODEL + ' (bundled default)'} on {device}", file=sys.stderr)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, progress=progress)
     n_layers = len(nbl_ext.get_adapter(model).layers())
-    k = args.layers if args.layers is not None else max(1, n_layers // 4)
+    k = args.layers if args.layers is not None else default_k(n_layers)
     if not 0 <= k <= n_layers:
         raise ValueError(f"--layers must be between 0 and the model's {n_layers} layers, got {k}")
     out = Path(args.out or Path("nbl-out") / f"{_slug(args.model or DEFAULT_MODEL)}-{args.method}-k{k}")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it")
 
-    source, holdout = _calibration_source(args)
+    config = nbl_ext.NBLConfig(
+        criterion=args.method, k=k, replacement=resolve_replacement(None, args.method, "nbl compress"),
+        refit=None if args.refit == "none" else args.refit, num_samples=args.samples, seq_len=args.seq_len,
+        batch_size=args.batch_size, gram_precision=args.gram_precision, activations=args.activations,
+        seed=args.seed, holdout=args.holdout)
+    source, holdout = holdout_split(args.calib, config.holdout)
+    config = config.replace(holdout=holdout)  # the fraction actually held out
     print(f"nbl compress: calibration data: {args.calib}{f' minus {holdout:.0%} held out' if holdout else ''}, "
           f"{args.samples} x {args.seq_len} tokens", file=sys.stderr)
-    tokens = load_calibration_tokens(source, tokenizer, num_samples=args.samples, seq_len=args.seq_len,
-                                     seed=args.seed, model=model, progress=progress)
+    tokens = load_calibration_tokens(source, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
+                                     seed=config.seed, model=model, progress=progress)
     t1 = time.perf_counter()
-    result = nbl_ext.calibrate(model, tokens, batch_size=args.batch_size, progress=progress,
-                               gram_precision=args.gram_precision, activations=args.activations)
-    t2 = time.perf_counter()
-    layers = result.select(k, method=args.method)
-    refit = None if args.refit == "none" else args.refit
-    nbl_ext.linearize(model, result, layers, method=args.method, refit=refit, data=tokens if refit else None,
-                      batch_size=args.batch_size, progress=progress)
-    t3 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    model, result = nbl_ext.compress(model, tokens, config, progress=progress, timer=_stopwatch(seconds))
+    layers = model.config.nbl["layers"]
     _print_table(result.table(), set(layers), args.method)
     nbl_ext.save_pretrained(model, out, tokenizer, calibration=result)
-    (out / "nbl_run.json").write_text(json.dumps({
-        "model": args.model or DEFAULT_MODEL, "method": args.method, "layers": layers, "k": k,
-        "calib": str(args.calib), "holdout": holdout, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
-        "refit": refit, "gram_precision": args.gram_precision, "activations": args.activations, "device": device, "dtype": str(next(model.parameters()).dtype),
-        "seconds": {"load_and_data": round(t1 - t0, 2), "calibrate": round(t2 - t1, 2), "linearize": round(t3 - t2, 2)},
+    atomic_write_json(out / RUN, {
+        **config.to_dict(), "layers": layers, "model": args.model or DEFAULT_MODEL, "method": args.method,
+        "calib": str(args.calib), "device": device, "dtype": str(next(model.parameters()).dtype),
+        "seconds": {"load_and_data": round(t1 - t0, 2), "calibrate": round(seconds["calibrate"], 2),
+                    "linearize": round(seconds["select"] + seconds["linearize"], 2)},
         "nbl_ext": nbl_ext.__version__, "torch": torch.__version__,
-    }, indent=2) + "\n")
+    })
     print(f"\nnbl compress: {args.method} on {len(layers)} of {n_layers} attention blocks {layers}; "
-          f"calibration {t2 - t1:.1f} s; saved to {out}\n"
+          f"calibration {seconds['calibrate']:.1f} s; saved to {out}\n"
           f"  reload with: nbl_ext.load_pretrained({str(out)!r})   |   inspect with: nbl report {out}")
     return 0
 
 
-def _calibration_source(args):
-    """The documents to calibrate on and the held-out fraction (files only; see nbl_ext.data.HOLDOUT_FRACTION)."""
-    from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, split_documents
+def _stopwatch(seconds: dict[str, float]):
+    """A phase timer for nbl_ext.compress: wall seconds per phase into ``seconds``."""
+    import contextlib
 
-    path = Path(args.calib)
-    is_file = args.calib != "self" and not args.calib.startswith("hf:") and path.is_file()
-    if args.holdout is not None and not 0.0 <= args.holdout < 1.0:
-        raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
-    if not is_file:
-        if args.holdout:
-            raise ValueError(f"--holdout applies to a document file; --calib {args.calib} is not one")
-        return args.calib, None
-    fraction = HOLDOUT_FRACTION if args.holdout is None else args.holdout
-    if fraction == 0:
-        return args.calib, 0.0
-    return split_documents(path, fraction, seed=HOLDOUT_SEED)[0], fraction
+    @contextlib.contextmanager
+    def timer(phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t
+
+    return timer
 
 
 def _eval(args) -> int:
@@ -452,11 +455,15 @@ def _load_for_eval(model_arg, dtype, device, progress):
     from nbl_ext.models import DEFAULT_MODEL, load_model
 
     path = Path(model_arg) if model_arg else None
-    if path is not None and path.is_dir() and (path / "config.json").is_file() \
-            and "nbl" in json.loads((path / "config.json").read_text()):
+    from nbl_ext.serialization import CONFIG
+
+    if path is not None and path.is_dir() and (path / CONFIG).is_file() \
+            and "nbl" in json.loads((path / CONFIG).read_text()):
         from transformers import AutoTokenizer
 
-        kwargs = {} if dtype in (None, "auto") else {"dtype": getattr(__import__("torch"), dtype)}
+        from nbl_ext.validation import parse_dtype
+
+        kwargs = {} if dtype in (None, "auto") else {"dtype": parse_dtype(dtype, what="nbl eval")}
         model = nbl_ext.load_pretrained(path, device=device, **kwargs).eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -472,7 +479,9 @@ def _overlap_notes(source: str, c4: Path | None) -> list[str]:
     """Warn when the held-out C4 documents may have been calibrated on (nbl compress --holdout 0)."""
     from nbl_ext.data import HOLDOUT_FRACTION
 
-    run_file = Path(source) / "nbl_run.json"
+    from nbl_ext.serialization import RUN
+
+    run_file = Path(source) / RUN
     if c4 is None or not run_file.is_file():
         return []
     run = json.loads(run_file.read_text())
@@ -487,7 +496,10 @@ def _load_report(path: Path) -> tuple[list[dict], set[int], str | None]:
     """Per-layer rows and the chosen layers from a checkpoint (save_pretrained) or calibration directory."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; pass the --out directory of `nbl compress`")
-    summary_file = next((path / n for n in ("nbl_calibration.json", "calibration.json", "calibration/calibration.json")
+    from nbl_ext.result import CALIBRATION_JSON
+    from nbl_ext.serialization import CONFIG, SUMMARY
+
+    summary_file = next((path / n for n in (SUMMARY, CALIBRATION_JSON, f"calibration/{CALIBRATION_JSON}")
                          if (path / n).is_file()), None)
     if summary_file is None:
         raise FileNotFoundError(f"{path} holds no calibration summary (nbl_calibration.json or calibration.json); "
@@ -497,7 +509,7 @@ def _load_report(path: Path) -> tuple[list[dict], set[int], str | None]:
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{summary_file} has no per-layer scores")
     chosen, method = set(), None
-    config = path / "config.json"
+    config = path / CONFIG
     if config.is_file():
         nbl = json.loads(config.read_text()).get("nbl") or {}
         chosen, method = set(nbl.get("layers", [])), nbl.get("method")
@@ -596,7 +608,7 @@ def _bench(args) -> int:
                                                 "weights": "random" if args.shape else "real",
                                                 "maps": "random (synthetic_linearize, speed only)"},
               "args": {k: v for k, v in vars(args).items() if k != "command"}, **result}
-    print(format_bench(report))
+    print(benchmark.format_bench(report))
     _write_report(args.output, report, "bench")
     return 0
 
@@ -625,70 +637,9 @@ def _bench_calibration(args, device: str) -> int:
     report = {"nbl_bench_calibration": 1, **info,
               "model": {"name": what, "shape": args.shape, "weights": "random" if args.shape else "real"},
               "args": {k: v for k, v in vars(args).items() if k != "command"}, **result}
-    print(format_bench_calibration(report))
+    print(benchmark.format_bench_calibration(report))
     _write_report(args.output, report, "bench")
     return 0
-
-
-def format_bench_calibration(report: dict) -> str:
-    """The table `nbl bench --calibration` prints: one row per method and token count."""
-    runs = report["runs"]
-    dev = report.get("device", {})
-    done = [r for r in runs if "skipped" not in r]
-    dtype = done[0]["dtype"] if done else "?"
-    lines = [f"{report.get('model', {}).get('name', '?')}: calibration of all layers, {dtype} on "
-             f"{dev.get('name', '?')}",
-             f"{'method':<10} {'samples x len':>14} {'tokens':>9} {'time s':>8} {'fwd s':>7} {'stats s':>7} "
-             f"{'fit s':>6} {'tokens/s':>9} {'host MiB':>9} {'GPU MiB':>8} {'floor s':>8} {'% floor':>7} {'x time':>6}"]
-    for r in runs:
-        head = f"{r['method']:<10} {str(r['num_samples']) + ' x ' + str(r['seq_len']):>14} {r['tokens']:>9}"
-        if "skipped" in r:
-            lines.append(f"{head}   skipped: {r['skipped']}")
-            continue
-        mib = lambda v: "-" if v is None else f"{v / 2**20:.0f}"  # noqa: E731
-        fl = r["floor"]["floor_s"]
-        pct = r["pct_of_floor"]
-        x = r.get("vs_streaming", {}).get("time_ratio")
-        lines.append(
-            f"{head} {r['total_s']:>8.1f} {r['forward_s']:>7.1f} {r['statistics_s']:>7.1f} {r['fit_s']:>6.1f} "
-            f"{r['tokens_per_s']:>9.0f} {mib(r['peak_host_bytes']):>9} {mib(r['peak_cuda_bytes']):>8} "
-            f"{'-' if fl is None else f'{fl:.1f}':>8} "
-            f"{'-' if pct is None else f'{pct:.0f}%':>7} "
-            f"{'-' if x is None else f'{x:.2f}':>6}")
-    c = report.get("ceilings")
-    if c:
-        lines.append(f"same-run ceilings: matmul {c['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({dtype}), float32 "
-                     f"{c['gram_flops_per_s'] / 1e9:.0f} GFLOP/s, copy {c['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s")
-    lines.append("host MiB: peak RSS growth over the loaded model; GPU MiB: peak allocated (weights included); "
-                 "floor: forward FLOPs / matmul rate + Gram FLOPs / float32 rate (or bytes / bandwidth); "
-                 "x time: / streaming at the same tokens")
-    return "\n".join(lines)
-
-
-def format_bench(report: dict) -> str:
-    """The table `nbl bench` prints: one row per variant and mode, ratios to the original in that mode."""
-    s = report["settings"]
-    dev = report.get("device", {})
-    lines = [f"{report.get('model', {}).get('name', '?')}: batch {s['batch']}, prompt {s['prompt_len']}, "
-             f"{s['new_tokens']} new tokens, {s['dtype']} on {dev.get('name', s['device'])}",
-             f"{'variant':<10} {'mode':<6} {'prefill ms':>10} {'decode ms':>9} {'tok/s':>9} {'e2e tok/s':>9} "
-             f"{'x decode':>8} {'x e2e':>6} {'ideal x':>7} {'KV MiB':>8} {'peak MiB':>8} {'GB/s':>7}"]
-    for r in report["runs"]:
-        v = r["vs_original"]
-        peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
-        lines.append(
-            f"{r['variant']:<10} {r['mode']:<6} {1e3 * r['prefill_s']:>10.1f} {1e3 * r['decode_step_s']:>9.2f} "
-            f"{r['decode_tokens_per_s']:>9.1f} {r['e2e_tokens_per_s']:>9.1f} {v['decode_speedup']:>8.3f} "
-            f"{v['e2e_speedup']:>6.3f} {r['ideal_decode_speedup']:>7.3f} {r['kv_cache_bytes'] / 2**20:>8.1f} "
-            f"{peak:>8} {r['achieved_bandwidth_bytes_per_s'] / 1e9:>7.1f}")
-    c = report.get("ceilings")
-    if c:
-        lines.append(f"same-run ceilings: copy {c['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, matmul "
-                     f"{c['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s; decode floor (memory) of the original at "
-                     f"mid-generation: {1e3 * report['runs'][0]['floor']['floor_s']:.2f} ms/step")
-    lines.append("x decode / x e2e: speedup over the original in the same mode; ideal x: bytes per decode step "
-                 "original / variant (weights + KV); GB/s: those bytes / measured step")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from nbl_ext._io import atomic_directory, atomic_write_json, atomic_write_text, check_inside, read_json
-from nbl_ext.adapters import base_model_type, get_adapter, supported_model_types
+from nbl_ext.adapters import get_adapter, supported_model_types
+from nbl_ext.kvcache import KV_SHARING_ATTR
 from nbl_ext.linearize import (
     NBL_MODEL_TYPE_PREFIX, SUMMARY_ATTR, as_nbl_config, is_linearized, nbl_model_class, parse_nbl_section,
 )
@@ -41,6 +42,8 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
 SUMMARY = "nbl_calibration.json"
+#: What ``nbl compress`` writes next to the checkpoint: the run's NBLConfig and what it did.
+RUN = "nbl_run.json"
 MODEL_CARD = "README.md"
 #: The pure-PyTorch modeling file written with remote_code=True (its source: nbl_ext/remote_modeling.py).
 REMOTE_CODE = "modeling_nbl.py"
@@ -125,6 +128,18 @@ def _write_weights(model: nn.Module, directory: Path, max_shard_size: int | str)
             "metadata": {"total_parameters": model.num_parameters(), **split.metadata},
             "weight_map": split.tensor_to_filename,
         })
+
+
+def _check_run_config(nbl: dict, what: str) -> Any:
+    """The NBLConfig a checkpoint written by nbl_ext.compress records (None for other checkpoints)."""
+    from nbl_ext.config import NBLConfig
+
+    if nbl.get("config") is None:
+        return None
+    try:
+        return NBLConfig.from_dict(nbl["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: config.json's nbl.config is not a valid NBLConfig ({exc})") from None
 
 
 def _weight_files(root: Path, what: str) -> tuple[list[Path], Path]:
@@ -216,7 +231,8 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     nbl = raw.get("nbl")
     structure = parse_nbl_section(nbl, int(text.num_hidden_layers), int(text.hidden_size), what) \
         if nbl is not None else None
-    if structure is None and getattr(text, "kv_sharing_modes", None) is not None:
+    run_config = _check_run_config(nbl, what) if structure is not None else None
+    if structure is None and getattr(text, KV_SHARING_ATTR, None) is not None:
         raise ValueError(f"{what}: config.json has kv_sharing_modes but no nbl section; it was not written by nbl_ext")
     if structure is None and family != model_type:
         raise ValueError(f"{what}: config.json has model_type {model_type!r} but no nbl section")
@@ -234,6 +250,8 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
         kwargs.setdefault("device_map", {"": device})
     kwargs.setdefault("dtype", getattr(config, "dtype", None) or torch.float32)
     model = model_cls.from_pretrained(str(root), config=config, local_files_only=True, **kwargs)
+    if run_config is not None:
+        model.config.nbl["config"] = run_config.to_dict()
     summary_file = root / SUMMARY
     if summary_file.is_file():
         setattr(model, SUMMARY_ATTR, read_json(check_inside(root, summary_file, what), what))
