@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from nbl_ext.criteria import get_criterion
+
 #: How each method chooses and replaces its layers (the criterion NBL and DROP use).
 _HOW = {
     "nbl": ("the attention branch is replaced by an affine map fitted in closed form (LMMSE): "
@@ -63,6 +65,13 @@ def model_card(config: dict[str, Any], summary: dict[str, Any] | None, *, qualit
     if nbl:
         method = nbl.get("method")
         how, criterion = _HOW.get(method, (str(nbl.get("replacement")), "not recorded"))
+        run = nbl.get("config") if isinstance(nbl.get("config"), dict) else {}
+        if run.get("criterion"):  # recorded by nbl_ext.compress (NBLConfig)
+            try:
+                crit = get_criterion(run["criterion"])
+                criterion = f"criterion `{crit.name}`, {crit.direction} first: {crit.description}"
+            except (KeyError, ValueError):
+                criterion = f"criterion `{run['criterion']}` (not registered in this nbl_ext)"
         chosen = set(nbl.get("layers") or [])
         lines += [f"- Replaced: the attention of {len(chosen)} of {n_layers} decoder layers, "
                   f"{sorted(chosen)} (method `{method}`{', sequential refit' if nbl.get('refit') else ''})",

@@ -278,3 +278,17 @@ def test_model_card_says_what_was_done_and_how_to_load(tmp_path_factory, tmp_pat
     assert "lowest CCA bound" in card and "3 sequences x 40 tokens (120 tokens" in card
     assert "wikitext2_ppl = 12.5" in card and "AutoModelForCausalLM.from_pretrained" in card
     assert card.count("| yes |") == 2 and f"| {N_LAYERS - 1} | yes |" in card
+
+
+def test_compressed_checkpoint_keeps_its_run_config_and_names_the_criterion(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama", N_LAYERS)
+    config = nbl_ext.NBLConfig(criterion="cosine", k=2, replacement="remove", num_samples=3, seq_len=40, batch_size=3)
+    model, result = nbl_ext.compress(model, token_data(3, 40), config)
+    nbl_ext.save_pretrained(model, tmp_path / "c", calibration=result)
+    card = (tmp_path / "c" / "README.md").read_text()
+    assert "criterion `cosine`, higher first: mean cosine(X, X + A)" in card and "(method `drop`" in card
+    for loaded in (AutoModelForCausalLM.from_pretrained(tmp_path / "c"), nbl_ext.load_pretrained(tmp_path / "c")):
+        assert loaded.config.nbl == model.config.nbl and loaded.config.nbl["config"]["criterion"] == "cosine"
+        assert torch.equal(_logits(loaded), _logits(model))
