@@ -12,6 +12,7 @@ in-place linearization and self-contained checkpoints::
     result = nbl_ext.calibrate(model, tokens)
     nbl_ext.linearize(model, result, result.select(k))
     nbl_ext.save_pretrained(model, "out/", tok, calibration=result)
+    model = transformers.AutoModelForCausalLM.from_pretrained("out/", device_map="auto")  # after import nbl_ext
 
 or, in one call driven by a config object (the same three steps)::
 

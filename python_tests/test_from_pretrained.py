@@ -220,7 +220,8 @@ def test_remote_code_loads_without_nbl_ext(tmp_path_factory, tmp_path):
         assert json.loads((path / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
             f"modeling_nbl.{type(model).__name__}"
         # nbl_ext's own loaders accept its own auto_map and never run the remote file
-        for loaded in (AutoModelForCausalLM.from_pretrained(path), nbl_ext.load_pretrained(path)):
+        for loaded in (AutoModelForCausalLM.from_pretrained(path), nbl_ext.load_pretrained(path),
+                       AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)):
             assert type(loaded) is type(model)
         assert not [m for m in sys.modules if m.endswith("modeling_nbl")]
         expected[str(path)] = (_logits(model).tolist(), greedy_recompute(model, prompt, 8)[0].tolist())
