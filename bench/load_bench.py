@@ -1,4 +1,5 @@
-"""Load time and peak host memory of a linearized checkpoint: transformers' path vs plain transformers vs the old loader.
+"""Load time and peak host memory of a linearized checkpoint: via transformers, against plain transformers and the
+old loader.
 
 Not a test (pytest does not collect it): a measurement, each load in a fresh process::
 
@@ -185,24 +186,27 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"load bench: {variant} failed (exit {proc.returncode})")
             runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             last = runs[variant][-1]
-            print(f"  round {r + 1} {variant:22s} load {last['load_s']:7.2f} s   peak RSS {last['peak_rss_mb']:8.0f} MB",
-                  flush=True)
+            print(f"  round {r + 1} {variant:22s} load {last['load_s']:7.2f} s   "
+                  f"peak RSS {last['peak_rss_mb']:8.0f} MB", flush=True)
     med = {v: {k: statistics.median(run[k] for run in runs[v])
                for k in ("import_s", "load_s", "rss_after_import_mb", "peak_rss_mb", "touch_s",
                          "peak_rss_after_touch_mb")} for v in VARIANTS}
     ref = med["transformers"]
-    ratios = {v: {"load_s": med[v]["load_s"] / ref["load_s"], "peak_rss_mb": med[v]["peak_rss_mb"] / ref["peak_rss_mb"]}
+    ratios = {v: {k: med[v][k] / ref[k] for k in ("load_s", "peak_rss_mb", "peak_rss_after_touch_mb")}
               for v in VARIANTS}
     import torch
     import transformers
 
     device = subprocess.run([sys.executable, str(ROOT / "bench" / "device_slug.py")], capture_output=True,
                             text=True).stdout.strip() or "unknown"
-    report = {"bench": "load", "device": device, "commit": _commit(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    now = time.gmtime()
+    report = {"bench": "load", "device": device, "commit": _commit(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", now),
               "torch": torch.__version__, "transformers": transformers.__version__, "load_avg": os.getloadavg(),
-              "checkpoint": info, "repeats": args.repeats, "median": med, "ratio_to_transformers": ratios, "runs": runs,
+              "checkpoint": info, "repeats": args.repeats, "median": med, "ratio_to_transformers": ratios,
+              "runs": runs,
               "target": "ratio <= 1.2 in load time and peak RSS for nbl_from_pretrained / nbl_load_pretrained"}
-    out = args.out or ROOT / "bench" / "results" / f"load_{device}_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}_{_commit()}.json"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", now)
+    out = args.out or ROOT / "bench" / "results" / f"load_{device}_{stamp}_{_commit()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("\nvariant                 load s   peak RSS MB   x transformers (time, memory)")

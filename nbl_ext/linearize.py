@@ -135,7 +135,8 @@ def convert_layer(adapter: Adapter, index: int, replacement: str, weight: torch.
     affine = None
     if replacement == "affine" and structure_only:
         d = adapter.hidden_size
-        affine = AffineResidual(torch.zeros(d, d, dtype=dtype, device=device), torch.zeros(d, dtype=dtype, device=device))
+        affine = AffineResidual(torch.zeros(d, d, dtype=dtype, device=device),
+                                torch.zeros(d, dtype=dtype, device=device))
     elif replacement == "affine":
         d = adapter.hidden_size
         if weight is None or bias is None or tuple(weight.shape) != (d, d) or tuple(bias.shape) != (d,):
@@ -342,7 +343,8 @@ def parse_nbl_section(nbl: Any, num_layers: int, hidden_size: int, what: str) ->
     if not isinstance(nbl, dict):
         raise ValueError(f"{what}: config.json's 'nbl' section must be an object, got {type(nbl).__name__}")
     if nbl.get("version") != NBL_CONFIG_VERSION:
-        raise ValueError(f"{what}: unsupported nbl section version {nbl.get('version')!r} (expected {NBL_CONFIG_VERSION})")
+        raise ValueError(f"{what}: unsupported nbl section version {nbl.get('version')!r} "
+                         f"(expected {NBL_CONFIG_VERSION})")
     method = check_choice(nbl.get("method"), METHODS, "nbl.method", what=what)
     refit = check_choice(nbl.get("refit"), REFIT_MODES, "nbl.refit", what=what)
     for key, expected in (("num_hidden_layers", num_layers), ("hidden_size", hidden_size)):
@@ -355,7 +357,8 @@ def parse_nbl_section(nbl: Any, num_layers: int, hidden_size: int, what: str) ->
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"{what}: nbl.layers must hold ints, got {v!r}")
         if not 0 <= v < num_layers:
-            raise ValueError(f"{what}: nbl.layers has index {v}, out of range for {num_layers} layers (0..{num_layers - 1})")
+            raise ValueError(f"{what}: nbl.layers has index {v}, out of range for {num_layers} layers "
+                             f"(0..{num_layers - 1})")
     if len(set(layers)) != len(layers):
         raise ValueError(f"{what}: nbl.layers has repeated indices: {layers}")
     return method, sorted(layers), refit
