@@ -25,6 +25,7 @@ safetensors files are memory-mapped, so loading alone reads lazily). The
 JSON (``--out``, default bench/results/load_<device>_<UTC>_<commit>.json) has the medians and the
 ratios to ``transformers`` (target: <= 1.2 in time and peak memory).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Llama-3.2-1B (hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab 128256, tied embeddings).
-LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001)
+LLAMA_1B = dict(
+    hidden_size=2048,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    intermediate_size=8192,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_parameters={
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    tie_word_embeddings=True,
+    bos_token_id=128000,
+    eos_token_id=128001,
+)
 VARIANTS = ("transformers", "nbl_from_pretrained", "nbl_load_pretrained", "old_load_pretrained")
 
 
@@ -50,26 +68,26 @@ def _status_mb(field: str) -> float:
     """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: Linux carries that over from the parent
     across fork + exec, so every child would report at least the driver's peak."""
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith(field + ":")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def _child(variant: str, path: str) -> None:
     """One load in this (fresh) process; prints a JSON line."""
     t0 = time.perf_counter()
     import torch
-    from transformers import AutoModelForCausalLM
 
     # Llama's modeling module is imported before the clock starts for every variant (import nbl_ext imports
     # it, plain transformers would import it inside from_pretrained): load_s is the loading alone.
     import transformers.models.llama.modeling_llama  # noqa: F401
+    from transformers import AutoModelForCausalLM
 
     if variant != "transformers":
-        import nbl_ext  # noqa: F401  (registers the nbl_* model types)
+        import nbl_ext  # registers the nbl_* model types
     imported, rss0 = time.perf_counter(), _status_mb("VmRSS")
     if variant in ("transformers", "nbl_from_pretrained"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     elif variant == "nbl_load_pretrained":
-        import nbl_ext
+        import nbl_ext  # registers the nbl_* model types
 
         model = nbl_ext.load_pretrained(path)
     else:
@@ -83,9 +101,19 @@ def _child(variant: str, path: str) -> None:
         for p in model.parameters():
             if p.device.type != "meta":
                 p.sum()
-    print(json.dumps({"variant": variant, "import_s": imported - t0, "load_s": loaded - imported,
-                      "rss_after_import_mb": rss0, "peak_rss_mb": peak,
-                      "touch_s": time.perf_counter() - loaded, "peak_rss_after_touch_mb": _status_mb("VmHWM")}))
+    print(
+        json.dumps(
+            {
+                "variant": variant,
+                "import_s": imported - t0,
+                "load_s": loaded - imported,
+                "rss_after_import_mb": rss0,
+                "peak_rss_mb": peak,
+                "touch_s": time.perf_counter() - loaded,
+                "peak_rss_after_touch_mb": _status_mb("VmHWM"),
+            }
+        )
+    )
 
 
 def _old_load_pretrained(root: Path):
@@ -109,7 +137,7 @@ def _old_load_pretrained(root: Path):
     method, layers, refit = parse_nbl_section(nbl, adapter.num_layers, adapter.hidden_size, "old")
     d = adapter.hidden_size
     placeholder = (torch.zeros(d, d), torch.zeros(d))
-    apply_structure(model, adapter, method, layers, {i: placeholder for i in layers}, refit)
+    apply_structure(model, adapter, method, layers, dict.fromkeys(layers, placeholder), refit)
     load_model(model, str(root / "model.safetensors"), strict=True)
     return model.eval()
 
@@ -122,8 +150,14 @@ def _prepare(work: Path, num_layers: int, linearized: int) -> dict:
     from nbl_ext.benchmark import last_layers, synthetic_linearize
 
     shape = dict(LLAMA_1B, num_hidden_layers=num_layers)
-    info = {"shape": "llama-3.2-1b", **shape, "linearized_layers": last_layers(num_layers, linearized),
-            "dtype": "bfloat16", "nbl_ext": nbl_ext.__version__, "format": "nbl_<family> model type"}
+    info = {
+        "shape": "llama-3.2-1b",
+        **shape,
+        "linearized_layers": last_layers(num_layers, linearized),
+        "dtype": "bfloat16",
+        "nbl_ext": nbl_ext.__version__,
+        "format": "nbl_<family> model type",
+    }
     stamp = work / "prepared.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == info:
         return info
@@ -139,10 +173,12 @@ def _prepare(work: Path, num_layers: int, linearized: int) -> dict:
 
 def _commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "nogit"
@@ -167,9 +203,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRANSFORMERS_VERBOSITY="error", HF_HUB_DISABLE_PROGRESS_BARS="1")
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--prepare-only", "--work", str(args.work), "--num-layers",
-                           str(args.num_layers), "--linearized", str(args.linearized)], env=env, cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--prepare-only",
+            "--work",
+            str(args.work),
+            "--num-layers",
+            str(args.num_layers),
+            "--linearized",
+            str(args.linearized),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"load bench: preparing the checkpoints failed (exit {proc.returncode})")
@@ -179,40 +229,68 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.repeats):
         for variant in VARIANTS:
             path = args.work / ("plain" if variant == "transformers" else "nbl")
-            proc = subprocess.run([sys.executable, __file__, "--child", variant, str(path)], env=env, cwd=ROOT,
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", variant, str(path)],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"load bench: {variant} failed (exit {proc.returncode})")
             runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             last = runs[variant][-1]
-            print(f"  round {r + 1} {variant:22s} load {last['load_s']:7.2f} s   "
-                  f"peak RSS {last['peak_rss_mb']:8.0f} MB", flush=True)
-    med = {v: {k: statistics.median(run[k] for run in runs[v])
-               for k in ("import_s", "load_s", "rss_after_import_mb", "peak_rss_mb", "touch_s",
-                         "peak_rss_after_touch_mb")} for v in VARIANTS}
+            print(
+                f"  round {r + 1} {variant:22s} load {last['load_s']:7.2f} s   peak RSS {last['peak_rss_mb']:8.0f} MB",
+                flush=True,
+            )
+    med = {
+        v: {
+            k: statistics.median(run[k] for run in runs[v])
+            for k in ("import_s", "load_s", "rss_after_import_mb", "peak_rss_mb", "touch_s", "peak_rss_after_touch_mb")
+        }
+        for v in VARIANTS
+    }
     ref = med["transformers"]
-    ratios = {v: {k: med[v][k] / ref[k] for k in ("load_s", "peak_rss_mb", "peak_rss_after_touch_mb")}
-              for v in VARIANTS}
+    ratios = {
+        v: {k: med[v][k] / ref[k] for k in ("load_s", "peak_rss_mb", "peak_rss_after_touch_mb")} for v in VARIANTS
+    }
     import torch
     import transformers
 
-    device = subprocess.run([sys.executable, str(ROOT / "bench" / "device_slug.py")], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    device = (
+        subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "device_slug.py")], capture_output=True, text=True
+        ).stdout.strip()
+        or "unknown"
+    )
     now = time.gmtime()
-    report = {"bench": "load", "device": device, "commit": _commit(), "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", now),
-              "torch": torch.__version__, "transformers": transformers.__version__, "load_avg": os.getloadavg(),
-              "checkpoint": info, "repeats": args.repeats, "median": med, "ratio_to_transformers": ratios,
-              "runs": runs,
-              "target": "ratio <= 1.2 in load time and peak RSS for nbl_from_pretrained / nbl_load_pretrained"}
+    report = {
+        "bench": "load",
+        "device": device,
+        "commit": _commit(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", now),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load_avg": os.getloadavg(),
+        "checkpoint": info,
+        "repeats": args.repeats,
+        "median": med,
+        "ratio_to_transformers": ratios,
+        "runs": runs,
+        "target": "ratio <= 1.2 in load time and peak RSS for nbl_from_pretrained / nbl_load_pretrained",
+    }
     stamp = time.strftime("%Y%m%dT%H%M%SZ", now)
     out = args.out or ROOT / "bench" / "results" / f"load_{device}_{stamp}_{_commit()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("\nvariant                 load s   peak RSS MB   x transformers (time, memory)")
     for v in VARIANTS:
-        print(f"{v:22s} {med[v]['load_s']:7.2f}   {med[v]['peak_rss_mb']:11.0f}   "
-              f"{ratios[v]['load_s']:.2f}, {ratios[v]['peak_rss_mb']:.2f}")
+        print(
+            f"{v:22s} {med[v]['load_s']:7.2f}   {med[v]['peak_rss_mb']:11.0f}   "
+            f"{ratios[v]['load_s']:.2f}, {ratios[v]['peak_rss_mb']:.2f}"
+        )
     print(f"wrote {out}")
     return 0
 

@@ -11,6 +11,7 @@ runs transformers' own loading path (meta-device construction, sharded safetenso
 with CPU/disk offload through accelerate). Without nbl_ext, transformers does not know the model type
 and refuses the directory ("model type `nbl_llama` ... does not recognize this architecture").
 """
+
 from __future__ import annotations
 
 from nbl_ext.adapters import supported_model_types

@@ -8,6 +8,7 @@ the adapters). The classes mirror nbl_ext's: ``NBL<Base>Config`` (model_type ``"
 ``NBL<Base>``, whose post_init replaces the attention of the layers in ``config.nbl`` by
 ``h + h @ W.T + b`` (method "nbl") or by nothing ("drop"), before the weights are loaded.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,10 +21,18 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 #: family -> (attention-branch submodules, MLP-half submodules); the Gemma 3 families have sandwich norms.
 _PLAIN = (("input_layernorm", "self_attn"), ("post_attention_layernorm", "mlp"))
-_SANDWICH = (("input_layernorm", "self_attn", "post_attention_layernorm"),
-             ("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"))
-FAMILIES = {"llama": _PLAIN, "mistral": _PLAIN, "qwen2": _PLAIN, "qwen3": _PLAIN,
-            "gemma3_text": _SANDWICH, "gemma3": _SANDWICH}
+_SANDWICH = (
+    ("input_layernorm", "self_attn", "post_attention_layernorm"),
+    ("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"),
+)
+FAMILIES = {
+    "llama": _PLAIN,
+    "mistral": _PLAIN,
+    "qwen2": _PLAIN,
+    "qwen3": _PLAIN,
+    "gemma3_text": _SANDWICH,
+    "gemma3": _SANDWICH,
+}
 
 
 class AffineResidual(nn.Module):
@@ -81,8 +90,9 @@ def _convert(model: nn.Module, family: str) -> None:
     if nbl.get("num_hidden_layers") != n or nbl.get("hidden_size") != d or any(not 0 <= i < n for i in chosen):
         raise ValueError(f"modeling_nbl: the nbl section {nbl!r} does not match the model ({n} layers, hidden {d})")
     keep_slot0 = len(chosen) == n
-    text.kv_sharing_modes = (["reuse" if i in chosen and not (keep_slot0 and i == 0) else None for i in range(n)]
-                             if chosen else None)
+    text.kv_sharing_modes = (
+        ["reuse" if i in chosen and not (keep_slot0 and i == 0) else None for i in range(n)] if chosen else None
+    )
     branch, mlp = FAMILIES[family]
     layers = model.get_decoder().layers
     for i in chosen:
@@ -94,29 +104,42 @@ def _convert(model: nn.Module, family: str) -> None:
             delattr(layer, name)
         key = (type(layer), family)
         if key not in _LAYER_CLASSES:
-            _LAYER_CLASSES[key] = type(f"NBL{type(layer).__name__}", (LinearizedLayerMixin, type(layer)),
-                                       {"nbl_family": family})
+            _LAYER_CLASSES[key] = type(
+                f"NBL{type(layer).__name__}", (LinearizedLayerMixin, type(layer)), {"nbl_family": family}
+            )
         layer.__class__ = _LAYER_CLASSES[key]
         layer.nbl_method, layer.nbl_layer_idx, layer.nbl_release_kv = nbl["method"], i, not (keep_slot0 and i == 0)
         if nbl["method"] == "nbl":
-            layer.nbl_affine = AffineResidual(torch.zeros(d, d, dtype=ref.dtype, device=ref.device),
-                                              torch.zeros(d, dtype=ref.dtype, device=ref.device))
+            layer.nbl_affine = AffineResidual(
+                torch.zeros(d, d, dtype=ref.dtype, device=ref.device),
+                torch.zeros(d, dtype=ref.dtype, device=ref.device),
+            )
 
 
 def _classes(family: str) -> tuple[type, type]:
     base_config = CONFIG_MAPPING[family]
     base_model = MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
-    config_cls = type(f"NBL{base_config.__name__}", (base_config,), {
-        "__module__": __name__, "model_type": "nbl_" + family, "nbl_base_model_type": family})
+    config_cls = type(
+        f"NBL{base_config.__name__}",
+        (base_config,),
+        {"__module__": __name__, "model_type": "nbl_" + family, "nbl_base_model_type": family},
+    )
 
     def post_init(self: Any) -> None:
         _convert(self, family)
         super(model_cls, self).post_init()
 
     names = list(getattr(base_model, "_no_split_modules", None) or [])
-    model_cls = type(f"NBL{base_model.__name__}", (base_model,), {
-        "__module__": __name__, "config_class": config_cls, "post_init": post_init,
-        "_no_split_modules": names + [f"NBL{name}" for name in names]})
+    model_cls = type(
+        f"NBL{base_model.__name__}",
+        (base_model,),
+        {
+            "__module__": __name__,
+            "config_class": config_cls,
+            "post_init": post_init,
+            "_no_split_modules": names + [f"NBL{name}" for name in names],
+        },
+    )
     return config_cls, model_cls
 
 

@@ -34,7 +34,12 @@ from nbl_ext._io import atomic_directory, atomic_write_json, atomic_write_text, 
 from nbl_ext.adapters import get_adapter, supported_model_types
 from nbl_ext.kvcache import KV_SHARING_ATTR
 from nbl_ext.linearize import (
-    NBL_MODEL_TYPE_PREFIX, SUMMARY_ATTR, as_nbl_config, is_linearized, nbl_model_class, parse_nbl_section,
+    NBL_MODEL_TYPE_PREFIX,
+    SUMMARY_ATTR,
+    as_nbl_config,
+    is_linearized,
+    nbl_model_class,
+    parse_nbl_section,
 )
 from nbl_ext.modelcard import model_card
 

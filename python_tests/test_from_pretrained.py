@@ -6,6 +6,7 @@ with CPU and disk offload); the plain-transformers failure and the remote-code l
 process where nbl_ext cannot be imported; checkpoints of the earlier format; calibration of an
 offloaded model.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_tiny import FAMILIES, cache_slot_bytes, greedy_generate, greedy_recompute, tiny_model, token_data
 
 import nbl_ext
+from hf_tiny import FAMILIES, cache_slot_bytes, greedy_generate, greedy_recompute, tiny_model, token_data
 
 linearize_mod = importlib.import_module("nbl_ext.linearize")  # the module (nbl_ext.linearize is the function)
 
@@ -89,13 +90,18 @@ def test_from_pretrained_builds_on_meta_and_gives_identical_logits(family, tmp_p
 
 def test_multimodal_gemma3_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
     from hf_tiny import tiny_config
 
-    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=28, patch_size=14)
+    vision = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
     torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=tiny_config("gemma3_text", 2).to_dict(),
-                                                        vision_config=vision.to_dict(), mm_tokens_per_image=4)).eval()
+    model = Gemma3ForConditionalGeneration(
+        Gemma3Config(
+            text_config=tiny_config("gemma3_text", 2).to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4
+        )
+    ).eval()
     result = nbl_ext.calibrate(model, token_data(3, 40) % 200, progress=False)
     nbl_ext.linearize(model, result, [0])
     nbl_ext.save_pretrained(model, tmp_path / "mm")
@@ -143,8 +149,16 @@ def test_device_map_with_cpu_and_disk_offload(tmp_path_factory, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, path = _checkpoint(tmp_path_factory, "gemma3_text")
-    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
-                  "model.layers.0": "disk", "model.layers.1": "cpu", "model.layers.2": "disk", "model.layers.3": "cpu"}
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+        "model.layers.0": "disk",
+        "model.layers.1": "cpu",
+        "model.layers.2": "disk",
+        "model.layers.3": "cpu",
+    }
     loaded = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, offload_folder=str(tmp_path / "off"))
     assert loaded.hf_device_map == device_map
     assert loaded.model.layers[0].nbl_affine.weight.device.type == "meta"  # on disk until its hook loads it
@@ -162,10 +176,19 @@ def test_calibration_of_an_offloaded_model_gives_the_same_statistics(tmp_path):
     model.save_pretrained(tmp_path / "plain")
     data = token_data(3, 40)
     in_memory = nbl_ext.calibrate(model, data, batch_size=3, progress=False)
-    device_map = {"model.embed_tokens": "disk", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "disk",
-                  "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu", "model.layers.3": "disk"}
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", device_map=device_map,
-                                                     offload_folder=str(tmp_path / "off"))
+    device_map = {
+        "model.embed_tokens": "disk",
+        "model.rotary_emb": "cpu",
+        "model.norm": "cpu",
+        "lm_head": "disk",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "cpu",
+        "model.layers.3": "disk",
+    }
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "plain", device_map=device_map, offload_folder=str(tmp_path / "off")
+    )
     result = nbl_ext.calibrate(offloaded, data, batch_size=3, progress=False)
     assert result.bounds == in_memory.bounds
     for a, b in zip(result.layers, in_memory.layers):
@@ -190,19 +213,27 @@ def test_strict_loading_refuses_a_damaged_checkpoint(tmp_path_factory, tmp_path)
 def _fresh_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """Run ``code`` in a new interpreter where ``import nbl_ext`` fails (as if it were not installed)."""
     prelude = "import sys\nsys.modules['nbl_ext'] = None  # any import of nbl_ext raises ImportError\n"
-    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), PYTHONPATH="",
-               TRANSFORMERS_VERBOSITY="error")
-    return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), PYTHONPATH="", TRANSFORMERS_VERBOSITY="error")
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
 def test_plain_transformers_refuses_the_checkpoint_in_a_fresh_process(tmp_path_factory, tmp_path):
     _, path = _checkpoint(tmp_path_factory, "llama")
-    proc = _fresh_python(f"""
+    proc = _fresh_python(
+        f"""
         from transformers import AutoModelForCausalLM
         AutoModelForCausalLM.from_pretrained({str(path)!r})
         print("LOADED")
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert proc.returncode != 0 and "LOADED" not in proc.stdout
     assert "model type `nbl_llama`" in proc.stderr and "does not recognize this architecture" in proc.stderr
     card = (path / "README.md").read_text()
@@ -217,15 +248,21 @@ def test_remote_code_loads_without_nbl_ext(tmp_path_factory, tmp_path):
     for family in ("llama", "gemma3_text"):
         model, path = _checkpoint(tmp_path_factory, family, remote_code=True)
         assert (path / "modeling_nbl.py").is_file()
-        assert json.loads((path / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == \
-            f"modeling_nbl.{type(model).__name__}"
+        assert (
+            json.loads((path / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
+            == f"modeling_nbl.{type(model).__name__}"
+        )
         # nbl_ext's own loaders accept its own auto_map and never run the remote file
-        for loaded in (AutoModelForCausalLM.from_pretrained(path), nbl_ext.load_pretrained(path),
-                       AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)):
+        for loaded in (
+            AutoModelForCausalLM.from_pretrained(path),
+            nbl_ext.load_pretrained(path),
+            AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True),
+        ):
             assert type(loaded) is type(model)
         assert not [m for m in sys.modules if m.endswith("modeling_nbl")]
         expected[str(path)] = (_logits(model).tolist(), greedy_recompute(model, prompt, 8)[0].tolist())
-    proc = _fresh_python(f"""
+    proc = _fresh_python(
+        f"""
         import json, torch
         from transformers import AutoModelForCausalLM
         ids = torch.tensor({token_data(2, 16, seed=11).tolist()})
@@ -242,7 +279,9 @@ def test_remote_code_loads_without_nbl_ext(tmp_path_factory, tmp_path):
                     for impl in ("dynamic", "static")}}
             out[path] = [logits.tolist(), seqs]
         print(json.dumps(out))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     for path, (logits, ref_tokens) in expected.items():
