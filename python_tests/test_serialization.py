@@ -189,3 +189,21 @@ def test_refuses_paths_outside_the_directory_and_foreign_configs(saved, tmp_path
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="kv_sharing_modes but no nbl section"):
         nbl_ext.load_pretrained(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_modes_follow_the_umask(tmp_path, umask):
+    # tempfile makes 0700 directories and 0600 files whatever the umask: colleagues on a shared
+    # machine could not read a checkpoint. The directory and every file now get the umask's modes.
+    model, result = _linearized("llama", [1])
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "ckpt"
+        nbl_ext.save_pretrained(model, path, tokenizer=_tokenizer(), calibration=result)
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o777 & ~umask
+    files = [f for f in path.iterdir() if f.is_file()]
+    assert {"config.json", "model.safetensors"} <= {f.name for f in files}
+    for f in files:
+        assert (f.stat().st_mode & 0o777) == 0o666 & ~umask, f.name
