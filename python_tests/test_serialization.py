@@ -207,3 +207,22 @@ def test_checkpoint_modes_follow_the_umask(tmp_path, umask):
     assert {"config.json", "model.safetensors"} <= {f.name for f in files}
     for f in files:
         assert (f.stat().st_mode & 0o777) == 0o666 & ~umask, f.name
+
+
+def test_load_model_routes_an_nbl_checkpoint_to_load_pretrained(tmp_path):
+    # from_pretrained on a checkpoint builds the original architecture and drops the linear maps
+    # silently; load_model recognises the directory from its config and loads it as saved.
+    from nbl_ext.models import nbl_checkpoint, peek_config
+
+    model, result = _linearized("llama", [0, 2])
+    path = tmp_path / "ckpt"
+    nbl_ext.save_pretrained(model, path, tokenizer=_tokenizer(), calibration=result)
+    assert nbl_checkpoint(path)["layers"] == [0, 2]
+    peek = peek_config(path)
+    assert peek["nbl"]["layers"] == [0, 2] and peek["num_hidden_layers"] == 4
+    loaded, tok = nbl_ext.load_model(path)
+    assert loaded.config.nbl["layers"] == [0, 2] and tok is not None
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    plain = tmp_path / "plain"
+    tiny_model("llama", 2).save_pretrained(plain)
+    assert nbl_checkpoint(plain) is None and peek_config(plain)["nbl"] is None
