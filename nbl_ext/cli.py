@@ -10,9 +10,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 _EPILOG_COMPRESS = """\
@@ -144,6 +149,16 @@ def _positive(kind):
     return parse
 
 
+def _non_negative(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nbl",
@@ -162,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(smollm2-135m, gemma3-270m); default: the bundled SmolLM2-135M-Instruct")
     c.add_argument("--layers", "-k", type=int, default=None, metavar="K",
                    help="number of attention blocks to replace (default: a quarter of the layers)")
+    c.add_argument("--allow-no-op", action="store_true",
+                   help="accept --layers 0: calibrate and save an unchanged copy (a baseline with the same files)")
     c.add_argument("--method", choices=["nbl", "drop"], default="nbl",
                    help="nbl: affine map fitted by LMMSE (default); drop: remove the block (baseline)")
     c.add_argument("--calib", default="self", metavar="PATH|hf:NAME|self",
@@ -185,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "bfloat16 (centered activations rounded to bf16, float32 accumulation: tensor-core "
                         "speed on GPUs for a relative covariance error of ~1e-4..1e-3 instead of ~1e-7; "
                         "no speed-up on CPU)")
+    c.add_argument("--ridge", type=_non_negative, default=0.0, metavar="R",
+                   help="relative ridge of the affine fits (R x each channel's variance on the diagonal; default 0: "
+                   "grown only where a covariance is singular, e.g. fewer tokens than hidden dimensions)")
     c.add_argument("--seed", type=int, default=0, help="seed for data packing and sampling (default 0)")
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -298,6 +318,18 @@ def main(argv: list[str] | None = None) -> int:
             ImportError) as exc:
         print(f"nbl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every write is atomic (temp + rename), so nothing half-written remains
+        print(f"\nnbl {args.command}: interrupted; {_nothing_written(args)}", file=sys.stderr)
+        return 130
+
+
+def _nothing_written(args) -> str:
+    """What an interrupted subcommand leaves behind: nothing, at the path the user asked for."""
+    target = {"compress": "out", "eval": "output", "bench": "output", "report": "plot"}[args.command]
+    path = getattr(args, target, None)
+    if args.command == "report" and path is None:
+        path = str(Path(args.dir) / "layers.png")
+    return f"nothing was written to {path}" if path else "nothing was written"
 
 
 def _default_tasks() -> tuple[str, ...]:
@@ -311,12 +343,23 @@ def _slug(text: str) -> str:
     return keep.strip("-.") or "model"
 
 
+#: An NMSE at or below this is an in-sample interpolation, not a measure of how linear the block is.
+_EXACT_NMSE = 1e-6
+
+
 def _print_table(rows: list[dict], chosen: set[int], method: str | None, out=None) -> None:
     out = out or sys.stdout
     print(f"{'layer':>5}  {'bound':>10}  {'nmse':>10}  {'cosine':>8}  chosen", file=out)
+    exact = 0
     for r in rows:
         mark = f"<- {method}" if r["layer"] in chosen else ""
-        print(f"{r['layer']:>5}  {r['bound']:>10.4f}  {r['nmse']:>10.4g}  {r['cosine']:>8.4f}  {mark}", file=out)
+        star = "*" if r["nmse"] <= _EXACT_NMSE else " "
+        exact += star == "*"
+        print(f"{r['layer']:>5}  {r['bound']:>10.4f}  {r['nmse']:>10.4f}{star} {r['cosine']:>8.4f}  {mark}", file=out)
+    if exact:
+        print(f"* in-sample exact fit ({exact} of {len(rows)} layers): the affine map reproduces the calibration tokens "
+              "(fewer tokens than the fit has dimensions), so this NMSE says nothing about new text; calibrate on "
+              "more tokens (--samples, --seq-len)", file=out)
 
 
 def _compress(args) -> int:
@@ -326,6 +369,7 @@ def _compress(args) -> int:
     from nbl_ext.data import load_calibration_tokens
     from nbl_ext.models import DEFAULT_MODEL, load_model
 
+    pre = _preflight_compress(args)
     progress = not args.no_progress
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
@@ -334,44 +378,169 @@ def _compress(args) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, progress=progress)
     n_layers = len(nbl_ext.get_adapter(model).layers())
     k = args.layers if args.layers is not None else max(1, n_layers // 4)
-    if not 0 <= k <= n_layers:
-        raise ValueError(f"--layers must be between 0 and the model's {n_layers} layers, got {k}")
+    _check_layers(k, n_layers, args.allow_no_op)
     out = Path(args.out or Path("nbl-out") / f"{_slug(args.model or DEFAULT_MODEL)}-{args.method}-k{k}")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it")
+    args.out = str(out)  # what an interrupt names (main)
+    _check_out(out, args.out, args.overwrite)
+    if pre["hidden_size"] is None:
+        _warn_few_tokens(args.samples * args.seq_len, int(model.config.get_text_config(decoder=True).hidden_size))
 
-    source, holdout = _calibration_source(args)
+    source, holdout = pre["calibration"]
     print(f"nbl compress: calibration data: {args.calib}{f' minus {holdout:.0%} held out' if holdout else ''}, "
           f"{args.samples} x {args.seq_len} tokens", file=sys.stderr)
+    t_data = time.perf_counter()
     tokens = load_calibration_tokens(source, tokenizer, num_samples=args.samples, seq_len=args.seq_len,
                                      seed=args.seed, model=model, progress=progress)
     t1 = time.perf_counter()
-    result = nbl_ext.calibrate(model, tokens, batch_size=args.batch_size, progress=progress,
-                               gram_precision=args.gram_precision, activations=args.activations)
-    t2 = time.perf_counter()
-    layers = result.select(k, method=args.method)
-    refit = None if args.refit == "none" else args.refit
-    nbl_ext.linearize(model, result, layers, method=args.method, refit=refit, data=tokens if refit else None,
-                      batch_size=args.batch_size, progress=progress)
+    with _singular_summary():
+        result = nbl_ext.calibrate(model, tokens, batch_size=args.batch_size, progress=progress,
+                                   gram_precision=args.gram_precision, activations=args.activations, ridge=args.ridge)
+        t2 = time.perf_counter()
+        layers = result.select(k, method=args.method)
+        refit = None if args.refit == "none" else args.refit
+        nbl_ext.linearize(model, result, layers, method=args.method, refit=refit, data=tokens if refit else None,
+                          batch_size=args.batch_size, progress=progress)
     t3 = time.perf_counter()
     _print_table(result.table(), set(layers), args.method)
     nbl_ext.save_pretrained(model, out, tokenizer, calibration=result)
     (out / "nbl_run.json").write_text(json.dumps({
         "model": args.model or DEFAULT_MODEL, "method": args.method, "layers": layers, "k": k,
         "calib": str(args.calib), "holdout": holdout, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
-        "refit": refit, "gram_precision": args.gram_precision, "activations": args.activations, "device": device, "dtype": str(next(model.parameters()).dtype),
-        "seconds": {"load_and_data": round(t1 - t0, 2), "calibrate": round(t2 - t1, 2), "linearize": round(t3 - t2, 2)},
+        "refit": refit, "gram_precision": args.gram_precision, "activations": args.activations, "device": device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "ridge": args.ridge,
+        "seconds": {"load_and_data": round(t1 - t0, 2), "load": round(t_data - t0, 2), "data": round(t1 - t_data, 2),
+                    "calibrate": round(t2 - t1, 2), "linearize": round(t3 - t2, 2)},
         "nbl_ext": nbl_ext.__version__, "torch": torch.__version__,
     }, indent=2) + "\n")
+    data_what = "sampling" if args.calib == "self" else "data"
     print(f"\nnbl compress: {args.method} on {len(layers)} of {n_layers} attention blocks {layers}; "
-          f"calibration {t2 - t1:.1f} s; saved to {out}\n"
+          f"load {t_data - t0:.1f} s, {data_what} {t1 - t_data:.1f} s, calibration {t2 - t1:.1f} s, linearize "
+          f"{t3 - t2:.1f} s, total {time.perf_counter() - t0:.1f} s; saved to {out}\n"
           f"  reload with: nbl_ext.load_pretrained({str(out)!r})   |   inspect with: nbl report {out}")
     return 0
 
 
+def _preflight_compress(args) -> dict:
+    """Every check of `nbl compress` that needs no weights, run before the model loads.
+
+    The model's config (read cheaply, nbl_ext.models.peek_config) gives the layer count, positions and
+    hidden size; the output path must be creatable; a calibration file must be readable, hold enough
+    documents for the held-out part and enough tokens for SAMPLES x SEQ_LEN (counted with the model's
+    tokenizer when it is on disk). Returns {"calibration": (source, holdout), "hidden_size": int | None}.
+    """
+    from nbl_ext.models import DEFAULT_MODEL, peek_config
+
+    name = args.model or DEFAULT_MODEL
+    if args.layers is not None and args.layers <= 0:
+        _check_layers(args.layers, None, args.allow_no_op)
+    peek = peek_config(args.model) or {}
+    if peek.get("nbl"):
+        raise ValueError(f"{name} is already linearized by nbl ({peek['nbl'].get('method')} on layers "
+                         f"{peek['nbl'].get('layers')}); compress the original model, or use this one with "
+                         f"`nbl eval {name}` / nbl_ext.load_pretrained({str(name)!r})")
+    n_layers, positions, hidden = (peek.get(key) for key in ("num_hidden_layers", "max_position_embeddings",
+                                                               "hidden_size"))
+    if n_layers is not None:
+        k = args.layers if args.layers is not None else max(1, n_layers // 4)
+        _check_layers(k, n_layers, args.allow_no_op)
+        if args.out is None:
+            args.out = str(Path("nbl-out") / f"{_slug(name)}-{args.method}-k{k}")
+    if positions is not None and args.seq_len > positions:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the {positions} positions {name} handles "
+                         f"(max_position_embeddings); use --seq-len {positions} or less")
+    if args.out is not None:
+        _check_out(Path(args.out), args.out, args.overwrite)
+    source, holdout = _calibration_source(args)
+    if args.calib != "self" and not str(args.calib).startswith("hf:") and peek.get("path"):
+        _check_calibration_size(source, holdout, args, peek["path"])
+    if hidden is not None:
+        _warn_few_tokens(args.samples * args.seq_len, hidden)
+    return {"calibration": (source, holdout), "hidden_size": hidden}
+
+
+def _check_layers(k: int, n_layers: int | None, allow_no_op: bool) -> None:
+    if k < 0 or (n_layers is not None and k > n_layers):
+        raise ValueError(f"--layers must be between 0 and the model's {n_layers} layers, got {k}" if n_layers
+                         else f"--layers must be >= 0, got {k}")
+    if k == 0 and not allow_no_op:
+        raise ValueError("--layers 0 replaces no attention block: the output would be an unchanged copy of the model "
+                         "after a full calibration. Give --layers K >= 1 (default: a quarter of the layers), or add "
+                         "--allow-no-op if that copy is what you want (e.g. a baseline for nbl eval)")
+
+
+def _check_out(out: Path, given: str, overwrite: bool) -> None:
+    """OUT must be a new (or, with --overwrite, an existing) directory whose parent can be written."""
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise FileExistsError(f"--out {given} exists and is not a directory; choose another --out")
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FileExistsError(f"--out {given}: {parent} is a file, so the directory cannot be created there")
+    try:  # os.access is not enough: root passes it on read-only and virtual file systems (/proc)
+        os.rmdir(tempfile.mkdtemp(prefix=".nbl-write-check-", dir=parent))
+    except OSError as exc:
+        raise ValueError(f"--out {given}: cannot create a directory in {parent} ({exc.strerror}); choose a "
+                         "writable location, e.g. --out ~/nbl-out/run1") from None
+
+
+def _check_calibration_size(source, holdout, args, tokenizer_dir: str) -> None:
+    """SAMPLES x SEQ_LEN tokens must fit in the calibration file (counted with the model's own tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from nbl_ext.data import load_calibration_tokens
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError):
+        return  # the model load reports a broken tokenizer in full; the count then happens there
+    try:
+        load_calibration_tokens(source, tokenizer, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed,
+                                progress=False)
+    except ValueError as exc:
+        kept = f" less the {holdout:.0%} held out" if holdout else ""
+        raise ValueError(f"--calib {args.calib}{kept}: {exc}") from None
+
+
+def _warn_few_tokens(tokens: int, hidden: int) -> None:
+    """Said once, up front: fewer calibration tokens than hidden dimensions make every fit singular."""
+    if tokens > hidden:
+        return
+    print(f"nbl compress: warning: {tokens} calibration tokens for {hidden} hidden dimensions: every layer's "
+          f"{hidden} x {hidden} input covariance is singular, so each affine fit reproduces the calibration text "
+          f"exactly (in-sample NMSE 0) with a ridge it has to grow, and the ranking of the layers means little. "
+          f"Calibrate on more than {hidden} tokens, better {10 * hidden}+ (--samples x --seq-len), or set --ridge "
+          "(e.g. 1e-2)", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _singular_summary():
+    """One line for all layers' SingularWarnings (a per-layer warning each echoing a source line otherwise)."""
+    from nbl_ext.numerics import SingularWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SingularWarning)
+        yield
+    singular = [w for w in caught if issubclass(w.category, SingularWarning)]
+    for w in caught:  # anything else goes on as it came
+        if not issubclass(w.category, SingularWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if not singular:
+        return
+    layers = sorted({int(m.group(1)) for w in singular if (m := re.search(r"decoder layer (\d+)", str(w.message)))})
+    ridges = [float(m.group(1)) for w in singular if (m := re.search(r"ridge of ([0-9.eE+-]+) instead", str(w.message)))]
+    where = f"{len(layers)} layers ({', '.join(map(str, layers))})" if layers else f"{len(singular)} fits"
+    grown = f"; solved with a relative ridge of up to {max(ridges):g}" if ridges else ""
+    print(f"nbl compress: warning: singular input covariance in {where}{grown} (fewer calibration tokens than "
+          "hidden dimensions, or linearly dependent channels). Calibrate on more tokens, or pass --ridge R "
+          f"(e.g. {max(ridges, default=1e-4):g}) to set the ridge yourself", file=sys.stderr)
+
+
 def _calibration_source(args):
     """The documents to calibrate on and the held-out fraction (files only; see nbl_ext.data.HOLDOUT_FRACTION)."""
-    from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, split_documents
+    from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, read_documents, split_documents
 
     path = Path(args.calib)
     is_file = args.calib != "self" and not args.calib.startswith("hf:") and path.is_file()
@@ -383,8 +552,16 @@ def _calibration_source(args):
         return args.calib, None
     fraction = HOLDOUT_FRACTION if args.holdout is None else args.holdout
     if fraction == 0:
+        read_documents(path)  # readable and well-formed, before anything loads
         return args.calib, 0.0
-    return split_documents(path, fraction, seed=HOLDOUT_SEED)[0], fraction
+    docs = read_documents(path)
+    if round(fraction * len(docs)) == 0:
+        given = "the default --holdout" if args.holdout is None else "--holdout"
+        raise ValueError(f"--calib {args.calib} holds {len(docs)} document(s); {given} {fraction:g} (the share kept "
+                         "out of calibration for `nbl eval --c4`) holds out none of them. Pass --holdout 0 to "
+                         "calibrate on all of it, or give a file with more documents (blank lines separate "
+                         "documents in a .txt file)")
+    return split_documents(docs, fraction, seed=HOLDOUT_SEED)[0], fraction
 
 
 def _eval(args) -> int:

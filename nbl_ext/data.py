@@ -385,7 +385,7 @@ def load_calibration_tokens(
     if kind == "file":
         docs, what = read_documents(arg, text_field=text_field), f"calibration file {arg}"
     else:
-        docs, what = _check_documents(arg), f"the list of {len(arg)} documents"
+        docs, what = _check_documents(arg), "the document list"
     order = _seeded_order(len(docs), seed, "shuffle")
     return _pack(_token_lists(tokenizer, (docs[i] for i in order)), num_samples, seq_len, bos, what)
 

@@ -565,8 +565,9 @@ def _load_nbl_checkpoint(path: Path, torch_dtype, dev: torch.device):
 def peek_config(model: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None) -> dict | None:
     """What ``model`` (anything :func:`load_model` takes) declares, read without loading weights.
 
-    Returns ``{"num_hidden_layers", "max_position_embeddings", "hidden_size", "nbl"}`` (``nbl``: the
-    section of an nbl checkpoint, else None; a value the config lacks is None), from the config of a
+    Returns ``{"num_hidden_layers", "max_position_embeddings", "hidden_size", "nbl", "path"}`` (``nbl``:
+    the section of an nbl checkpoint, else None; ``path``: the local directory holding the config and
+    tokenizer, None for a GGUF header; a value the config lacks is None), from the config of a
     model directory or converted cache entry, or from a GGUF file's header. None when that is not
     cheap: a hub id outside the local hub cache, a Gemma 3 package not converted yet. Errors that
     :func:`load_model` would raise for the name itself (missing package, no such path) are raised.
@@ -576,7 +577,8 @@ def peek_config(model: str | os.PathLike | None = None, *, cache_dir: str | os.P
     if kind == "hf_dir":
         return _config_summary(str(target))
     if kind == "hub":
-        return _config_summary(target, local_files_only=True)
+        summary = _config_summary(target, local_files_only=True)
+        return summary and summary | {"path": None}
     if kind == "bundled":
         spec = _BUNDLED[target]
         fields, _, _ = _bundled_source(spec)
@@ -604,7 +606,7 @@ def _config_summary(name_or_path: str, **kw) -> dict | None:
     text = config.get_text_config(decoder=True)
     nbl = getattr(config, "nbl", None)
     return {key: getattr(text, key, None) for key in ("num_hidden_layers", "max_position_embeddings", "hidden_size")} \
-        | {"nbl": nbl if isinstance(nbl, dict) else None}
+        | {"nbl": nbl if isinstance(nbl, dict) else None, "path": name_or_path}
 
 
 def _gguf_summary(path: Path) -> dict | None:
@@ -617,7 +619,7 @@ def _gguf_summary(path: Path) -> dict | None:
     except (ImportError, KeyError, ValueError, OSError):
         return None
     return {"num_hidden_layers": value("block_count"), "max_position_embeddings": value("context_length"),
-            "hidden_size": value("embedding_length"), "nbl": None}
+            "hidden_size": value("embedding_length"), "nbl": None, "path": None}
 
 
 @contextmanager
