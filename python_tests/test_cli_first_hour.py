@@ -1,0 +1,153 @@
+"""A new user's first hour with `nbl compress`: mistakes caught before the model loads, clean interrupts,
+one summary line for singular fits, readable output."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from _tiny import WORDS  # noqa: E402
+from nbl_ext import cli, models  # noqa: E402
+
+
+class _Loaded(Exception):
+    """Raised by the stubbed model load: the checks under test ran (or not) before it."""
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise _Loaded
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    docs = [{"text": " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (60,), generator=gen))}
+            for _ in range(40)]
+    path = tmp_path_factory.mktemp("calib") / "docs.json"
+    path.write_text(json.dumps(docs))
+    return path
+
+
+def _err(capsys, argv) -> str:
+    assert cli.main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_mistakes_are_caught_before_the_model_loads(tmp_path, tiny_model_dir, calib_file, capsys, no_load):
+    base = ["compress", str(tiny_model_dir), "--calib", str(calib_file), "--samples", "4", "--seq-len", "64",
+            "--no-progress"]
+    out = ["--out", str(tmp_path / "out")]
+    err = _err(capsys, base + ["--out", "/proc/nbl-out"])
+    assert "--out /proc/nbl-out: cannot create a directory in /proc" in err and ".tmp" not in err
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in _err(capsys, base + ["--out", str(tmp_path / "file" / "sub")])
+    err = _err(capsys, base + out + ["--layers", "0"])
+    assert "--layers 0 replaces no attention block" in err and "--allow-no-op" in err
+    assert "between 0 and the model's 2 layers, got 1000" in _err(capsys, base + out + ["--layers", "1000"])
+    assert "must be >= 0" in _err(capsys, base + out + ["--layers", "-1"])
+    err = _err(capsys, base[:6] + ["--seq-len", "9000", "--no-progress"] + out)
+    assert "--seq-len 9000 is longer than the 512 positions" in err
+    err = _err(capsys, base[:4] + ["--samples", "400", "--seq-len", "64", "--no-progress"] + out)
+    assert f"--calib {calib_file} less the 20% held out: the document list has" in err and "at most" in err
+    one = tmp_path / "one.txt"
+    one.write_text("the cat sat on the mat " * 40)
+    err = _err(capsys, ["compress", str(tiny_model_dir), "--calib", str(one), "--no-progress"] + out)
+    assert "holds 1 document(s)" in err and "--holdout 0" in err and "split_documents" not in err
+    assert "missing.json" in _err(capsys, base[:2] + ["--calib", str(tmp_path / "missing.json")] + out)
+    assert not (tmp_path / "out").exists()
+    # asked for explicitly, --layers 0 goes on to the model load (stubbed here)
+    with pytest.raises(_Loaded):
+        cli.main(base + out + ["--layers", "0", "--allow-no-op"])
+
+
+def test_a_checkpoint_as_model_is_refused_before_loading(tmp_path, tiny_model_dir, calib_file, capsys):
+    ckpt = tmp_path / "ckpt"
+    argv = ["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(calib_file), "--samples", "4",
+            "--seq-len", "64", "--no-progress"]
+    assert cli.main(argv + ["--out", str(ckpt)]) == 0
+    capsys.readouterr()
+    calls = []
+    real = models.load_model
+    models.load_model = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        err = _err(capsys, ["compress", str(ckpt), "--calib", str(calib_file), "--samples", "4", "--seq-len", "64",
+                            "--out", str(tmp_path / "again"), "--no-progress"])
+    finally:
+        models.load_model = real
+    assert "is already linearized by nbl" in err and "nbl eval" in err and not calls
+
+
+def test_peek_config_reads_a_gguf_header(tmp_path):
+    from _tiny import write_tiny_gguf
+
+    peek = models.peek_config(write_tiny_gguf(tmp_path / "t.gguf"), cache_dir=tmp_path / "cache")
+    assert peek == {"num_hidden_layers": 2, "max_position_embeddings": 256, "hidden_size": 32, "nbl": None,
+                    "path": None}
+    assert not (tmp_path / "cache").exists()  # nothing converted
+
+
+def test_too_little_data_is_said_once_and_fits_are_marked(tmp_path, tiny_model_dir, calib_file, capsys):
+    out = tmp_path / "out"
+    # 2 x 12 = 24 tokens for 32 hidden dimensions: every layer's covariance is singular
+    assert cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(calib_file), "--samples", "2",
+                     "--seq-len", "12", "--out", str(out), "--no-progress", "--ridge", "0"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err.count("warning: 24 calibration tokens for 32 hidden dimensions") == 1
+    assert cap.err.count("singular input covariance in 2 layers (0, 1)") == 1 and "--ridge" in cap.err
+    assert "decoder layer" not in cap.err  # no per-layer warnings
+    rows = [line for line in cap.out.splitlines() if line[:5].strip().isdigit()]
+    marked = [r for r in rows if "0.0000*" in r]
+    assert len(rows) == 2 and marked  # layer 0 sees a 20-word vocabulary: a grown ridge, not exact
+    assert f"* in-sample exact fit ({len(marked)} of 2 layers)" in cap.out
+    run = json.loads((out / "nbl_run.json").read_text())
+    assert run["dtype"] == "float32" and run["ridge"] == 0.0
+    assert set(run["seconds"]) >= {"load", "data", "calibrate", "linearize"}
+    assert "load " in cap.out and "data " in cap.out and "total " in cap.out
+
+
+def test_ridge_reaches_the_fit(tmp_path, tiny_model_dir, calib_file, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(calib_file), "--samples", "4",
+                     "--seq-len", "64", "--ridge", "0.5", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "nbl_calibration.json").read_text())["metadata"]["ridge"] == 0.5
+    with pytest.raises(SystemExit):
+        cli.main(["compress", "--ridge", "-1"])
+    assert "must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbl_ext.cli", "compress", str(tiny_model_dir), "--calib", "self", "--samples", "64",
+         "--seq-len", "512", "--layers", "1", "--out", str(out), "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 120
+    seen = ""
+    while "calibration data:" not in seen and time.monotonic() < deadline:  # the model is loaded, sampling starts
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+    assert "calibration data:" in seen, seen
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, rest = proc.communicate(timeout=60)
+    err = seen + rest
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert lines == [f"nbl compress: interrupted; nothing was written to {out}"]
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
