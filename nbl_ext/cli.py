@@ -159,6 +159,11 @@ def _non_negative(text):
     return value
 
 
+#: `nbl eval --quick`: documents per task and perplexity windows, and the window length.
+_QUICK_LIMIT = 10
+_QUICK_CONTEXT = 512
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nbl",
@@ -221,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", default=",".join(_default_tasks()), metavar="T1,T2,..",
                    help="lm-eval tasks, comma-separated, or 'none' (default: %(default)s)")
     e.add_argument("--limit", type=_positive(int), default=None, metavar="N",
-                   help="first N documents of each task (default: all; standard errors are reported either way)")
+                   help="first N documents of each task and the first N perplexity windows of each corpus "
+                   "(default: all; standard errors are reported either way)")
+    e.add_argument("--quick", action="store_true",
+                   help=f"a first look in about a minute on a CPU: --limit {_QUICK_LIMIT} and --context "
+                   f"{_QUICK_CONTEXT} unless given (numbers with wide standard errors, not the paper's setting)")
     e.add_argument("--data-dir", default=None, metavar="DIR",
                    help="offline task data in the ../shared/data/eval layout (default: hub tasks, online)")
     e.add_argument("--ppl", default=None, metavar="C1,C2",
@@ -229,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "when a C4 file is found)")
     e.add_argument("--c4", default=None, metavar="PATH",
                    help="the C4 document file whose held-out part is scored (default: DIR/../calib/c4_demo.json)")
-    e.add_argument("--context", type=_positive(int), default=2048, metavar="L", help="perplexity window (default 2048)")
+    e.add_argument("--context", type=_positive(int), default=None, metavar="L", help="perplexity window (default 2048)")
     e.add_argument("--stride", type=_positive(int), default=None, metavar="S",
                    help="perplexity window step (default: the window, i.e. non-overlapping)")
     e.add_argument("--ppl-tokens", type=_positive(int), default=None, metavar="N",
@@ -243,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="lm-eval seeds (default 0)")
     e.add_argument("--output", default=None, metavar="FILE.json", help="write the full report here")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--verbose", action="store_true",
+                   help="show lm-eval's own log messages (otherwise kept in FILE.log next to --output, or counted)")
 
     b = sub.add_parser("bench", help="generation latency: original vs NBL-k vs DROP-k; --calibration: calibration cost",
                        description="Time prefill and decode of MODEL (or a random-weight --shape), original vs "
@@ -571,6 +582,10 @@ def _eval(args) -> int:
     from nbl_ext.tasks import OFFLINE_TASKS, check_data_dir
 
     progress = not args.no_progress
+    if args.quick:
+        args.limit = args.limit or _QUICK_LIMIT
+        args.context = args.context or _QUICK_CONTEXT
+    args.context = args.context or 2048
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tasks = [] if args.tasks.strip().lower() == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     c4 = Path(args.c4) if args.c4 else (Path(args.data_dir) / ".." / "calib" / "c4_demo.json" if args.data_dir else None)
@@ -602,15 +617,55 @@ def _eval(args) -> int:
         print(f"nbl eval: warning: {note}", file=sys.stderr)
     print(f"nbl eval: {source}: tasks {tasks or 'none'}, perplexity {ppl or 'none'}", file=sys.stderr)
     t0 = time.perf_counter()
-    report = evaluate(model, tokenizer, tasks=tasks, data_dir=args.data_dir, perplexity_on=ppl, c4_path=c4,
-                      context=args.context, stride=args.stride, ppl_tokens=args.ppl_tokens, limit=args.limit,
-                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, progress=progress)
+    ppl_tokens = args.ppl_tokens
+    if ppl_tokens is None and args.limit is not None:  # --limit N: N perplexity windows
+        ppl_tokens = args.context + (args.limit - 1) * (args.stride or args.context)
+    log_file = Path(args.output).with_suffix(".log") if args.output else None
+    with _lm_eval_notices(args.verbose, log_file):
+        report = evaluate(model, tokenizer, tasks=tasks, data_dir=args.data_dir, perplexity_on=ppl, c4_path=c4,
+                          context=args.context, stride=args.stride, ppl_tokens=ppl_tokens, limit=args.limit,
+                          batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, progress=progress)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report["model"]["path"] = source
     report["notes"] = notes
     print(format_report(report))
     _write_report(args.output, report, "eval")
     return 0
+
+
+@contextlib.contextmanager
+def _lm_eval_notices(verbose: bool, log_file: Path | None):
+    """lm-eval's own log records (notes on `pretrained`, metadata, ...) kept out of the user's way.
+
+    With ``verbose`` they print as lm-eval prints them; otherwise they go to ``log_file`` (next to
+    --output) or are counted, and one line says where they are.
+    """
+    import logging
+
+    if verbose:
+        yield
+        return
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
+    saved = [(lg.handlers[:], lg.propagate, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+        lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, (handlers, propagate, level) in zip(loggers, saved):
+            lg.handlers, lg.propagate = handlers, propagate
+            lg.setLevel(level)
+    if records and log_file is not None:  # only after a finished evaluation, like --output
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text("".join(f"{r.levelname} {r.name}: {r.getMessage()}\n" for r in records))
+    notices = [r for r in records if r.levelno >= logging.WARNING]
+    if notices:
+        where = f"in {log_file}" if log_file is not None else "hidden"
+        print(f"nbl eval: {len(notices)} lm-eval notice(s) {where} (--verbose shows them)", file=sys.stderr)
 
 
 def _write_report(output: str | None, report: dict, command: str) -> None:

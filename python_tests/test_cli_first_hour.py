@@ -151,3 +151,33 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, tiny_model_dir):
     lines = [line for line in err.splitlines() if "interrupted" in line]
     assert lines == [f"nbl compress: interrupted; nothing was written to {out}"]
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_eval_quick_limits_perplexity_too_and_reads_well(tmp_path, tiny_model_dir, capsys):
+    pytest.importorskip("lm_eval")
+    from test_cli import _tiny_eval_data
+
+    data = _tiny_eval_data(tmp_path / "data")
+    report_file = tmp_path / "eval.json"
+    rc = cli.main(["eval", str(tiny_model_dir), "--data-dir", str(data / "eval"), "--tasks", "arc_easy", "--limit", "3",
+                   "--context", "16", "--output", str(report_file), "--no-progress"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    first = cap.out.splitlines()[0]
+    assert first.startswith(f"{tiny_model_dir} (llama, 2 layers, float32)") and "{" not in first
+    report = json.loads(report_file.read_text())
+    assert report["tasks"]["arc_easy"]["n"] == 3
+    assert {c: p["windows"] for c, p in report["perplexity"].items()} == {"wikitext2": 3, "c4": 3}
+    # lm-eval's own notices (here: `pretrained` is not a str) are in the log, not on the terminal
+    assert "pretrained" not in cap.err and "kwarg" not in cap.err
+    assert f"in {report_file.with_suffix('.log')}" in cap.err
+    assert "pretrained" in report_file.with_suffix(".log").read_text()
+
+    rc = cli.main(["eval", str(tiny_model_dir), "--data-dir", str(data / "eval"), "--tasks", "none", "--ppl",
+                   "wikitext2", "--quick", "--context", "16", "--no-progress", "--output", str(tmp_path / "q.json")])
+    assert rc == 0
+    p = json.loads((tmp_path / "q.json").read_text())
+    assert p["perplexity"]["wikitext2"]["windows"] == 10 and p["settings"]["limit"] == 10
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--help"])
+    assert "--quick" in capsys.readouterr().out
