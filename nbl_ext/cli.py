@@ -41,7 +41,7 @@ examples:
 
 afterwards:
   nbl report OUT                                 # per-layer table and plot
-  python -c "import nbl_ext; m = nbl_ext.load_pretrained('OUT')"   # a transformers model
+  python -c "import nbl_ext; model, tok = nbl_ext.load_model('OUT')"   # transformers model + tokenizer
 """
 
 
@@ -426,7 +426,7 @@ def _compress(args) -> int:
     print(f"\nnbl compress: {args.method} on {len(layers)} of {n_layers} attention blocks {layers}; "
           f"load {t_data - t0:.1f} s, {data_what} {t1 - t_data:.1f} s, calibration {t2 - t1:.1f} s, linearize "
           f"{t3 - t2:.1f} s, total {time.perf_counter() - t0:.1f} s; saved to {out}\n"
-          f"  reload with: nbl_ext.load_pretrained({str(out)!r})   |   inspect with: nbl report {out}")
+          f"  reload with: model, tokenizer = nbl_ext.load_model({str(out)!r})   |   inspect with: nbl report {out}")
     return 0
 
 
@@ -756,6 +756,10 @@ def plot_layers(rows: list[dict], chosen: set[int], method: str | None, png: Pat
         ax.set_title(label, fontsize=9, loc="left")
         if key == "nmse" and min(vals) > 0:
             ax.set_yscale("log")
+        if key == "cosine":  # cosines sit near 1 (DROP's 0.98 vs 0.995): span the data, not 0..1
+            lo, hi = min(vals), max(vals)
+            pad = max(0.1 * (hi - lo), 1e-4)
+            ax.set_ylim(lo - pad, min(1.0, hi + pad) if hi < 1.0 else hi + pad)
     axes[-1].set_xlabel("decoder layer")
     title = "per-layer scores" + (f"; red = linearized by {method} ({len(chosen)} layers)" if chosen else "")
     fig.suptitle(title, fontsize=10)

@@ -181,3 +181,22 @@ def test_eval_quick_limits_perplexity_too_and_reads_well(tmp_path, tiny_model_di
     with pytest.raises(SystemExit):
         cli.main(["eval", "--help"])
     assert "--quick" in capsys.readouterr().out
+
+
+def test_table_and_plot_read_well(tmp_path, monkeypatch, capsys):
+    import io
+
+    import matplotlib.pyplot as plt
+
+    rows = [{"layer": i, "bound": 10.0 + i, "nmse": nmse, "cosine": cos}
+            for i, (nmse, cos) in enumerate([(0.012345, 0.981), (1.5e-5, 0.9932), (0.0, 0.995)])]
+    buf = io.StringIO()
+    cli._print_table(rows, {1}, "nbl", out=buf)
+    lines = buf.getvalue().splitlines()
+    assert "0.0123 " in lines[1] and "0.0000 " in lines[2] and "0.0000*" in lines[3]  # 4 decimals like the rest
+    assert "<- nbl" in lines[2] and lines[4].startswith("* in-sample exact fit (1 of 3 layers)")
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    cli.plot_layers(rows, {1}, "nbl", tmp_path / "p.png")
+    lo, hi = figures[0].axes[2].get_ylim()
+    assert 0.97 < lo < 0.981 and 0.995 < hi <= 1.0  # DROP's differences visible, not a 0..1 axis
