@@ -574,8 +574,9 @@ def peek_config(model: str | os.PathLike | None = None, *, cache_dir: str | os.P
     """
     kind, target = _classify(model)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if kind == "hf_dir":
-        return _config_summary(str(target))
+    if kind == "hf_dir":  # the nbl section from the JSON itself: an nbl checkpoint is found even where its config
+        summary = _config_summary(str(target)) or dict.fromkeys(_PEEK_KEYS)  # class is not registered
+        return summary | {"nbl": nbl_checkpoint(target), "path": str(target)}
     if kind == "hub":
         summary = _config_summary(target, local_files_only=True)
         return summary and summary | {"path": None}
@@ -596,6 +597,9 @@ def peek_config(model: str | os.PathLike | None = None, *, cache_dir: str | os.P
     return _gguf_summary(gguf_path) if gguf_path is not None else None
 
 
+_PEEK_KEYS = ("num_hidden_layers", "max_position_embeddings", "hidden_size")
+
+
 def _config_summary(name_or_path: str, **kw) -> dict | None:
     from transformers import AutoConfig
 
@@ -604,9 +608,7 @@ def _config_summary(name_or_path: str, **kw) -> dict | None:
     except (OSError, ValueError):
         return None  # load_model reports it in full
     text = config.get_text_config(decoder=True)
-    nbl = getattr(config, "nbl", None)
-    return {key: getattr(text, key, None) for key in ("num_hidden_layers", "max_position_embeddings", "hidden_size")} \
-        | {"nbl": nbl if isinstance(nbl, dict) else None, "path": name_or_path}
+    return {key: getattr(text, key, None) for key in _PEEK_KEYS} | {"nbl": None, "path": name_or_path}
 
 
 def _gguf_summary(path: Path) -> dict | None:
