@@ -368,9 +368,9 @@ def _print_table(rows: list[dict], chosen: set[int], method: str | None, out=Non
         exact += star == "*"
         print(f"{r['layer']:>5}  {r['bound']:>10.4f}  {r['nmse']:>10.4f}{star} {r['cosine']:>8.4f}  {mark}", file=out)
     if exact:
-        print(f"* in-sample exact fit ({exact} of {len(rows)} layers): the affine map reproduces the calibration tokens "
-              "(fewer tokens than the fit has dimensions), so this NMSE says nothing about new text; calibrate on "
-              "more tokens (--samples, --seq-len)", file=out)
+        print(f"* in-sample exact fit ({exact} of {len(rows)} layers): the affine map reproduces the calibration "
+              "tokens (fewer tokens than the fit has dimensions), so this NMSE says nothing about new text; "
+              "calibrate on more tokens (--samples, --seq-len)", file=out)
 
 
 def _compress(args) -> int:
@@ -417,7 +417,8 @@ def _compress(args) -> int:
     (out / "nbl_run.json").write_text(json.dumps({
         "model": args.model or DEFAULT_MODEL, "method": args.method, "layers": layers, "k": k,
         "calib": str(args.calib), "holdout": holdout, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
-        "refit": refit, "gram_precision": args.gram_precision, "activations": args.activations, "device": device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "ridge": args.ridge,
+        "refit": refit, "gram_precision": args.gram_precision, "activations": args.activations, "device": device,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "ridge": args.ridge,
         "seconds": {"load_and_data": round(t1 - t0, 2), "load": round(t_data - t0, 2), "data": round(t1 - t_data, 2),
                     "calibrate": round(t2 - t1, 2), "linearize": round(t3 - t2, 2)},
         "nbl_ext": nbl_ext.__version__, "torch": torch.__version__,
@@ -541,7 +542,8 @@ def _singular_summary():
     if not singular:
         return
     layers = sorted({int(m.group(1)) for w in singular if (m := re.search(r"decoder layer (\d+)", str(w.message)))})
-    ridges = [float(m.group(1)) for w in singular if (m := re.search(r"ridge of ([0-9.eE+-]+) instead", str(w.message)))]
+    ridges = [float(m.group(1)) for w in singular
+              if (m := re.search(r"ridge of ([0-9.eE+-]+) instead", str(w.message)))]
     where = f"{len(layers)} layers ({', '.join(map(str, layers))})" if layers else f"{len(singular)} fits"
     grown = f"; solved with a relative ridge of up to {max(ridges):g}" if ridges else ""
     print(f"nbl compress: warning: singular input covariance in {where}{grown} (fewer calibration tokens than "
