@@ -32,7 +32,7 @@ import torch
 from nbl_ext import ops, reference
 from nbl_ext.adapters import get_adapter
 from nbl_ext.benchmark import SHAPES, measure_ceilings, random_model, time_call
-from nbl_ext.calibrate import record_layer_call
+from nbl_ext.engine import record_layer_call
 
 HAS_CUDA = torch.cuda.is_available()
 F32, BF16 = torch.float32, torch.bfloat16

@@ -12,10 +12,18 @@ in-place linearization and self-contained checkpoints::
     result = nbl_ext.calibrate(model, tokens)
     nbl_ext.linearize(model, result, result.select(k))
     nbl_ext.save_pretrained(model, "out/", tok, calibration=result)
+
+or, in one call driven by a config object (the same three steps)::
+
+    model, result = nbl_ext.compress(model, tokens, nbl_ext.NBLConfig(k=8, num_samples=16, seq_len=256))
+
+Selection criteria are a registry (``nbl_ext.register_criterion``; see :mod:`nbl_ext.criteria`).
 """
 from nbl_ext._extension import extension_info
 from nbl_ext import ops  # noqa: F401  (defines the nbl:: ops)
+from nbl_ext.ops import reference_kernels_enabled, use_reference_kernels
 from nbl_ext.numerics import (
+    Moments,
     SingularWarning,
     canonical_correlations,
     cca_bound,
@@ -23,6 +31,7 @@ from nbl_ext.numerics import (
     lmmse_nmse,
 )
 from nbl_ext.stats import CovarianceAccumulator
+from nbl_ext.crossval import CrossValidation, choose_ridge, cross_validate, cross_validated_nmse
 from nbl_ext.data import load_calibration_tokens, read_documents, split_documents
 from nbl_ext.models import load_model
 from nbl_ext.adapters import get_adapter
@@ -30,26 +39,42 @@ from nbl_ext.result import CalibrationResult
 from nbl_ext.calibrate import calibrate
 from nbl_ext.linearize import linearize
 from nbl_ext.serialization import load_pretrained, save_pretrained
+from nbl_ext.criteria import LayerContext, criterion_names, get_criterion, register_criterion
+from nbl_ext.config import NBLConfig
+from nbl_ext.api import compress
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationResult",
     "CovarianceAccumulator",
+    "CrossValidation",
+    "Moments",
+    "LayerContext",
+    "NBLConfig",
     "SingularWarning",
     "calibrate",
     "canonical_correlations",
     "cca_bound",
+    "choose_ridge",
+    "cross_validate",
+    "cross_validated_nmse",
+    "compress",
+    "criterion_names",
     "extension_info",
     "fit_linear",
     "get_adapter",
+    "get_criterion",
     "linearize",
     "lmmse_nmse",
     "load_calibration_tokens",
     "load_model",
     "load_pretrained",
     "read_documents",
+    "reference_kernels_enabled",
+    "register_criterion",
     "save_pretrained",
     "split_documents",
+    "use_reference_kernels",
     "__version__",
 ]

@@ -42,6 +42,7 @@ examples:
 afterwards:
   nbl report OUT                                 # per-layer table and plot
   python -c "import nbl_ext; model, tok = nbl_ext.load_model('OUT')"   # transformers model + tokenizer
+  NBL_REFERENCE=1 nbl compress ...  # pure-PyTorch kernels: fallback if a GPU run fails (CUDA kernels untested on GPUs)
 """
 
 
@@ -377,8 +378,12 @@ def _compress(args) -> int:
     import torch
 
     import nbl_ext
+    from nbl_ext._io import atomic_write_json
+    from nbl_ext.api import default_k
     from nbl_ext.data import load_calibration_tokens
+    from nbl_ext.linearize import resolve_replacement
     from nbl_ext.models import DEFAULT_MODEL, load_model
+    from nbl_ext.serialization import RUN
 
     pre = _preflight_compress(args)
     progress = not args.no_progress
@@ -388,7 +393,7 @@ def _compress(args) -> int:
     print(f"nbl compress: loading {args.model or DEFAULT_MODEL + ' (bundled default)'} on {device}", file=sys.stderr)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, progress=progress)
     n_layers = len(nbl_ext.get_adapter(model).layers())
-    k = args.layers if args.layers is not None else max(1, n_layers // 4)
+    k = args.layers if args.layers is not None else default_k(n_layers)
     _check_layers(k, n_layers, args.allow_no_op)
     out = Path(args.out or Path("nbl-out") / f"{_slug(args.model or DEFAULT_MODEL)}-{args.method}-k{k}")
     args.out = str(out)  # what an interrupt names (main)
@@ -396,39 +401,54 @@ def _compress(args) -> int:
     if pre["hidden_size"] is None:
         _warn_few_tokens(args.samples * args.seq_len, int(model.config.get_text_config(decoder=True).hidden_size))
 
+    config = nbl_ext.NBLConfig(
+        criterion=args.method, k=k, replacement=resolve_replacement(None, args.method, "nbl compress"),
+        refit=None if args.refit == "none" else args.refit, num_samples=args.samples, seq_len=args.seq_len,
+        batch_size=args.batch_size, gram_precision=args.gram_precision, activations=args.activations,
+        ridge=args.ridge, seed=args.seed, holdout=args.holdout)
     source, holdout = pre["calibration"]
+    config = config.replace(holdout=holdout)  # the fraction actually held out
     print(f"nbl compress: calibration data: {args.calib}{f' minus {holdout:.0%} held out' if holdout else ''}, "
           f"{args.samples} x {args.seq_len} tokens", file=sys.stderr)
     t_data = time.perf_counter()
-    tokens = load_calibration_tokens(source, tokenizer, num_samples=args.samples, seq_len=args.seq_len,
-                                     seed=args.seed, model=model, progress=progress)
+    tokens = load_calibration_tokens(source, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
+                                     seed=config.seed, model=model, progress=progress)
     t1 = time.perf_counter()
+    seconds: dict[str, float] = {}
     with _singular_summary():
-        result = nbl_ext.calibrate(model, tokens, batch_size=args.batch_size, progress=progress,
-                                   gram_precision=args.gram_precision, activations=args.activations, ridge=args.ridge)
-        t2 = time.perf_counter()
-        layers = result.select(k, method=args.method)
-        refit = None if args.refit == "none" else args.refit
-        nbl_ext.linearize(model, result, layers, method=args.method, refit=refit, data=tokens if refit else None,
-                          batch_size=args.batch_size, progress=progress)
-    t3 = time.perf_counter()
+        model, result = nbl_ext.compress(model, tokens, config, progress=progress, timer=_stopwatch(seconds))
+    layers = model.config.nbl["layers"]
     _print_table(result.table(), set(layers), args.method)
     nbl_ext.save_pretrained(model, out, tokenizer, calibration=result)
-    (out / "nbl_run.json").write_text(json.dumps({
-        "model": args.model or DEFAULT_MODEL, "method": args.method, "layers": layers, "k": k,
-        "calib": str(args.calib), "holdout": holdout, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
-        "refit": refit, "gram_precision": args.gram_precision, "activations": args.activations, "device": device,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "ridge": args.ridge,
+    linearize_s = seconds["select"] + seconds["linearize"]
+    atomic_write_json(out / RUN, {
+        **config.to_dict(), "layers": layers, "model": args.model or DEFAULT_MODEL, "method": args.method,
+        "calib": str(args.calib), "device": device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "seconds": {"load_and_data": round(t1 - t0, 2), "load": round(t_data - t0, 2), "data": round(t1 - t_data, 2),
-                    "calibrate": round(t2 - t1, 2), "linearize": round(t3 - t2, 2)},
+                    "calibrate": round(seconds["calibrate"], 2), "linearize": round(linearize_s, 2)},
         "nbl_ext": nbl_ext.__version__, "torch": torch.__version__,
-    }, indent=2) + "\n")
+    })
     data_what = "sampling" if args.calib == "self" else "data"
     print(f"\nnbl compress: {args.method} on {len(layers)} of {n_layers} attention blocks {layers}; "
-          f"load {t_data - t0:.1f} s, {data_what} {t1 - t_data:.1f} s, calibration {t2 - t1:.1f} s, linearize "
-          f"{t3 - t2:.1f} s, total {time.perf_counter() - t0:.1f} s; saved to {out}\n"
+          f"load {t_data - t0:.1f} s, {data_what} {t1 - t_data:.1f} s, calibration {seconds['calibrate']:.1f} s, "
+          f"linearize {linearize_s:.1f} s, total {time.perf_counter() - t0:.1f} s; saved to {out}\n"
           f"  reload with: model, tokenizer = nbl_ext.load_model({str(out)!r})   |   inspect with: nbl report {out}")
     return 0
+
+
+def _stopwatch(seconds: dict[str, float]):
+    """A phase timer for nbl_ext.compress: wall seconds per phase into ``seconds``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def timer(phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t
+
+    return timer
 
 
 def _preflight_compress(args) -> dict:
@@ -439,6 +459,7 @@ def _preflight_compress(args) -> dict:
     documents for the held-out part and enough tokens for SAMPLES x SEQ_LEN (counted with the model's
     tokenizer when it is on disk). Returns {"calibration": (source, holdout), "hidden_size": int | None}.
     """
+    from nbl_ext.api import default_k
     from nbl_ext.models import DEFAULT_MODEL, peek_config
 
     name = args.model or DEFAULT_MODEL
@@ -452,7 +473,7 @@ def _preflight_compress(args) -> dict:
     n_layers, positions, hidden = (peek.get(key) for key in ("num_hidden_layers", "max_position_embeddings",
                                                                "hidden_size"))
     if n_layers is not None:
-        k = args.layers if args.layers is not None else max(1, n_layers // 4)
+        k = args.layers if args.layers is not None else default_k(n_layers)
         _check_layers(k, n_layers, args.allow_no_op)
         if args.out is None:
             args.out = str(Path("nbl-out") / f"{_slug(name)}-{args.method}-k{k}")
@@ -552,29 +573,30 @@ def _singular_summary():
 
 
 def _calibration_source(args):
-    """The documents to calibrate on and the held-out fraction (files only; see nbl_ext.data.HOLDOUT_FRACTION)."""
-    from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, read_documents, split_documents
+    """nbl_ext.api.holdout_split for --calib/--holdout, with the file read and its document count checked first.
 
-    path = Path(args.calib)
-    is_file = args.calib != "self" and not args.calib.startswith("hf:") and path.is_file()
+    The messages name the options: a one-document file under the default holdout is a mistake the
+    user fixes with --holdout 0 or more text, not split_documents' "use a larger fraction".
+    """
+    from nbl_ext.api import holdout_split
+    from nbl_ext.data import HOLDOUT_FRACTION, SUFFIXES, read_documents
+
     if args.holdout is not None and not 0.0 <= args.holdout < 1.0:
         raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
-    if not is_file:
-        if args.holdout:
-            raise ValueError(f"--holdout applies to a document file; --calib {args.calib} is not one")
-        return args.calib, None
-    fraction = HOLDOUT_FRACTION if args.holdout is None else args.holdout
-    if fraction == 0:
-        read_documents(path)  # readable and well-formed, before anything loads
-        return args.calib, 0.0
-    docs = read_documents(path)
-    if round(fraction * len(docs)) == 0:
-        given = "the default --holdout" if args.holdout is None else "--holdout"
-        raise ValueError(f"--calib {args.calib} holds {len(docs)} document(s); {given} {fraction:g} (the share kept "
-                         "out of calibration for `nbl eval --c4`) holds out none of them. Pass --holdout 0 to "
-                         "calibrate on all of it, or give a file with more documents (blank lines separate "
-                         "documents in a .txt file)")
-    return split_documents(docs, fraction, seed=HOLDOUT_SEED)[0], fraction
+    path = Path(args.calib).expanduser()
+    if args.calib != "self" and not args.calib.startswith("hf:"):
+        if path.is_file():
+            docs = read_documents(path)  # readable and well-formed, before anything loads
+            fraction = HOLDOUT_FRACTION if args.holdout is None else args.holdout
+            if fraction > 0 and round(fraction * len(docs)) == 0:
+                given = "the default --holdout" if args.holdout is None else "--holdout"
+                raise ValueError(f"--calib {args.calib} holds {len(docs)} document(s); {given} {fraction:g} (the "
+                                 "share kept out of calibration for `nbl eval --c4`) holds out none of them. Pass "
+                                 "--holdout 0 to calibrate on all of it, or give a file with more documents (blank "
+                                 "lines separate documents in a .txt file)")
+        elif path.exists() or path.suffix.lower() in SUFFIXES:
+            read_documents(path)  # says what is wrong: missing, a directory, an unknown file type
+    return holdout_split(args.calib, args.holdout)
 
 
 def _eval(args) -> int:
@@ -686,11 +708,15 @@ def _load_for_eval(model_arg, dtype, device, progress):
     from nbl_ext.models import DEFAULT_MODEL, load_model
 
     path = Path(model_arg) if model_arg else None
-    if path is not None and path.is_dir() and (path / "config.json").is_file() \
-            and "nbl" in json.loads((path / "config.json").read_text()):
+    from nbl_ext.serialization import CONFIG
+
+    if path is not None and path.is_dir() and (path / CONFIG).is_file() \
+            and "nbl" in json.loads((path / CONFIG).read_text()):
         from transformers import AutoTokenizer
 
-        kwargs = {} if dtype in (None, "auto") else {"dtype": getattr(__import__("torch"), dtype)}
+        from nbl_ext.validation import parse_dtype
+
+        kwargs = {} if dtype in (None, "auto") else {"dtype": parse_dtype(dtype, what="nbl eval")}
         model = nbl_ext.load_pretrained(path, device=device, **kwargs).eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -706,7 +732,9 @@ def _overlap_notes(source: str, c4: Path | None) -> list[str]:
     """Warn when the held-out C4 documents may have been calibrated on (nbl compress --holdout 0)."""
     from nbl_ext.data import HOLDOUT_FRACTION
 
-    run_file = Path(source) / "nbl_run.json"
+    from nbl_ext.serialization import RUN
+
+    run_file = Path(source) / RUN
     if c4 is None or not run_file.is_file():
         return []
     run = json.loads(run_file.read_text())
@@ -721,7 +749,10 @@ def _load_report(path: Path) -> tuple[list[dict], set[int], str | None]:
     """Per-layer rows and the chosen layers from a checkpoint (save_pretrained) or calibration directory."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; pass the --out directory of `nbl compress`")
-    summary_file = next((path / n for n in ("nbl_calibration.json", "calibration.json", "calibration/calibration.json")
+    from nbl_ext.result import CALIBRATION_JSON
+    from nbl_ext.serialization import CONFIG, SUMMARY
+
+    summary_file = next((path / n for n in (SUMMARY, CALIBRATION_JSON, f"calibration/{CALIBRATION_JSON}")
                          if (path / n).is_file()), None)
     if summary_file is None:
         raise FileNotFoundError(f"{path} holds no calibration summary (nbl_calibration.json or calibration.json); "
@@ -731,7 +762,7 @@ def _load_report(path: Path) -> tuple[list[dict], set[int], str | None]:
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{summary_file} has no per-layer scores")
     chosen, method = set(), None
-    config = path / "config.json"
+    config = path / CONFIG
     if config.is_file():
         nbl = json.loads(config.read_text()).get("nbl") or {}
         chosen, method = set(nbl.get("layers", [])), nbl.get("method")

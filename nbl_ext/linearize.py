@@ -6,24 +6,19 @@ and state-dict key names keep working), its attention-branch submodules
 (pre-norm, self-attention, post-attention norm where the family has one) are
 deleted, and its forward becomes
 
-    h = X + X @ W^T + b      ("nbl", via nbl_ext.ops.affine_residual)
-    h = X                    ("drop")
+    h = X + X @ W^T + b      (replacement "affine", via nbl_ext.ops.affine_residual)
+    h = X                    (replacement "remove")
     out = adapter.mlp_half(layer, h)
 
-KV cache. Hugging Face builds caches from the config (generate, the model's
-own forward, ``DynamicCache(config=...)``, ``StaticCache(config=...)``) and
-turns a layer whose ``config.kv_sharing_modes`` entry is ``"reuse"`` into a
-``DummyLayer`` that stores nothing. Linearized layers are marked that way, so
-they allocate no KV memory. ``Cache.get_seq_length()`` and the mask builders
-skip dummy slots (they read the first real attention slot), which keeps
-generation exact when layer 0 is linearized. A cache built *without* a config
-(``DynamicCache()``) is patched on the fly: a linearized layer turns its own
-slot into a ``DummyLayer`` the first time it sees the cache. When no attention
-is left at all, slot 0 stays an ordinary (never written, so never allocated)
-layer: nothing depends on positions any more, and generation keeps working.
+The KV-cache rules (no storage for linearized layers) are in :mod:`nbl_ext.kvcache`.
+Which layers to replace is chosen by a criterion (:meth:`CalibrationResult.select`); what replaces
+them is this module's ``replacement``. The older ``method`` names still work: "nbl" is the affine
+map, "drop" the removal; ``config.nbl["method"]`` records the replacement under those names.
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -31,10 +26,21 @@ from torch import nn
 
 from nbl_ext import ops
 from nbl_ext.adapters import Adapter, get_adapter
+from nbl_ext.criteria import token_statistics
+from nbl_ext.engine import (
+    LayerwiseRunner, all_reduce_stats, check_token_data, dist_info, eval_mode, progress_bar, score_layer, shard,
+)
+from nbl_ext.kvcache import KV_CACHE_NOTE, KV_SHARING_ATTR, keeps_kv_slot, kv_sharing_modes, release_kv_slot
 from nbl_ext.result import METHODS, CalibrationResult, LayerCalibration, check_layer_list
+from nbl_ext.validation import check_choice, check_count
 
 NBL_CONFIG_VERSION = 1
 REFIT_MODES = (None, "sequential")
+#: What replaces a chosen attention branch: the fitted affine map, or nothing.
+REPLACEMENTS = ("affine", "remove")
+#: The older method names of the replacements (the ``method`` key of ``config.nbl``).
+_METHOD_OF = {"affine": "nbl", "remove": "drop"}
+_REPLACEMENT_OF = {method: replacement for replacement, method in _METHOD_OF.items()}
 #: Attribute of a linearized model holding the JSON-able calibration summary (for save_pretrained).
 SUMMARY_ATTR = "_nbl_calibration_summary"
 
@@ -54,24 +60,27 @@ class AffineResidual(nn.Module):
         return f"dim={self.weight.shape[1]}, dtype={self.weight.dtype}"
 
 
-def release_kv_slot(cache: Any, index: int) -> None:
-    """Make slot ``index`` of an HF cache a ``DummyLayer`` (no storage, skipped for lengths and masks)."""
-    from transformers.cache_utils import DummyLayer
+def resolve_replacement(replacement: str | None, method: str | None, what: str) -> str:
+    """The replacement ("affine" or "remove") from ``replacement`` and/or the older ``method`` ("nbl", "drop")."""
+    if method is not None:
+        check_choice(method, METHODS, "method", what=what)
+    if replacement is not None:
+        check_choice(replacement, REPLACEMENTS, "replacement", what=what)
+    if method is not None and replacement is not None and _REPLACEMENT_OF[method] != replacement:
+        raise ValueError(f"{what}: method={method!r} means replacement={_REPLACEMENT_OF[method]!r}, "
+                         f"but replacement={replacement!r} was given; pass one of them")
+    if replacement is not None:
+        return replacement
+    return _REPLACEMENT_OF[method] if method is not None else "affine"
 
-    layers = getattr(cache, "layers", None)
-    if not isinstance(layers, list):
-        return
-    if index < len(layers):
-        if not isinstance(layers[index], DummyLayer):
-            layers[index] = DummyLayer()
-    elif getattr(cache, "layer_class_to_replicate", None) is not None:  # lazily grown DynamicCache()
-        while len(layers) < index:
-            layers.append(cache.layer_class_to_replicate())
-        layers.append(DummyLayer())
+
+def method_name(replacement: str) -> str:
+    """The older method name ("nbl" / "drop") of a replacement."""
+    return _METHOD_OF[replacement]
 
 
 class LinearizedLayerMixin:
-    """Forward of a decoder layer whose attention branch was linearized ("nbl") or removed ("drop")."""
+    """Forward of a decoder layer whose attention branch was linearized ("nbl": the affine map) or removed ("drop")."""
 
     _nbl_adapter: ClassVar[type[Adapter]]
     nbl_method: str
@@ -111,15 +120,15 @@ def _layer_dtype_device(layer: nn.Module, adapter: Adapter) -> tuple[torch.dtype
     raise ValueError("cannot determine the dtype/device of a decoder layer's MLP (no float parameters)")
 
 
-def convert_layer(adapter: Adapter, index: int, method: str, weight: torch.Tensor | None = None,
+def convert_layer(adapter: Adapter, index: int, replacement: str, weight: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None, *, release_kv: bool = True) -> nn.Module:
-    """Linearize (or drop) the attention branch of decoder layer ``index`` in place."""
+    """Replace the attention branch of decoder layer ``index`` by its affine map, or remove it, in place."""
     layer = adapter.layers()[index]
     if is_linearized(layer):
         raise ValueError(f"decoder layer {index} is already linearized ({layer.nbl_method})")
     dtype, device = _layer_dtype_device(layer, adapter)
     affine = None
-    if method == "nbl":
+    if replacement == "affine":
         d = adapter.hidden_size
         if weight is None or bias is None or tuple(weight.shape) != (d, d) or tuple(bias.shape) != (d,):
             raise ValueError(f"decoder layer {index}: W must be ({d}, {d}) and b ({d},)")
@@ -131,7 +140,7 @@ def convert_layer(adapter: Adapter, index: int, method: str, weight: torch.Tenso
     for name in adapter.branch_modules:
         delattr(layer, name)  # the attention weights are freed here
     layer.__class__ = _linearized_class(type(layer), type(adapter))
-    layer.nbl_method = method
+    layer.nbl_method = method_name(replacement)
     layer.nbl_layer_idx = index
     layer.nbl_release_kv = release_kv
     if affine is not None:
@@ -153,11 +162,11 @@ def _check_result(result: Any, adapter: Adapter) -> CalibrationResult:
     return result
 
 
-def nbl_config(method: str, layers: list[int], refit: str | None, adapter: Adapter) -> dict[str, Any]:
+def nbl_config(replacement: str, layers: list[int], refit: str | None, adapter: Adapter) -> dict[str, Any]:
     """The ``config.nbl`` section describing a linearization."""
     return {
         "version": NBL_CONFIG_VERSION,
-        "method": method,
+        "method": method_name(replacement),
         "layers": list(layers),
         "target": "attn",
         "refit": refit,
@@ -165,18 +174,22 @@ def nbl_config(method: str, layers: list[int], refit: str | None, adapter: Adapt
         "hidden_size": adapter.hidden_size,
         "removed_modules": list(adapter.branch_modules),
         "replacement": (
-            "out = mlp_half(h + h @ nbl_affine.weight.T + nbl_affine.bias)" if method == "nbl" else "out = mlp_half(h)"
+            "out = mlp_half(h + h @ nbl_affine.weight.T + nbl_affine.bias)" if replacement == "affine"
+            else "out = mlp_half(h)"
         ),
-        "kv_cache": "linearized layers have kv_sharing_modes='reuse' (DummyLayer, no KV storage)",
+        "kv_cache": KV_CACHE_NOTE,
     }
 
 
-def apply_structure(model: nn.Module, adapter: Adapter, method: str, layers: list[int],
+def apply_structure(model: nn.Module, adapter: Adapter, replacement: str, layers: list[int],
                     weights: dict[int, tuple[torch.Tensor, torch.Tensor]] | None, refit: str | None) -> None:
-    """Convert ``layers`` and record the linearization on the config (shared with load_pretrained)."""
+    """Convert ``layers`` and record the linearization on the config (shared with load_pretrained).
+
+    ``replacement``: "affine" or "remove" (or the older names "nbl", "drop").
+    """
+    replacement = _REPLACEMENT_OF.get(replacement, replacement)
     n = adapter.num_layers
-    keep_slot0 = len(layers) == n  # no attention left: keep one never-written slot for cache bookkeeping
-    if method == "nbl":  # validate every map before touching the model
+    if replacement == "affine":  # validate every map before touching the model
         d = adapter.hidden_size
         for i in layers:
             w, b = weights[i] if weights is not None and i in weights else (None, None)
@@ -187,41 +200,40 @@ def apply_structure(model: nn.Module, adapter: Adapter, method: str, layers: lis
     for i in layers:
         w, b = weights[i] if weights is not None and i in weights else (None, None)
         if not is_linearized(adapter.layers()[i]):
-            convert_layer(adapter, i, method, w, b, release_kv=not (keep_slot0 and i == 0))
-    finalize_config(model, adapter, method, layers, refit)
+            convert_layer(adapter, i, replacement, w, b, release_kv=not keeps_kv_slot(i, layers, n))
+    finalize_config(adapter, replacement, layers, refit)
 
 
-def finalize_config(model: nn.Module, adapter: Adapter, method: str, layers: list[int], refit: str | None) -> None:
-    n = adapter.num_layers
-    keep_slot0 = len(layers) == n
-    removed = set(layers)
-    if removed:
-        adapter.text_config.kv_sharing_modes = [
-            "reuse" if i in removed and not (keep_slot0 and i == 0) else None for i in range(n)
-        ]
-    adapter.config.nbl = nbl_config(method, layers, refit, adapter)
+def finalize_config(adapter: Adapter, replacement: str, layers: list[int], refit: str | None) -> None:
+    """Record a linearization of ``layers`` on the model's config: cache slots and the ``nbl`` section."""
+    if layers:
+        setattr(adapter.text_config, KV_SHARING_ATTR, kv_sharing_modes(layers, adapter.num_layers))
+    adapter.config.nbl = nbl_config(replacement, layers, refit, adapter)
 
 
 def linearize(
     model: nn.Module,
     result: CalibrationResult | None,
     layers: Any,
-    method: str = "nbl",
+    method: str | None = None,
     refit: str | None = None,
     *,
+    replacement: str | None = None,
     data: torch.Tensor | None = None,
     batch_size: int = 1,
     progress: bool = False,
     ridge: float = 0.0,
 ) -> nn.Module:
-    """Linearize (``"nbl"``) or remove (``"drop"``) the attention of the given decoder layers, in place.
+    """Replace the attention of the given decoder layers by fitted affine maps, or remove it, in place.
 
     Args:
         model: the original (not yet linearized) Hugging Face causal LM.
-        result: its :class:`CalibrationResult` (needed for "nbl" without refit;
+        result: its :class:`CalibrationResult` (needed for "affine" without refit;
             checked against the model's shape).
-        layers: explicit layer indices (e.g. ``result.select(k)``).
-        method: "nbl" (affine map fitted in closed form) or "drop" (branch removed).
+        layers: explicit layer indices (e.g. ``result.select(k, criterion=...)``).
+        method: the older name of ``replacement``: "nbl" (affine) or "drop" (remove).
+        replacement: "affine" (the map fitted in closed form; default) or "remove"
+            (branch removed, DROP).
         refit: None, or "sequential": re-fit each chosen layer's W, b in order on
             the partially linearized model, so each map sees the inputs it will
             get at inference. Needs ``data`` (token ids, as for calibrate).
@@ -232,10 +244,8 @@ def linearize(
     refit (e.g. NaN activations) leaves the model partially linearized.
     """
     adapter = get_adapter(model)
-    if method not in METHODS:
-        raise ValueError(f"linearize: method must be one of {METHODS}, got {method!r}")
-    if refit not in REFIT_MODES:
-        raise ValueError(f"linearize: refit must be one of {REFIT_MODES}, got {refit!r}")
+    replacement = resolve_replacement(replacement, method, "linearize")
+    check_choice(refit, REFIT_MODES, "refit", what="linearize")
     if getattr(adapter.config, "nbl", None) or any(is_linearized(l) for l in adapter.layers()):
         raise ValueError(
             "linearize: this model is already linearized (config.nbl is set); linearize the original model, "
@@ -246,20 +256,21 @@ def linearize(
     if result is not None:
         summary["calibration"] = _check_result(result, adapter).summary()
     if refit is not None:
-        if method != "nbl":
-            raise ValueError("linearize: refit applies to method='nbl' only (dropped layers have no map)")
+        if replacement != "affine":
+            raise ValueError("linearize: refit applies to method='nbl' only (replacement='affine'; removed layers "
+                             "have no map)")
         if data is None:
             raise ValueError("linearize: refit='sequential' needs calibration token ids: linearize(..., data=token_ids)")
         summary["refit"] = [lc.summary() for lc in _refit_sequential(model, adapter, chosen, data, batch_size,
                                                                      progress, ridge)]
-        finalize_config(model, adapter, method, chosen, refit)
+        finalize_config(adapter, replacement, chosen, refit)
     else:
         weights = None
-        if method == "nbl":
+        if replacement == "affine":
             if result is None:
                 raise ValueError("linearize: method='nbl' needs the CalibrationResult (W, b) from nbl_ext.calibrate")
             weights = {i: (result.layers[i].weight, result.layers[i].bias) for i in chosen}
-        apply_structure(model, adapter, method, chosen, weights, refit)
+        apply_structure(model, adapter, replacement, chosen, weights, refit)
     setattr(model, SUMMARY_ATTR, summary or None)
     return model
 
@@ -267,38 +278,29 @@ def linearize(
 def _refit_sequential(model: nn.Module, adapter: Adapter, chosen: list[int], data: torch.Tensor,
                       batch_size: int, progress: bool, ridge: float) -> list[LayerCalibration]:
     """Fit chosen layers in order, each on the model with the earlier ones already linearized."""
-    import tempfile
-    from pathlib import Path
-
-    from nbl_ext.calibrate import (
-        LayerwiseRunner, _all_reduce_scores, _progress_bar, check_token_data, eval_mode, score_layer, shard,
-    )
-    from nbl_ext.calibrate import _dist_info
-
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"linearize: batch_size must be a positive int, got {batch_size!r}")
+    check_count(batch_size, "batch_size", what="linearize")
     data = check_token_data(data, adapter.vocab_size, "linearize(refit)")
     local, offset = shard(data)
-    rank, _ = _dist_info()
+    rank, _ = dist_info()
     out: list[LayerCalibration] = []
     if not chosen:
         return out
     last = chosen[-1]
     n = adapter.num_layers
-    keep_slot0 = len(chosen) == n
     steps = (len(chosen) + last) * -(-local.shape[0] // batch_size)  # score passes + propagation passes
-    pbar = _progress_bar(steps, progress and rank == 0, "NBL sequential refit")
+    pbar = progress_bar(steps, progress and rank == 0, "NBL sequential refit")
     try:
         with tempfile.TemporaryDirectory(prefix="nbl-refit-") as spill, eval_mode(model):
             runner = LayerwiseRunner(model, adapter, local, batch_size=batch_size, spill_dir=Path(spill),
                                      sample_offset=offset, pbar=pbar)
+            stream = token_statistics()
             for i in range(last + 1):
                 if i in chosen:
-                    acc, cos = runner.run(i, score=True, write=False)
-                    _all_reduce_scores(acc, cos)
-                    lc = score_layer(i, acc, cos, ridge)
+                    stats = runner.run(i, score=True, write=False, token_stats=stream)
+                    all_reduce_stats(stats)
+                    lc = score_layer(stats, ridge)
                     out.append(lc)
-                    convert_layer(adapter, i, "nbl", lc.weight, lc.bias, release_kv=not (keep_slot0 and i == 0))
+                    convert_layer(adapter, i, "affine", lc.weight, lc.bias, release_kv=not keeps_kv_slot(i, chosen, n))
                 if i < last:
                     runner.run(i, score=False, write=True)
                 runner.drop_boundary(i)

@@ -10,36 +10,64 @@ from typing import Any
 import torch
 
 from nbl_ext._io import atomic_directory, atomic_save_tensors, atomic_write_json, read_json, read_tensors
+from nbl_ext.criteria import get_criterion
+from nbl_ext.validation import check_choice, check_int
 
+#: The names of today's two recipes, accepted wherever a criterion or a replacement is chosen:
+#: "nbl" selects by the CCA bound (and replaces with the affine map), "drop" by the cosine (and removes).
 METHODS = ("nbl", "drop")
+#: Keys of the per-layer scores in calibration.json where they differ from the criterion name (format 1).
+_ROW_KEYS = {"cca_bound": "bound"}
+_REQUIRED_ROW_KEYS = ("bound", "nmse", "cosine")
 _FORMAT = "nbl-ext-calibration"
 _VERSION = 1
-_JSON = "calibration.json"
-_TENSORS = "calibration.safetensors"
+CALIBRATION_JSON = "calibration.json"
+CALIBRATION_TENSORS = "calibration.safetensors"
 
 
 @dataclass
 class LayerCalibration:
     """Scores and fitted map of one decoder layer's attention branch.
 
-    ``bound``: NBL's CCA bound between X and X + A (lower = more linear);
-    ``nmse``: closed-form normalized MSE of ``A ~ W X + b`` on the calibration
-    tokens; ``cosine``: mean per-token cosine similarity of X and X + A (the
-    DROP score, higher = the branch changes less); ``weight`` (d, d) and
-    ``bias`` (d,) in float64 on CPU; ``tokens``: samples the statistics saw.
+    ``scores``: criterion name -> score (see :mod:`nbl_ext.criteria`), among them ``cca_bound``
+    (NBL's CCA bound between X and X + A, lower = more linear; also :attr:`bound`), ``nmse``
+    (closed-form normalized MSE of ``A ~ W X + b`` on the calibration tokens) and ``cosine`` (mean
+    per-token cosine similarity of X and X + A, the DROP score, higher = the branch changes less);
+    ``weight`` (d, d) and ``bias`` (d,) in float64 on CPU; ``tokens``: samples the statistics saw.
     """
 
     layer: int
-    bound: float
-    nmse: float
-    cosine: float
+    scores: dict[str, float]
     tokens: int
     weight: torch.Tensor
     bias: torch.Tensor
 
+    @property
+    def bound(self) -> float:
+        return self.scores["cca_bound"]
+
+    @property
+    def nmse(self) -> float:
+        return self.scores["nmse"]
+
+    @property
+    def cosine(self) -> float:
+        return self.scores["cosine"]
+
+    def score(self, criterion: str) -> float:
+        """This layer's score under ``criterion`` (a registered name or alias)."""
+        crit = get_criterion(criterion)
+        if crit.name not in self.scores:
+            needs = f" (it needs {', '.join(crit.needs)})" if crit.needs else ""
+            raise ValueError(f"criterion {crit.name!r} was not scored for decoder layer {self.layer}{needs}; "
+                             f"scored: {', '.join(sorted(self.scores))}")
+        return self.scores[crit.name]
+
     def summary(self) -> dict[str, Any]:
-        return {"layer": self.layer, "bound": self.bound, "nmse": self.nmse, "cosine": self.cosine,
-                "tokens": self.tokens}
+        row: dict[str, Any] = {"layer": self.layer}
+        row.update({_ROW_KEYS.get(name, name): value for name, value in self.scores.items()})
+        row["tokens"] = self.tokens
+        return row
 
 
 def check_layer_list(layers: Any, num_layers: int, what: str) -> list[int]:
@@ -110,25 +138,31 @@ class CalibrationResult:
         return (f"CalibrationResult(model_type={self.metadata.get('model_type')!r}, num_layers={self.num_layers}, "
                 f"hidden_size={self.metadata.get('hidden_size')}, tokens={self.metadata.get('tokens')})")
 
-    def select(self, k: int, method: str = "nbl") -> list[int]:
-        """The k layers to linearize, sorted: lowest CCA bound ("nbl") or highest cosine ("drop")."""
-        if method not in METHODS:
-            raise ValueError(f"select: method must be one of {METHODS}, got {method!r}")
+    def select(self, k: int, criterion: str = "cca_bound", *, method: str | None = None) -> list[int]:
+        """The k most replaceable layers by ``criterion``, sorted.
+
+        ``criterion``: a registered name or alias (:mod:`nbl_ext.criteria`): "cca_bound" (default; alias
+        "nbl"): lowest CCA bound; "cosine" (alias "drop"): highest cosine; "nmse": lowest NMSE.
+        ``method`` ("nbl" or "drop"), the older spelling, picks the same criteria.
+        """
+        if method is not None:
+            criterion = check_choice(method, METHODS, "method", what="select")
+        crit = get_criterion(criterion)
         n = self.num_layers
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"select: k must be an int, got {k!r} ({type(k).__name__})")
+        check_int(k, "k", what="select")
         if not 0 <= k <= n:
             raise ValueError(f"select: k must be between 0 and the number of layers ({n}), got {k}")
-        if method == "nbl":
-            order = sorted(range(n), key=lambda i: (self.layers[i].bound, i))
-        else:
-            order = sorted(range(n), key=lambda i: (-self.layers[i].cosine, i))
-        return sorted(order[:k])
+        return sorted(self.rank(crit.name)[:k])
+
+    def rank(self, criterion: str) -> list[int]:
+        """All layer indices from the most replaceable to the least by ``criterion``."""
+        crit = get_criterion(criterion)
+        return crit.order([lc.score(crit.name) for lc in self.layers])
 
     def table(self) -> list[dict[str, Any]]:
         """One row per layer: layer, bound, nmse, cosine, tokens, and the layer's rank under each method."""
-        nbl_rank = {i: r for r, i in enumerate(sorted(range(self.num_layers), key=lambda i: (self.layers[i].bound, i)))}
-        drop_rank = {i: r for r, i in enumerate(sorted(range(self.num_layers), key=lambda i: (-self.layers[i].cosine, i)))}
+        nbl_rank = {i: r for r, i in enumerate(self.rank("nbl"))}
+        drop_rank = {i: r for r, i in enumerate(self.rank("drop"))}
         return [dict(lc.summary(), nbl_rank=nbl_rank[lc.layer], drop_rank=drop_rank[lc.layer]) for lc in self.layers]
 
     def summary(self) -> dict[str, Any]:
@@ -139,8 +173,8 @@ class CalibrationResult:
     def save(self, path: str | os.PathLike) -> None:
         """Write ``calibration.json`` + ``calibration.safetensors`` to directory ``path`` atomically."""
         with atomic_directory(path) as tmp:
-            atomic_save_tensors(tmp / _TENSORS, _tensor_dict(self.layers), metadata={"format": _FORMAT})
-            atomic_write_json(tmp / _JSON, {"format": _FORMAT, "version": _VERSION, **self.summary()})
+            atomic_save_tensors(tmp / CALIBRATION_TENSORS, _tensor_dict(self.layers), metadata={"format": _FORMAT})
+            atomic_write_json(tmp / CALIBRATION_JSON, {"format": _FORMAT, "version": _VERSION, **self.summary()})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationResult":
@@ -149,16 +183,24 @@ class CalibrationResult:
         what = f"CalibrationResult.load({str(path)!r})"
         if not path.is_dir():
             raise FileNotFoundError(f"{what}: not a directory")
-        doc = read_json(path / _JSON, what)
+        doc = read_json(path / CALIBRATION_JSON, what)
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-            raise ValueError(f"{what}: {_JSON} is not an nbl-ext calibration file")
+            raise ValueError(f"{what}: {CALIBRATION_JSON} is not an nbl-ext calibration file")
         if doc.get("version") != _VERSION:
             raise ValueError(f"{what}: unsupported calibration format version {doc.get('version')!r} (expected {_VERSION})")
         meta, rows = doc.get("metadata"), doc.get("layers")
         if not isinstance(meta, dict) or not isinstance(rows, list):
-            raise ValueError(f"{what}: {_JSON} lacks 'metadata' or 'layers'")
-        tensors = read_tensors(path / _TENSORS, what)
+            raise ValueError(f"{what}: {CALIBRATION_JSON} lacks 'metadata' or 'layers'")
+        tensors = read_tensors(path / CALIBRATION_TENSORS, what)
         return cls(layers_from_records(rows, tensors, meta, what), meta)
+
+
+_ROW_NAMES = {key: name for name, key in _ROW_KEYS.items()}
+
+
+def _row_order(key: str) -> tuple[int, str]:
+    """The format-1 scores first, in their order, then any others by name."""
+    return (_REQUIRED_ROW_KEYS.index(key), "") if key in _REQUIRED_ROW_KEYS else (len(_REQUIRED_ROW_KEYS), key)
 
 
 def _tensor_dict(layers: list[LayerCalibration]) -> dict[str, torch.Tensor]:
@@ -183,12 +225,12 @@ def layers_from_records(rows: list[Any], tensors: dict[str, torch.Tensor], meta:
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or row.get("layer") != i:
             raise ValueError(f"{what}: layer record {i} is malformed or out of order")
-        vals = {}
-        for key in ("bound", "nmse", "cosine"):
+        scores = {}
+        for key in sorted(set(row) - {"layer", "tokens"} | set(_REQUIRED_ROW_KEYS), key=_row_order):
             v = row.get(key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{what}: layer {i} has an invalid {key}: {v!r}")
-            vals[key] = float(v)
+            scores[_ROW_NAMES.get(key, key)] = float(v)
         tokens = row.get("tokens")
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ValueError(f"{what}: layer {i} has an invalid token count: {tokens!r}")
@@ -203,5 +245,5 @@ def layers_from_records(rows: list[Any], tensors: dict[str, torch.Tensor], meta:
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{what}: tensor {key} contains NaN or inf")
             ts[name] = t.to(torch.float64)
-        out.append(LayerCalibration(i, vals["bound"], vals["nmse"], vals["cosine"], tokens, ts["weight"], ts["bias"]))
+        out.append(LayerCalibration(i, scores, tokens, ts["weight"], ts["bias"]))
     return out

@@ -9,7 +9,7 @@ from hf_tiny import (
 
 import nbl_ext
 from nbl_ext import adapters
-from nbl_ext.calibrate import record_layer_call
+from nbl_ext.engine import record_layer_call
 
 EXPECTED = {"llama": adapters.LlamaAdapter, "mistral": adapters.MistralAdapter, "qwen2": adapters.Qwen2Adapter,
             "qwen3": adapters.Qwen3Adapter, "gemma3_text": adapters.Gemma3Adapter}

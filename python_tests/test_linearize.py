@@ -11,7 +11,7 @@ from hf_tiny import (
 )
 
 import nbl_ext
-from nbl_ext.calibrate import record_layer_call
+from nbl_ext.engine import record_layer_call
 
 N_LAYERS = 4
 STEPS = 10  # prompt 6 + 10 new tokens: longer than every sliding window in hf_tiny
