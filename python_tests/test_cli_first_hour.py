@@ -200,3 +200,13 @@ def test_table_and_plot_read_well(tmp_path, monkeypatch, capsys):
     cli.plot_layers(rows, {1}, "nbl", tmp_path / "p.png")
     lo, hi = figures[0].axes[2].get_ylim()
     assert 0.97 < lo < 0.981 and 0.995 < hi <= 1.0  # DROP's differences visible, not a 0..1 axis
+
+
+def test_self_sampling_time_is_in_the_final_line(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--samples", "4", "--seq-len", "48",
+                     "--out", str(out), "--no-progress"]) == 0
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("nbl compress:")][-1]
+    assert "sampling " in last and "calibration " in last and "total " in last
+    seconds = json.loads((out / "nbl_run.json").read_text())["seconds"]
+    assert seconds["data"] > 0 and seconds["load_and_data"] >= seconds["load"] + seconds["data"] - 0.01
