@@ -210,3 +210,19 @@ def test_self_sampling_time_is_in_the_final_line(tmp_path, tiny_model_dir, capsy
     assert "sampling " in last and "calibration " in last and "total " in last
     seconds = json.loads((out / "nbl_run.json").read_text())["seconds"]
     assert seconds["data"] > 0 and seconds["load_and_data"] >= seconds["load"] + seconds["data"] - 0.01
+
+
+@pytest.mark.parametrize("argv,target", [
+    (["eval", "--output", "e.json"], "nothing was written to e.json"),
+    (["eval"], "nothing was written"),
+    (["bench", "--output", "b.json"], "nothing was written to b.json"),
+    (["report", "somedir"], f"nothing was written to {Path('somedir') / 'layers.png'}"),
+])
+def test_every_subcommand_ends_an_interrupt_with_one_line(monkeypatch, capsys, argv, target):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, {"eval": "_eval", "bench": "_bench", "report": "_report"}[argv[0]], interrupted)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"nbl {argv[0]}: interrupted; {target}"]
