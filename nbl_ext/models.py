@@ -600,11 +600,11 @@ def _gguf_summary(path: Path) -> dict | None:
 
         fields = gguf.GGUFReader(path).fields
         arch = fields["general.architecture"].contents()
-        value = lambda key: int(fields[f"{arch}.{key}"].contents()) if f"{arch}.{key}" in fields else None  # noqa: E731
+        values = {key: int(fields[f"{arch}.{name}"].contents()) if f"{arch}.{name}" in fields else None
+                  for key, name in zip(_PEEK_KEYS, ("block_count", "context_length", "embedding_length"))}
     except (ImportError, KeyError, ValueError, OSError):
         return None
-    return {"num_hidden_layers": value("block_count"), "max_position_embeddings": value("context_length"),
-            "hidden_size": value("embedding_length"), "nbl": None, "path": None}
+    return values | {"nbl": None, "path": None}
 
 
 @contextmanager

@@ -144,7 +144,7 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, tiny_model_dir):
     assert "calibration data:" in seen, seen
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    stdout, rest = proc.communicate(timeout=60)
+    _, rest = proc.communicate(timeout=60)
     err = seen + rest
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
@@ -209,7 +209,7 @@ def test_self_sampling_time_is_in_the_final_line(tmp_path, tiny_model_dir, capsy
     last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("nbl compress:")][-1]
     assert "sampling " in last and "calibration " in last and "total " in last
     seconds = json.loads((out / "nbl_run.json").read_text())["seconds"]
-    assert seconds["data"] > 0 and seconds["load_and_data"] >= seconds["load"] + seconds["data"] - 0.01
+    assert seconds["data"] > 0 and abs(seconds["load_and_data"] - seconds["load"] - seconds["data"]) <= 0.02
 
 
 @pytest.mark.parametrize("argv,target", [
