@@ -666,7 +666,7 @@ def _bench(args) -> int:
                                                 "weights": "random" if args.shape else "real",
                                                 "maps": "random (synthetic_linearize, speed only)"},
               "args": {k: v for k, v in vars(args).items() if k != "command"}, **result}
-    print(format_bench(report))
+    print(benchmark.format_bench(report))
     _write_report(args.output, report, "bench")
     return 0
 
@@ -695,70 +695,9 @@ def _bench_calibration(args, device: str) -> int:
     report = {"nbl_bench_calibration": 1, **info,
               "model": {"name": what, "shape": args.shape, "weights": "random" if args.shape else "real"},
               "args": {k: v for k, v in vars(args).items() if k != "command"}, **result}
-    print(format_bench_calibration(report))
+    print(benchmark.format_bench_calibration(report))
     _write_report(args.output, report, "bench")
     return 0
-
-
-def format_bench_calibration(report: dict) -> str:
-    """The table `nbl bench --calibration` prints: one row per method and token count."""
-    runs = report["runs"]
-    dev = report.get("device", {})
-    done = [r for r in runs if "skipped" not in r]
-    dtype = done[0]["dtype"] if done else "?"
-    lines = [f"{report.get('model', {}).get('name', '?')}: calibration of all layers, {dtype} on "
-             f"{dev.get('name', '?')}",
-             f"{'method':<10} {'samples x len':>14} {'tokens':>9} {'time s':>8} {'fwd s':>7} {'stats s':>7} "
-             f"{'fit s':>6} {'tokens/s':>9} {'host MiB':>9} {'GPU MiB':>8} {'floor s':>8} {'% floor':>7} {'x time':>6}"]
-    for r in runs:
-        head = f"{r['method']:<10} {str(r['num_samples']) + ' x ' + str(r['seq_len']):>14} {r['tokens']:>9}"
-        if "skipped" in r:
-            lines.append(f"{head}   skipped: {r['skipped']}")
-            continue
-        mib = lambda v: "-" if v is None else f"{v / 2**20:.0f}"  # noqa: E731
-        fl = r["floor"]["floor_s"]
-        pct = r["pct_of_floor"]
-        x = r.get("vs_streaming", {}).get("time_ratio")
-        lines.append(
-            f"{head} {r['total_s']:>8.1f} {r['forward_s']:>7.1f} {r['statistics_s']:>7.1f} {r['fit_s']:>6.1f} "
-            f"{r['tokens_per_s']:>9.0f} {mib(r['peak_host_bytes']):>9} {mib(r['peak_cuda_bytes']):>8} "
-            f"{'-' if fl is None else f'{fl:.1f}':>8} "
-            f"{'-' if pct is None else f'{pct:.0f}%':>7} "
-            f"{'-' if x is None else f'{x:.2f}':>6}")
-    c = report.get("ceilings")
-    if c:
-        lines.append(f"same-run ceilings: matmul {c['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({dtype}), float32 "
-                     f"{c['gram_flops_per_s'] / 1e9:.0f} GFLOP/s, copy {c['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s")
-    lines.append("host MiB: peak RSS growth over the loaded model; GPU MiB: peak allocated (weights included); "
-                 "floor: forward FLOPs / matmul rate + Gram FLOPs / float32 rate (or bytes / bandwidth); "
-                 "x time: / streaming at the same tokens")
-    return "\n".join(lines)
-
-
-def format_bench(report: dict) -> str:
-    """The table `nbl bench` prints: one row per variant and mode, ratios to the original in that mode."""
-    s = report["settings"]
-    dev = report.get("device", {})
-    lines = [f"{report.get('model', {}).get('name', '?')}: batch {s['batch']}, prompt {s['prompt_len']}, "
-             f"{s['new_tokens']} new tokens, {s['dtype']} on {dev.get('name', s['device'])}",
-             f"{'variant':<10} {'mode':<6} {'prefill ms':>10} {'decode ms':>9} {'tok/s':>9} {'e2e tok/s':>9} "
-             f"{'x decode':>8} {'x e2e':>6} {'ideal x':>7} {'KV MiB':>8} {'peak MiB':>8} {'GB/s':>7}"]
-    for r in report["runs"]:
-        v = r["vs_original"]
-        peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
-        lines.append(
-            f"{r['variant']:<10} {r['mode']:<6} {1e3 * r['prefill_s']:>10.1f} {1e3 * r['decode_step_s']:>9.2f} "
-            f"{r['decode_tokens_per_s']:>9.1f} {r['e2e_tokens_per_s']:>9.1f} {v['decode_speedup']:>8.3f} "
-            f"{v['e2e_speedup']:>6.3f} {r['ideal_decode_speedup']:>7.3f} {r['kv_cache_bytes'] / 2**20:>8.1f} "
-            f"{peak:>8} {r['achieved_bandwidth_bytes_per_s'] / 1e9:>7.1f}")
-    c = report.get("ceilings")
-    if c:
-        lines.append(f"same-run ceilings: copy {c['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, matmul "
-                     f"{c['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s; decode floor (memory) of the original at "
-                     f"mid-generation: {1e3 * report['runs'][0]['floor']['floor_s']:.2f} ms/step")
-    lines.append("x decode / x e2e: speedup over the original in the same mode; ideal x: bytes per decode step "
-                 "original / variant (weights + KV); GB/s: those bytes / measured step")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover
