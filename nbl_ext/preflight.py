@@ -7,6 +7,7 @@ SingularWarnings into one line (:func:`singular_summary`). `nbl eval` keeps lm-e
 records out of the way (:func:`lm_eval_notices`). An interrupted command says what it left behind
 (:func:`nothing_written`). The CLI (``nbl_ext.cli``) is the only user; nothing here loads weights.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,17 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["calibration_source", "check_layers", "check_out", "default_out", "lm_eval_notices", "nothing_written",
-           "preflight_compress", "singular_summary", "warn_few_tokens"]
+__all__ = [
+    "calibration_source",
+    "check_layers",
+    "check_out",
+    "default_out",
+    "lm_eval_notices",
+    "nothing_written",
+    "preflight_compress",
+    "singular_summary",
+    "warn_few_tokens",
+]
 
 
 def default_out(model: str | None, method: str, k: int) -> Path:
@@ -55,19 +65,24 @@ def preflight_compress(args) -> dict:
         check_layers(args.layers, None, args.allow_no_op)
     peek = peek_config(args.model) or {}
     if peek.get("nbl"):
-        raise ValueError(f"{name} is already linearized by nbl ({peek['nbl'].get('method')} on layers "
-                         f"{peek['nbl'].get('layers')}); compress the original model, or use this one with "
-                         f"`nbl eval {name}` / nbl_ext.load_pretrained({str(name)!r})")
-    n_layers, positions, hidden = (peek.get(key) for key in ("num_hidden_layers", "max_position_embeddings",
-                                                               "hidden_size"))
+        raise ValueError(
+            f"{name} is already linearized by nbl ({peek['nbl'].get('method')} on layers "
+            f"{peek['nbl'].get('layers')}); compress the original model, or use this one with "
+            f"`nbl eval {name}` / nbl_ext.load_pretrained({str(name)!r})"
+        )
+    n_layers, positions, hidden = (
+        peek.get(key) for key in ("num_hidden_layers", "max_position_embeddings", "hidden_size")
+    )
     if n_layers is not None:
         k = args.layers if args.layers is not None else default_k(n_layers)
         check_layers(k, n_layers, args.allow_no_op)
         if args.out is None:
             args.out = str(default_out(args.model, args.method, k))
     if positions is not None and args.seq_len > positions:
-        raise ValueError(f"--seq-len {args.seq_len} is longer than the {positions} positions {name} handles "
-                         f"(max_position_embeddings); use --seq-len {positions} or less")
+        raise ValueError(
+            f"--seq-len {args.seq_len} is longer than the {positions} positions {name} handles "
+            f"(max_position_embeddings); use --seq-len {positions} or less"
+        )
     if args.out is not None:
         check_out(Path(args.out), args.out, args.overwrite)
     source, holdout = calibration_source(args)
@@ -80,12 +95,17 @@ def preflight_compress(args) -> dict:
 
 def check_layers(k: int, n_layers: int | None, allow_no_op: bool) -> None:
     if k < 0 or (n_layers is not None and k > n_layers):
-        raise ValueError(f"--layers must be between 0 and the model's {n_layers} layers, got {k}" if n_layers
-                         else f"--layers must be >= 0, got {k}")
+        raise ValueError(
+            f"--layers must be between 0 and the model's {n_layers} layers, got {k}"
+            if n_layers
+            else f"--layers must be >= 0, got {k}"
+        )
     if k == 0 and not allow_no_op:
-        raise ValueError("--layers 0 replaces no attention block: the output would be an unchanged copy of the model "
-                         "after a full calibration. Give --layers K >= 1 (default: a quarter of the layers), or add "
-                         "--allow-no-op if that copy is what you want (e.g. a baseline for nbl eval)")
+        raise ValueError(
+            "--layers 0 replaces no attention block: the output would be an unchanged copy of the model "
+            "after a full calibration. Give --layers K >= 1 (default: a quarter of the layers), or add "
+            "--allow-no-op if that copy is what you want (e.g. a baseline for nbl eval)"
+        )
 
 
 def check_out(out: Path, given: str, overwrite: bool) -> None:
@@ -103,8 +123,10 @@ def check_out(out: Path, given: str, overwrite: bool) -> None:
     try:  # os.access is not enough: root passes it on read-only and virtual file systems (/proc)
         os.rmdir(tempfile.mkdtemp(prefix=".nbl-write-check-", dir=parent))
     except OSError as exc:
-        raise ValueError(f"--out {given}: cannot create a directory in {parent} ({exc.strerror}); choose a "
-                         "writable location, e.g. --out ~/nbl-out/run1") from None
+        raise ValueError(
+            f"--out {given}: cannot create a directory in {parent} ({exc.strerror}); choose a "
+            "writable location, e.g. --out ~/nbl-out/run1"
+        ) from None
 
 
 def _check_calibration_size(source, holdout, args, tokenizer_dir: str) -> None:
@@ -118,8 +140,9 @@ def _check_calibration_size(source, holdout, args, tokenizer_dir: str) -> None:
     except (OSError, ValueError):
         return  # the model load reports a broken tokenizer in full; the count then happens there
     try:
-        load_calibration_tokens(source, tokenizer, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed,
-                                progress=False)
+        load_calibration_tokens(
+            source, tokenizer, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, progress=False
+        )
     except ValueError as exc:
         kept = f" less the {holdout:.0%} held out" if holdout else ""
         raise ValueError(f"--calib {args.calib}{kept}: {exc}") from None
@@ -129,11 +152,14 @@ def warn_few_tokens(tokens: int, hidden: int) -> None:
     """Said once, up front: fewer calibration tokens than hidden dimensions make every fit singular."""
     if tokens > hidden:
         return
-    print(f"nbl compress: warning: {tokens} calibration tokens for {hidden} hidden dimensions: every layer's "
-          f"{hidden} x {hidden} input covariance is singular, so each affine fit reproduces the calibration text "
-          f"exactly (in-sample NMSE 0) with a ridge it has to grow, and the ranking of the layers means little. "
-          f"Calibrate on more than {hidden} tokens, better {10 * hidden}+ (--samples x --seq-len), or set --ridge "
-          "(e.g. 1e-2)", file=sys.stderr)
+    print(
+        f"nbl compress: warning: {tokens} calibration tokens for {hidden} hidden dimensions: every layer's "
+        f"{hidden} x {hidden} input covariance is singular, so each affine fit reproduces the calibration text "
+        f"exactly (in-sample NMSE 0) with a ridge it has to grow, and the ranking of the layers means little. "
+        f"Calibrate on more than {hidden} tokens, better {10 * hidden}+ (--samples x --seq-len), or set --ridge "
+        "(e.g. 1e-2)",
+        file=sys.stderr,
+    )
 
 
 @contextlib.contextmanager
@@ -151,13 +177,17 @@ def singular_summary():
     if not singular:
         return
     layers = sorted({int(m.group(1)) for w in singular if (m := re.search(r"decoder layer (\d+)", str(w.message)))})
-    ridges = [float(m.group(1)) for w in singular
-              if (m := re.search(r"ridge of ([0-9.eE+-]+) instead", str(w.message)))]
+    ridges = [
+        float(m.group(1)) for w in singular if (m := re.search(r"ridge of ([0-9.eE+-]+) instead", str(w.message)))
+    ]
     where = f"{len(layers)} layers ({', '.join(map(str, layers))})" if layers else f"{len(singular)} fits"
     grown = f"; solved with a relative ridge of up to {max(ridges):g}" if ridges else ""
-    print(f"nbl compress: warning: singular input covariance in {where}{grown} (fewer calibration tokens than "
-          "hidden dimensions, or linearly dependent channels). Calibrate on more tokens, or pass --ridge R "
-          f"(e.g. {max(ridges, default=1e-4):g}) to set the ridge yourself", file=sys.stderr)
+    print(
+        f"nbl compress: warning: singular input covariance in {where}{grown} (fewer calibration tokens than "
+        "hidden dimensions, or linearly dependent channels). Calibrate on more tokens, or pass --ridge R "
+        f"(e.g. {max(ridges, default=1e-4):g}) to set the ridge yourself",
+        file=sys.stderr,
+    )
 
 
 def calibration_source(args):
@@ -178,10 +208,12 @@ def calibration_source(args):
             fraction = HOLDOUT_FRACTION if args.holdout is None else args.holdout
             if fraction > 0 and round(fraction * len(docs)) == 0:
                 given = "the default --holdout" if args.holdout is None else "--holdout"
-                raise ValueError(f"--calib {args.calib} holds {len(docs)} document(s); {given} {fraction:g} (the "
-                                 "share kept out of calibration for `nbl eval --c4`) holds out none of them. Pass "
-                                 "--holdout 0 to calibrate on all of it, or give a file with more documents (blank "
-                                 "lines separate documents in a .txt file)")
+                raise ValueError(
+                    f"--calib {args.calib} holds {len(docs)} document(s); {given} {fraction:g} (the "
+                    "share kept out of calibration for `nbl eval --c4`) holds out none of them. Pass "
+                    "--holdout 0 to calibrate on all of it, or give a file with more documents (blank "
+                    "lines separate documents in a .txt file)"
+                )
         elif path.exists() or path.suffix.lower() in SUFFIXES:
             read_documents(path)  # says what is wrong: missing, a directory, an unknown file type
     return holdout_split(args.calib, args.holdout)

@@ -1,5 +1,6 @@
 """A new user's first hour with `nbl compress`: mistakes caught before the model loads, clean interrupts,
 one summary line for singular fits, readable output."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _tiny import WORDS  # noqa: E402
-from nbl_ext import cli, models  # noqa: E402
+from _tiny import WORDS
+from nbl_ext import cli, models
 
 
 class _Loaded(Exception):
@@ -27,14 +28,16 @@ class _Loaded(Exception):
 def no_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise _Loaded
+
     monkeypatch.setattr(models, "load_model", refuse)
 
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory) -> Path:
     gen = torch.Generator().manual_seed(0)
-    docs = [{"text": " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (60,), generator=gen))}
-            for _ in range(40)]
+    docs = [
+        {"text": " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (60,), generator=gen))} for _ in range(40)
+    ]
     path = tmp_path_factory.mktemp("calib") / "docs.json"
     path.write_text(json.dumps(docs))
     return path
@@ -46,8 +49,17 @@ def _err(capsys, argv) -> str:
 
 
 def test_mistakes_are_caught_before_the_model_loads(tmp_path, tiny_model_dir, calib_file, capsys, no_load):
-    base = ["compress", str(tiny_model_dir), "--calib", str(calib_file), "--samples", "4", "--seq-len", "64",
-            "--no-progress"]
+    base = [
+        "compress",
+        str(tiny_model_dir),
+        "--calib",
+        str(calib_file),
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--no-progress",
+    ]
     out = ["--out", str(tmp_path / "out")]
     err = _err(capsys, base + ["--out", "/proc/nbl-out"])
     assert "--out /proc/nbl-out: cannot create a directory in /proc" in err and ".tmp" not in err
@@ -74,16 +86,41 @@ def test_mistakes_are_caught_before_the_model_loads(tmp_path, tiny_model_dir, ca
 
 def test_a_checkpoint_as_model_is_refused_before_loading(tmp_path, tiny_model_dir, calib_file, capsys):
     ckpt = tmp_path / "ckpt"
-    argv = ["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(calib_file), "--samples", "4",
-            "--seq-len", "64", "--no-progress"]
+    argv = [
+        "compress",
+        str(tiny_model_dir),
+        "--layers",
+        "1",
+        "--calib",
+        str(calib_file),
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--no-progress",
+    ]
     assert cli.main(argv + ["--out", str(ckpt)]) == 0
     capsys.readouterr()
     calls = []
     real = models.load_model
     models.load_model = lambda *a, **k: calls.append(a) or real(*a, **k)
     try:
-        err = _err(capsys, ["compress", str(ckpt), "--calib", str(calib_file), "--samples", "4", "--seq-len", "64",
-                            "--out", str(tmp_path / "again"), "--no-progress"])
+        err = _err(
+            capsys,
+            [
+                "compress",
+                str(ckpt),
+                "--calib",
+                str(calib_file),
+                "--samples",
+                "4",
+                "--seq-len",
+                "64",
+                "--out",
+                str(tmp_path / "again"),
+                "--no-progress",
+            ],
+        )
     finally:
         models.load_model = real
     assert "is already linearized by nbl" in err and "nbl eval" in err and not calls
@@ -93,16 +130,41 @@ def test_peek_config_reads_a_gguf_header(tmp_path):
     from _tiny import write_tiny_gguf
 
     peek = models.peek_config(write_tiny_gguf(tmp_path / "t.gguf"), cache_dir=tmp_path / "cache")
-    assert peek == {"num_hidden_layers": 2, "max_position_embeddings": 256, "hidden_size": 32, "nbl": None,
-                    "path": None}
+    assert peek == {
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 256,
+        "hidden_size": 32,
+        "nbl": None,
+        "path": None,
+    }
     assert not (tmp_path / "cache").exists()  # nothing converted
 
 
 def test_too_little_data_is_said_once_and_fits_are_marked(tmp_path, tiny_model_dir, calib_file, capsys):
     out = tmp_path / "out"
     # 2 x 12 = 24 tokens for 32 hidden dimensions: every layer's covariance is singular
-    assert cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(calib_file), "--samples", "2",
-                     "--seq-len", "12", "--out", str(out), "--no-progress", "--ridge", "0"]) == 0
+    assert (
+        cli.main(
+            [
+                "compress",
+                str(tiny_model_dir),
+                "--layers",
+                "1",
+                "--calib",
+                str(calib_file),
+                "--samples",
+                "2",
+                "--seq-len",
+                "12",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--ridge",
+                "0",
+            ]
+        )
+        == 0
+    )
     cap = capsys.readouterr()
     assert cap.err.count("warning: 24 calibration tokens for 32 hidden dimensions") == 1
     assert cap.err.count("singular input covariance in 2 layers (0, 1)") == 1 and "--ridge" in cap.err
@@ -119,8 +181,28 @@ def test_too_little_data_is_said_once_and_fits_are_marked(tmp_path, tiny_model_d
 
 def test_ridge_reaches_the_fit(tmp_path, tiny_model_dir, calib_file, capsys):
     out = tmp_path / "out"
-    assert cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(calib_file), "--samples", "4",
-                     "--seq-len", "64", "--ridge", "0.5", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "compress",
+                str(tiny_model_dir),
+                "--layers",
+                "1",
+                "--calib",
+                str(calib_file),
+                "--samples",
+                "4",
+                "--seq-len",
+                "64",
+                "--ridge",
+                "0.5",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "nbl_calibration.json").read_text())["metadata"]["ridge"] == 0.5
     with pytest.raises(SystemExit):
         cli.main(["compress", "--ridge", "-1"])
@@ -131,9 +213,30 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nbl_ext.cli", "compress", str(tiny_model_dir), "--calib", "self", "--samples", "64",
-         "--seq-len", "512", "--layers", "1", "--out", str(out), "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).parent.parent)
+        [
+            sys.executable,
+            "-m",
+            "nbl_ext.cli",
+            "compress",
+            str(tiny_model_dir),
+            "--calib",
+            "self",
+            "--samples",
+            "64",
+            "--seq-len",
+            "512",
+            "--layers",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+    )
     deadline = time.monotonic() + 120
     seen = ""
     while "calibration data:" not in seen and time.monotonic() < deadline:  # the model is loaded, sampling starts
@@ -159,8 +262,23 @@ def test_eval_quick_limits_perplexity_too_and_reads_well(tmp_path, tiny_model_di
 
     data = _tiny_eval_data(tmp_path / "data")
     report_file = tmp_path / "eval.json"
-    rc = cli.main(["eval", str(tiny_model_dir), "--data-dir", str(data / "eval"), "--tasks", "arc_easy", "--limit", "3",
-                   "--context", "16", "--output", str(report_file), "--no-progress"])
+    rc = cli.main(
+        [
+            "eval",
+            str(tiny_model_dir),
+            "--data-dir",
+            str(data / "eval"),
+            "--tasks",
+            "arc_easy",
+            "--limit",
+            "3",
+            "--context",
+            "16",
+            "--output",
+            str(report_file),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     cap = capsys.readouterr()
     first = cap.out.splitlines()[0]
@@ -173,8 +291,24 @@ def test_eval_quick_limits_perplexity_too_and_reads_well(tmp_path, tiny_model_di
     assert f"in {report_file.with_suffix('.log')}" in cap.err
     assert "pretrained" in report_file.with_suffix(".log").read_text()
 
-    rc = cli.main(["eval", str(tiny_model_dir), "--data-dir", str(data / "eval"), "--tasks", "none", "--ppl",
-                   "wikitext2", "--quick", "--context", "16", "--no-progress", "--output", str(tmp_path / "q.json")])
+    rc = cli.main(
+        [
+            "eval",
+            str(tiny_model_dir),
+            "--data-dir",
+            str(data / "eval"),
+            "--tasks",
+            "none",
+            "--ppl",
+            "wikitext2",
+            "--quick",
+            "--context",
+            "16",
+            "--no-progress",
+            "--output",
+            str(tmp_path / "q.json"),
+        ]
+    )
     assert rc == 0
     p = json.loads((tmp_path / "q.json").read_text())
     assert p["perplexity"]["wikitext2"]["windows"] == 10 and p["settings"]["limit"] == 10
@@ -188,8 +322,10 @@ def test_table_and_plot_read_well(tmp_path, monkeypatch, capsys):
 
     import matplotlib.pyplot as plt
 
-    rows = [{"layer": i, "bound": 10.0 + i, "nmse": nmse, "cosine": cos}
-            for i, (nmse, cos) in enumerate([(0.012345, 0.981), (1.5e-5, 0.9932), (0.0, 0.995)])]
+    rows = [
+        {"layer": i, "bound": 10.0 + i, "nmse": nmse, "cosine": cos}
+        for i, (nmse, cos) in enumerate([(0.012345, 0.981), (1.5e-5, 0.9932), (0.0, 0.995)])
+    ]
     buf = io.StringIO()
     cli._print_table(rows, {1}, "nbl", out=buf)
     lines = buf.getvalue().splitlines()
@@ -204,20 +340,39 @@ def test_table_and_plot_read_well(tmp_path, monkeypatch, capsys):
 
 def test_self_sampling_time_is_in_the_final_line(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "out"
-    assert cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--samples", "4", "--seq-len", "48",
-                     "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "compress",
+                str(tiny_model_dir),
+                "--layers",
+                "1",
+                "--samples",
+                "4",
+                "--seq-len",
+                "48",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("nbl compress:")][-1]
     assert "sampling " in last and "calibration " in last and "total " in last
     seconds = json.loads((out / "nbl_run.json").read_text())["seconds"]
     assert seconds["data"] > 0 and abs(seconds["load_and_data"] - seconds["load"] - seconds["data"]) <= 0.02
 
 
-@pytest.mark.parametrize("argv,target", [
-    (["eval", "--output", "e.json"], "nothing was written to e.json"),
-    (["eval"], "nothing was written"),
-    (["bench", "--output", "b.json"], "nothing was written to b.json"),
-    (["report", "somedir"], f"nothing was written to {Path('somedir') / 'layers.png'}"),
-])
+@pytest.mark.parametrize(
+    "argv,target",
+    [
+        (["eval", "--output", "e.json"], "nothing was written to e.json"),
+        (["eval"], "nothing was written"),
+        (["bench", "--output", "b.json"], "nothing was written to b.json"),
+        (["report", "somedir"], f"nothing was written to {Path('somedir') / 'layers.png'}"),
+    ],
+)
 def test_every_subcommand_ends_an_interrupt_with_one_line(monkeypatch, capsys, argv, target):
     def interrupted(args):
         raise KeyboardInterrupt
