@@ -41,9 +41,17 @@ def default_out(model: str | None, method: str, k: int) -> Path:
 
 
 def nothing_written(args) -> str:
-    """What an interrupted subcommand leaves behind: nothing, at the path the user asked for."""
-    target = {"compress": "out", "eval": "output", "bench": "output", "report": "plot"}[args.command]
-    path = getattr(args, target, None)
+    """What an interrupted subcommand leaves behind: nothing at the path the user asked for (and, for
+    `nbl heal`, the resume state: the same command continues from it)."""
+    if args.command == "heal":
+        out = Path(args.dir if args.in_place else (args.out or args.dir))
+        state = args.state_dir or out.with_name(out.name + ".heal-state")
+        return (
+            f"nothing was written to {out}; resume with the same command (it continues from the last state "
+            f"saved in {state})"
+        )
+    target = {"compress": "out", "eval": "output", "bench": "output", "report": "plot"}.get(args.command)
+    path = getattr(args, target, None) if target else None
     if args.command == "report" and path is None:
         path = str(Path(args.dir) / "layers.png")
     return f"nothing was written to {path}" if path else "nothing was written"

@@ -371,13 +371,18 @@ def test_self_sampling_time_is_in_the_final_line(tmp_path, tiny_model_dir, capsy
         (["eval"], "nothing was written"),
         (["bench", "--output", "b.json"], "nothing was written to b.json"),
         (["report", "somedir"], f"nothing was written to {Path('somedir') / 'layers.png'}"),
+        (
+            ["heal", "ck", "--out", "healed", "--calib", "c.json"],
+            "nothing was written to healed; resume with the same command (it continues from the last state saved in "
+            "healed.heal-state)",
+        ),
     ],
 )
 def test_every_subcommand_ends_an_interrupt_with_one_line(monkeypatch, capsys, argv, target):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, {"eval": "_eval", "bench": "_bench", "report": "_report"}[argv[0]], interrupted)
+    monkeypatch.setattr(cli, f"_{argv[0]}", interrupted)
     assert cli.main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"nbl {argv[0]}: interrupted; {target}"]
