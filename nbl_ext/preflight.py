@@ -172,7 +172,11 @@ def warn_few_tokens(tokens: int, hidden: int) -> None:
 
 @contextlib.contextmanager
 def singular_summary():
-    """One line for all layers' SingularWarnings (a per-layer warning each echoing a source line otherwise)."""
+    """All layers' SingularWarnings as one SingularWarning (otherwise one per layer, each echoing a source line).
+
+    The summary is a real warning, so ``-W error`` and ``pytest.warns`` still see it; it is issued
+    from the pseudo-file "nbl compress" so that Python prints one line without a source line.
+    """
     from nbl_ext.numerics import SingularWarning
 
     with warnings.catch_warnings(record=True) as caught:
@@ -190,12 +194,12 @@ def singular_summary():
     ]
     where = f"{len(layers)} layers ({', '.join(map(str, layers))})" if layers else f"{len(singular)} fits"
     grown = f"; solved with a relative ridge of up to {max(ridges):g}" if ridges else ""
-    print(
-        f"nbl compress: warning: singular input covariance in {where}{grown} (fewer calibration tokens than "
-        "hidden dimensions, or linearly dependent channels). Calibrate on more tokens, or pass --ridge R "
-        f"(e.g. {max(ridges, default=1e-4):g}) to set the ridge yourself",
-        file=sys.stderr,
+    message = (
+        f"singular input covariance in {where}{grown} (fewer calibration tokens than hidden dimensions, or "
+        f"linearly dependent channels). Calibrate on more tokens, or pass --ridge R (e.g. "
+        f"{max(ridges, default=1e-4):g}) to set the ridge yourself"
     )
+    warnings.warn_explicit(message, SingularWarning, "nbl compress", 0, module="nbl_ext.preflight")
 
 
 def calibration_source(args):
