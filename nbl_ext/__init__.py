@@ -15,7 +15,9 @@ in-place linearization and self-contained checkpoints::
 """
 from nbl_ext._extension import extension_info
 from nbl_ext import ops  # noqa: F401  (defines the nbl:: ops)
+from nbl_ext.ops import reference_kernels_enabled, use_reference_kernels
 from nbl_ext.numerics import (
+    Moments,
     SingularWarning,
     canonical_correlations,
     cca_bound,
@@ -23,6 +25,7 @@ from nbl_ext.numerics import (
     lmmse_nmse,
 )
 from nbl_ext.stats import CovarianceAccumulator
+from nbl_ext.crossval import CrossValidation, choose_ridge, cross_validate, cross_validated_nmse
 from nbl_ext.data import load_calibration_tokens, read_documents, split_documents
 from nbl_ext.models import load_model
 from nbl_ext.adapters import get_adapter
@@ -36,10 +39,15 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationResult",
     "CovarianceAccumulator",
+    "CrossValidation",
+    "Moments",
     "SingularWarning",
     "calibrate",
     "canonical_correlations",
     "cca_bound",
+    "choose_ridge",
+    "cross_validate",
+    "cross_validated_nmse",
     "extension_info",
     "fit_linear",
     "get_adapter",
@@ -49,7 +57,9 @@ __all__ = [
     "load_model",
     "load_pretrained",
     "read_documents",
+    "reference_kernels_enabled",
     "save_pretrained",
     "split_documents",
+    "use_reference_kernels",
     "__version__",
 ]

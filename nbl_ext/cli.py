@@ -37,6 +37,7 @@ examples:
 afterwards:
   nbl report OUT                                 # per-layer table and plot
   python -c "import nbl_ext; m = nbl_ext.load_pretrained('OUT')"   # a transformers model
+  NBL_REFERENCE=1 nbl compress ...  # pure-PyTorch kernels: fallback if a GPU run fails (CUDA kernels untested on GPUs)
 """
 
 

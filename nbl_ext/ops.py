@@ -8,9 +8,20 @@ One place for op schemas (torchao's layout). Kernels per backend:
     the tests' oracle (bitsandbytes' layout);
   * fake (meta) kernels for torch.compile / FakeTensor tracing.
 
+The reference switch: :func:`use_reference_kernels` (or ``NBL_REFERENCE=1`` in
+the environment, read once when ``nbl_ext`` is imported) registers the
+references over the compiled kernels on the CPU and CUDA dispatch keys, so
+every call of an ``nbl`` op, eager or from a torch.compile'd graph, autograd
+included, runs the pure-PyTorch reference until it is switched off again (the
+compiled kernels are then back). It is the fallback when a compiled kernel
+fails on your hardware.
+
 Every op passes ``torch.library.opcheck`` (python_tests/test_ops.py).
 """
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 
@@ -61,7 +72,12 @@ def cov_update_(
 
 
 def has_compiled_kernel(op: str, device_type: str) -> bool:
-    """True when a C++/CUDA kernel (not the reference) serves ``nbl::op`` on ``device_type``."""
+    """True when a C++/CUDA kernel (not the reference) serves ``nbl::op`` on ``device_type``.
+
+    False while :func:`use_reference_kernels` is on.
+    """
+    if _reference_lib is not None:
+        return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"nbl::{op}", key)
 
@@ -131,3 +147,84 @@ def affine_residual(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     torch.compile (fullgraph). Invalid arguments raise ValueError.
     """
     return torch.ops.nbl.affine_residual(h, weight, bias)
+
+
+# --- the reference switch -------------------------------------------------------
+#: Environment variable read when nbl_ext is imported: 1/true/yes/on starts with the references on.
+REFERENCE_ENV = "NBL_REFERENCE"
+_ENV_ON, _ENV_OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+#: Dispatch keys that the compiled extension registers kernels for (csrc/: TORCH_LIBRARY_IMPL(nbl, CPU|CUDA, m)).
+_COMPILED_KEYS = ("CPU", "CUDA")
+# The references, looked up at call time (a test can wrap them).
+_REFERENCE_KERNELS = {
+    "cov_update_": lambda *args: reference.cov_update_reference(*args),
+    "affine_residual": lambda *args: reference.affine_residual_reference(*args),
+}
+_reference_lib: torch.library.Library | None = None
+
+
+def reference_kernels_enabled() -> bool:
+    """True while every ``nbl`` op runs its pure-PyTorch reference (see :func:`use_reference_kernels`)."""
+    return _reference_lib is not None
+
+
+def _set_reference_kernels(enabled: bool) -> None:
+    global _reference_lib
+    if enabled == (_reference_lib is not None):
+        return
+    if enabled:
+        lib = torch.library.Library("nbl", "IMPL")
+        with warnings.catch_warnings():
+            # The dispatcher warns (once) that a kernel is overridden: that is the point here.
+            warnings.simplefilter("ignore", UserWarning)
+            for op, fn in _REFERENCE_KERNELS.items():
+                for key in _COMPILED_KEYS:
+                    lib.impl(op, fn, key)
+        _reference_lib = lib
+    else:
+        _reference_lib._destroy()  # deregisters: the compiled kernels serve the ops again
+        _reference_lib = None
+
+
+class use_reference_kernels:
+    """Send every ``nbl`` op to its pure-PyTorch reference (:mod:`nbl_ext.reference`), on every device.
+
+    Takes effect at once and stays until switched off; as a context manager
+    it restores the previous setting on exit::
+
+        nbl_ext.use_reference_kernels(True)    # from here on: references only
+        with nbl_ext.use_reference_kernels():  # references inside the block only
+            ...
+
+    Covers eager calls, autograd and torch.compile'd graphs (their custom-op
+    calls go through the dispatcher at run time, so no recompilation is
+    needed). The references are the specification of the ops: same results
+    up to float rounding, slower. ``NBL_REFERENCE=1`` in the environment turns
+    it on when ``nbl_ext`` is imported (read once, at import).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"use_reference_kernels: enabled must be True or False, got {enabled!r}")
+        self._previous = reference_kernels_enabled()
+        _set_reference_kernels(enabled)
+
+    def __enter__(self) -> "use_reference_kernels":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _set_reference_kernels(self._previous)
+
+
+def _reference_from_environment() -> None:
+    value = os.environ.get(REFERENCE_ENV, "").strip().lower()
+    if value in _ENV_ON:
+        _set_reference_kernels(True)
+    elif value not in _ENV_OFF:
+        raise ValueError(
+            f"{REFERENCE_ENV}={os.environ[REFERENCE_ENV]!r} is not understood; set it to 1 to run every nbl op "
+            "with its pure-PyTorch reference kernel, or to 0 (or unset it) for the compiled kernels"
+        )
+
+
+_reference_from_environment()

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from nbl_ext import ops
-from nbl_ext.numerics import merge_moments
+from nbl_ext.numerics import Moments, require_count
 from nbl_ext.reference import GRAM_PRECISIONS
 
 #: Relative error bound of precision="bfloat16": max |cov - cov_oracle| / max |cov_oracle|
@@ -21,7 +21,6 @@ BF16_REL_ERR_BOUND = 4e-3
 
 _F64 = torch.float64
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_PAIRS = ((0, 0), (1, 0), (1, 1))  # (xx, yx, yy) as (row variable, column variable)
 
 
 class CovarianceAccumulator:
@@ -146,12 +145,7 @@ class CovarianceAccumulator:
                 f"merge: dimensions differ: this accumulator is ({self.dim_x}, {self.dim_y}), "
                 f"the other ({other.dim_x}, {other.dim_y})"
             )
-        mv = lambda t: t.to(self.device)  # noqa: E731
-        self._assign(*merge_moments(
-            self.count, (self._mean_x, self._mean_y), (self._m_xx, self._m_yx, self._m_yy),
-            other.count, (mv(other._mean_x), mv(other._mean_y)),
-            (mv(other._m_xx), mv(other._m_yx), mv(other._m_yy)), _PAIRS,
-        ))
+        self._assign_moments(self._view().merge(other._view()))
         return self
 
     def all_reduce(self, group: Any = None) -> "CovarianceAccumulator":
@@ -196,13 +190,36 @@ class CovarianceAccumulator:
         self._mean_x, self._mean_y = (t.contiguous() for t in means)
         self._m_xx, self._m_yx, self._m_yy = (t.contiguous() for t in ms)
 
+    def _assign_moments(self, m: Moments) -> None:
+        self._assign(m.count, (m.mean_x, m.mean_y), (m.m_xx, m.m_yx, m.m_yy))
+
+    def _view(self) -> Moments:
+        # Shares this accumulator's storage: only for immediate internal use (update() writes in place).
+        return Moments(self.count, self._mean_x, self._mean_y, self._m_xx, self._m_yx, self._m_yy)
+
+    # --- moments -----------------------------------------------------------
+    def moments(self) -> Moments:
+        """A snapshot of the statistics (float64 copies on this accumulator's device).
+
+        What :func:`nbl_ext.fit_linear` and the other numerics read; later
+        updates of the accumulator do not change it.
+        """
+        return Moments(self.count, *(t.clone() for t in (self._mean_x, self._mean_y, self._m_xx, self._m_yx,
+                                                         self._m_yy)))
+
+    @classmethod
+    def from_moments(cls, moments: Moments, *, precision: str = "float32") -> "CovarianceAccumulator":
+        """An accumulator holding ``moments`` (copied), on their device, ready for more updates or merges."""
+        if not isinstance(moments, Moments):
+            raise TypeError(f"from_moments: expected nbl_ext.Moments, got {type(moments).__name__}")
+        acc = cls(moments.dim_x, moments.dim_y, device=moments.device, precision=precision)
+        acc._assign_moments(Moments(moments.count, *(t.clone() for t in (
+            moments.mean_x, moments.mean_y, moments.m_xx, moments.m_yx, moments.m_yy))))
+        return acc
+
     # --- statistics --------------------------------------------------------
     def _require(self, n: int, what: str) -> None:
-        if self.count < n:
-            raise ValueError(
-                f"{what} needs at least {n} accumulated sample(s), but this accumulator has "
-                f"{self.count}; call update(x, y) with data first"
-            )
+        require_count(self.count, n, what)
 
     @property
     def mean_x(self) -> torch.Tensor:

@@ -145,3 +145,57 @@ def test_ridge_is_relative_and_validated(gen):
     assert rel_err(w1s * 1000.0, np64(w1)) < 1e-9
     with pytest.raises(ValueError, match="ridge must be a finite number"):
         nbl_ext.fit_linear(acc, ridge=-1.0)
+
+
+def test_moments_snapshot_and_numerics_read_it(device, gen):
+    """acc.moments() is a float64 copy; every numerics function gives the same bits from it as from the accumulator."""
+    x, y = make_xy(900, 12, 12, gen=gen, dtype=torch.float32, massive=2e3)
+    acc = _acc(x, y, device)
+    m = acc.moments()
+    assert isinstance(m, nbl_ext.Moments) and (m.count, m.dim_x, m.dim_y) == (900, 12, 12)
+    assert m.device == acc.device and m.m_xx.dtype == torch.float64
+    for key in ("cov_xx", "cov_yx", "cov_yy"):
+        assert torch.equal(getattr(m, key)(), getattr(acc, key))
+    assert torch.equal(m.mean_x, acc.mean_x) and torch.equal(m.mean_y, acc.mean_y)
+    for ridge in (0.0, 1e-3):
+        for got, want in zip(nbl_ext.fit_linear(m, ridge), nbl_ext.fit_linear(acc, ridge)):
+            assert torch.equal(got, want)
+    w, b = nbl_ext.fit_linear(acc)
+    assert nbl_ext.lmmse_nmse(m, w, b) == nbl_ext.lmmse_nmse(acc, w, b)
+    assert nbl_ext.cca_bound(m, residual=True) == nbl_ext.cca_bound(acc, residual=True)
+    assert torch.equal(nbl_ext.canonical_correlations(m), nbl_ext.canonical_correlations(acc))
+    # A snapshot: later updates leave it alone.
+    before = m.m_xx.clone()
+    acc.update(x[:10].to(device), y[:10].to(device))
+    assert torch.equal(m.m_xx, before) and m.count == 900
+
+
+def test_moments_merge_and_from_moments(gen):
+    x, y = make_xy(700, 6, 4, gen=gen, dtype=torch.float64, massive=1e3)
+    a, b = _acc(x[:300], y[:300]), _acc(x[300:], y[300:])
+    merged = a.moments().merge(b.moments())
+    acc = nbl_ext.CovarianceAccumulator.from_moments(merged)
+    assert acc.count == 700
+    for key, ref in np_stats(x, y).items():
+        assert rel_err(getattr(acc, key), ref) < 1e-11, key
+    assert torch.equal(acc.moments().m_yx, a.merge(b).moments().m_yx)  # same merge as the accumulator's
+    acc.update(x[:5], y[:5])  # a working accumulator, independent of `merged`
+    assert acc.count == 705 and merged.count == 700
+
+
+def test_moments_bad_inputs(gen):
+    m = nbl_ext.CovarianceAccumulator(3, 2).moments()
+    with pytest.raises(ValueError, match="has 0"):
+        nbl_ext.fit_linear(m)
+    with pytest.raises(ValueError, match="call update"):
+        m.cov_xx()
+    z = torch.zeros
+    with pytest.raises(ValueError, match=r"m_yx must have shape \(2, 3\)"):
+        nbl_ext.Moments(5, z(3), z(2), z(3, 3), z(3, 2), z(2, 2))
+    with pytest.raises(ValueError, match="count must be an int >= 0"):
+        nbl_ext.Moments(-1, z(3), z(2), z(3, 3), z(2, 3), z(2, 2))
+    with pytest.raises(ValueError, match="dimensions differ"):
+        m.merge(nbl_ext.CovarianceAccumulator(3, 3).moments())
+    with pytest.raises(TypeError, match="expected a CovarianceAccumulator or nbl_ext.Moments"):
+        nbl_ext.fit_linear({"m_xx": z(3, 3)})
+    assert nbl_ext.Moments(1, z(3, dtype=torch.float32), z(2), z(3, 3), z(2, 3), z(2, 2)).mean_x.dtype == torch.float64

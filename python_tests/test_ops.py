@@ -175,3 +175,111 @@ print(json.dumps({"info": nbl_ext.extension_info(), "warnings": ours,
     w, _ = nbl_ext.fit_linear(acc)
     assert torch.allclose(torch.tensor(res["cov"], dtype=torch.float64), acc.cov_yx.flatten(), rtol=1e-6)
     assert torch.allclose(torch.tensor(res["w"], dtype=torch.float64), w.flatten(), rtol=1e-5, atol=1e-7)
+
+
+COMPILED = nbl_ext.extension_info()["compiled"]
+
+
+def _spy(monkeypatch, name):
+    """Count the calls of reference.<name> (the switch looks the reference up at call time)."""
+    calls = []
+    real = getattr(reference, name)
+    monkeypatch.setattr(reference, name, lambda *a: (calls.append(1), real(*a))[1])
+    return calls
+
+
+def _bf16_affine_args():
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(4, 33, 96, generator=gen).to(torch.bfloat16)
+    w = (torch.randn(96, 96, generator=gen) * 0.1).to(torch.bfloat16)
+    b = torch.randn(96, generator=gen).to(torch.bfloat16)
+    return h, w, b
+
+
+@pytest.mark.skipif(not COMPILED, reason="nbl_ext._C not built")
+def test_reference_switch_sends_every_op_to_the_reference(monkeypatch, gen):
+    h, w, b = _bf16_affine_args()
+    want = reference.affine_residual_reference(h, w, b)
+    kernel = ops.affine_residual(h, w, b)
+    assert not torch.equal(kernel, want)  # the C++ kernel rounds once: other bits, so the test can tell them apart
+    x, y = make_xy(2500, 9, 5, gen=gen, dtype=torch.float32, massive=1e3)
+    st_ref = _seeded_state(torch.Generator().manual_seed(1), 9, 5)
+    reference.cov_update_reference(*st_ref, x, y, 300, "bfloat16")
+    st = _seeded_state(torch.Generator().manual_seed(1), 9, 5)
+    affine_calls, cov_calls = _spy(monkeypatch, "affine_residual_reference"), _spy(monkeypatch, "cov_update_reference")
+    assert not nbl_ext.reference_kernels_enabled()
+    with nbl_ext.use_reference_kernels():
+        assert nbl_ext.reference_kernels_enabled()
+        assert not ops.has_compiled_kernel("affine_residual", "cpu")
+        assert torch.equal(ops.affine_residual(h, w, b), want)
+        ops.cov_update_(*st, x, y, 300, "bfloat16")
+        assert all(torch.equal(a, r) for a, r in zip(st, st_ref))
+        with nbl_ext.use_reference_kernels(False):  # nested: off inside, back on after
+            assert torch.equal(ops.affine_residual(h, w, b), kernel)
+        assert torch.equal(torch.ops.nbl.affine_residual(h, w, b), want)
+    assert (len(affine_calls), len(cov_calls)) == (2, 1)
+    assert not nbl_ext.reference_kernels_enabled() and ops.has_compiled_kernel("affine_residual", "cpu")
+    assert torch.equal(ops.affine_residual(h, w, b), kernel)  # compiled kernel back
+    assert len(affine_calls) == 2
+    # A plain call switches until switched back.
+    nbl_ext.use_reference_kernels(True)
+    try:
+        assert torch.equal(ops.affine_residual(h, w, b), want)
+    finally:
+        nbl_ext.use_reference_kernels(False)
+    assert torch.equal(ops.affine_residual(h, w, b), kernel)
+    with pytest.raises(TypeError, match="True or False"):
+        nbl_ext.use_reference_kernels("yes")
+
+
+@pytest.mark.skipif(not COMPILED, reason="nbl_ext._C not built")
+def test_reference_switch_under_torch_compile_and_autograd(monkeypatch):
+    h, w, b = _bf16_affine_args()
+    want = reference.affine_residual_reference(h, w, b)
+    kernel = ops.affine_residual(h, w, b)
+    fn = torch.compile(ops.affine_residual, fullgraph=True)
+    assert torch.equal(fn(h, w, b), kernel)
+    calls = _spy(monkeypatch, "affine_residual_reference")
+    with nbl_ext.use_reference_kernels():
+        assert torch.equal(fn(h, w, b), want)  # the same compiled graph, now calling the reference
+        assert len(calls) == 1
+        hf, wf, bf = (t.float().requires_grad_() for t in (h, w, b))
+        out = fn(hf, wf, bf)
+        assert torch.equal(out, reference.affine_residual_reference(hf, wf, bf))
+        out.square().sum().backward()
+    assert len(calls) == 3  # compiled forward + the oracle above
+    assert torch.equal(fn(h, w, b), kernel)
+    # The gradients are the op's registered backward (same for every kernel): compare with plain autograd.
+    hr, wr, br = (t.detach().float().requires_grad_() for t in (h, w, b))
+    (hr + hr @ wr.T + br).square().sum().backward()
+    assert torch.allclose(hf.grad, hr.grad, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(wf.grad, wr.grad, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.skipif(not COMPILED, reason="nbl_ext._C not built")
+def test_reference_switch_from_the_environment():
+    """NBL_REFERENCE is read once, when nbl_ext is imported."""
+    script = r"""
+import json, torch, nbl_ext
+from nbl_ext import ops, reference
+gen = torch.Generator().manual_seed(7)
+h = torch.randn(4, 33, 96, generator=gen).to(torch.bfloat16)
+w = (torch.randn(96, 96, generator=gen) * 0.1).to(torch.bfloat16)
+b = torch.randn(96, generator=gen).to(torch.bfloat16)
+on = nbl_ext.reference_kernels_enabled()
+same = torch.equal(ops.affine_residual(h, w, b), reference.affine_residual_reference(h, w, b))
+nbl_ext.use_reference_kernels(False)
+after = torch.equal(ops.affine_residual(h, w, b), reference.affine_residual_reference(h, w, b))
+print(json.dumps({"on": on, "same": same, "compiled": ops.has_compiled_kernel("affine_residual", "cpu"),
+                  "same_after_off": after}))
+"""
+    import os
+
+    def run(value):
+        env = {**os.environ, "NBL_REFERENCE": value}
+        return subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+
+    res = json.loads(run("1").stdout.strip().splitlines()[-1])
+    assert res == {"on": True, "same": True, "compiled": True, "same_after_off": False}
+    bad = run("maybe")
+    assert bad.returncode != 0 and "NBL_REFERENCE='maybe' is not understood" in bad.stderr
