@@ -42,6 +42,12 @@ from nbl_ext.numerics import (
 
 _F64 = torch.float64
 
+#: The recommended number of folds (``calibrate(..., folds=DEFAULT_FOLDS)``, the default of ``nbl compress``).
+DEFAULT_FOLDS = 5
+#: The recommended grid of relative ridges (0, then log-spaced 1e-6 .. 10, half decades from 1e-4): the ridge is
+#: relative to the standardized covariance, whose eigenvalues average 1, so 1 shrinks the map by about half.
+DEFAULT_RIDGES = (0.0, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
+
 
 @dataclass(frozen=True)
 class CrossValidation:
@@ -95,18 +101,21 @@ class CrossValidation:
         return float(self.ridges[self.best_index])
 
 
-def _check_ridges(ridges: Sequence[float] | torch.Tensor) -> torch.Tensor:
+def check_ridges(ridges: Sequence[float] | torch.Tensor, what: str = "cross_validate") -> torch.Tensor:
+    """A grid of relative ridges as a float64 CPU tensor; ValueError unless non-empty, finite, >= 0, increasing."""
+    if isinstance(ridges, (str, bytes)):
+        raise ValueError(f"{what}: ridges must be a sequence of numbers, got {ridges!r}")
     try:
         r = torch.as_tensor(ridges, dtype=_F64).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"cross_validate: ridges must be a sequence of numbers, got {ridges!r} ({exc})") from None
+        raise ValueError(f"{what}: ridges must be a sequence of numbers, got {ridges!r} ({exc})") from None
     if r.dim() != 1 or r.numel() == 0:
-        raise ValueError(f"cross_validate: ridges must be a non-empty 1-D sequence, got shape {tuple(r.shape)}")
+        raise ValueError(f"{what}: ridges must be a non-empty 1-D sequence, got shape {tuple(r.shape)}")
     if not bool(torch.isfinite(r).all()) or float(r.min()) < 0:
-        raise ValueError(f"cross_validate: every ridge must be a finite number >= 0, got {r.tolist()}")
+        raise ValueError(f"{what}: every ridge must be a finite number >= 0, got {r.tolist()}")
     if r.numel() > 1 and not bool((r[1:] > r[:-1]).all()):
         raise ValueError(
-            f"cross_validate: ridges must be strictly increasing (sorted, no duplicates), got {r.tolist()}"
+            f"{what}: ridges must be strictly increasing (sorted, no duplicates), got {r.tolist()}"
         )
     return r
 
@@ -217,7 +226,7 @@ def cross_validate(folds: Sequence[MomentsLike], ridges: Sequence[float] | torch
     bad inputs, and when y is constant within every fold (the NMSE is then
     undefined).
     """
-    grid = _check_ridges(ridges)
+    grid = check_ridges(ridges)
     ms = _check_folds(folds)
     dev = ms[0].device
     target = torch.tensor([float(m.m_yy.trace()) for m in ms], dtype=_F64, device=dev)
@@ -263,4 +272,5 @@ def choose_ridge(folds: Sequence[MomentsLike], ridges: Sequence[float] | torch.T
     return cv.best_ridge, cv.nmse
 
 
-__all__ = ["CrossValidation", "choose_ridge", "cross_validate", "cross_validated_nmse", "merge_folds"]
+__all__ = ["DEFAULT_FOLDS", "DEFAULT_RIDGES", "CrossValidation", "check_ridges", "choose_ridge", "cross_validate",
+           "cross_validated_nmse", "merge_folds"]
