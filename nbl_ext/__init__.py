@@ -32,6 +32,7 @@ from nbl_ext.adapters import get_adapter
 from nbl_ext.result import CalibrationResult
 from nbl_ext.calibrate import calibrate
 from nbl_ext.linearize import linearize
+from nbl_ext.selection import greedy_selection, score_criteria
 from nbl_ext.serialization import load_pretrained, save_pretrained
 
 __version__ = "0.1.0"
@@ -51,6 +52,7 @@ __all__ = [
     "extension_info",
     "fit_linear",
     "get_adapter",
+    "greedy_selection",
     "linearize",
     "lmmse_nmse",
     "load_calibration_tokens",
@@ -59,6 +61,7 @@ __all__ = [
     "read_documents",
     "reference_kernels_enabled",
     "save_pretrained",
+    "score_criteria",
     "split_documents",
     "use_reference_kernels",
     "__version__",
