@@ -12,6 +12,12 @@ in-place linearization and self-contained checkpoints::
     result = nbl_ext.calibrate(model, tokens)
     nbl_ext.linearize(model, result, result.select(k))
     nbl_ext.save_pretrained(model, "out/", tok, calibration=result)
+
+or, in one call driven by a config object (the same three steps)::
+
+    model, result = nbl_ext.compress(model, tokens, nbl_ext.NBLConfig(k=8, num_samples=16, seq_len=256))
+
+Selection criteria are a registry (``nbl_ext.register_criterion``; see :mod:`nbl_ext.criteria`).
 """
 from nbl_ext._extension import extension_info
 from nbl_ext import ops  # noqa: F401  (defines the nbl:: ops)
@@ -34,6 +40,9 @@ from nbl_ext.calibrate import calibrate
 from nbl_ext.linearize import linearize
 from nbl_ext.selection import greedy_selection, score_criteria
 from nbl_ext.serialization import load_pretrained, save_pretrained
+from nbl_ext.criteria import LayerContext, criterion_names, get_criterion, register_criterion
+from nbl_ext.config import NBLConfig
+from nbl_ext.api import compress
 
 __version__ = "0.1.0"
 
@@ -41,17 +50,22 @@ __all__ = [
     "CalibrationResult",
     "CovarianceAccumulator",
     "CrossValidation",
+    "LayerContext",
     "Moments",
+    "NBLConfig",
     "SingularWarning",
     "calibrate",
     "canonical_correlations",
     "cca_bound",
     "choose_ridge",
+    "compress",
+    "criterion_names",
     "cross_validate",
     "cross_validated_nmse",
     "extension_info",
     "fit_linear",
     "get_adapter",
+    "get_criterion",
     "greedy_selection",
     "linearize",
     "lmmse_nmse",
@@ -60,6 +74,7 @@ __all__ = [
     "load_pretrained",
     "read_documents",
     "reference_kernels_enabled",
+    "register_criterion",
     "save_pretrained",
     "score_criteria",
     "split_documents",

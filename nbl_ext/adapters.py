@@ -105,11 +105,6 @@ class Adapter:
 
     # --- layer level ---------------------------------------------------------
     @classmethod
-    def attention(cls, layer: nn.Module) -> nn.Module:
-        """The self-attention module of a decoder layer."""
-        return layer.self_attn
-
-    @classmethod
     def branch_output(cls, layer: nn.Module) -> tuple[nn.Module, Callable[[Any], torch.Tensor]]:
         """(module, pick): ``pick(module's forward output)`` is the branch output A."""
         return layer.self_attn, _first_output

@@ -96,7 +96,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 def _torch_dtype(dtype: str | torch.dtype | None, device: torch.device, what: str) -> torch.dtype:
-    from nbl_ext.models import _DTYPES
+    from nbl_ext.validation import DTYPE_NAMES as _DTYPES
 
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -1090,7 +1090,6 @@ def _calibrate_store_all(model: nn.Module, data: torch.Tensor, *, batch_size: in
     tokens kept on the host, then per layer float64 ``torch.cov`` of the concatenation and the same
     LMMSE fit and scores (``nbl_ext.calibrate.score_layer``) as :func:`nbl_ext.calibrate`."""
     import tempfile
-    from unittest import mock
 
     cal = _calibrate_module()
     from nbl_ext.result import CalibrationResult
@@ -1107,20 +1106,23 @@ def _calibrate_store_all(model: nn.Module, data: torch.Tensor, *, batch_size: in
         return st
 
     batches = -(-data.shape[0] // batch_size)
-    pbar = cal._progress_bar(n_layers * batches, progress, "store-all calibration")
+    from nbl_ext.criteria import token_statistics
+    from nbl_ext.engine import LayerStats, progress_bar
+
+    pbar = progress_bar(n_layers * batches, progress, "store-all calibration")
     kept: list[tuple[_StoredActivations, torch.Tensor]] = []
     # Boundaries where streaming's activations="auto" puts them, so the two differ in the statistics only.
     in_memory = cal._boundaries_fit(model, adapter, data)
     try:
-        with tempfile.TemporaryDirectory(prefix="nbl-bench-spill-") as spill, cal.eval_mode(model), \
-                mock.patch.object(cal, "CovarianceAccumulator", stored):
+        with tempfile.TemporaryDirectory(prefix="nbl-bench-spill-") as spill, cal.eval_mode(model):
             runner = cal.LayerwiseRunner(model, adapter, data, batch_size=batch_size,
-                                         spill_dir=None if in_memory else Path(spill), pbar=pbar)
+                                         spill_dir=None if in_memory else Path(spill), pbar=pbar,
+                                         accumulator_factory=stored)
             for i in range(n_layers):
                 if pbar is not None:
                     pbar.set_postfix_str(f"layer {i}/{n_layers}")
-                st, cos = runner.run(i, score=True, write=i < n_layers - 1)
-                kept.append((st, cos))
+                stats = runner.run(i, score=True, write=i < n_layers - 1, token_stats=token_statistics())
+                kept.append((stats.accumulator, stats.token_sums))
                 runner.drop_boundary(i)
     finally:
         if pbar is not None:
@@ -1132,7 +1134,7 @@ def _calibrate_store_all(model: nn.Module, data: torch.Tensor, *, batch_size: in
             acc = st.to_accumulator(device)
         kept[i] = (None, cos)  # type: ignore[assignment]
         with phases.timing("fit_s"):
-            layers.append(cal.score_layer(i, acc, cos, ridge))
+            layers.append(cal.score_layer(LayerStats(i, acc, cos), ridge))
         del acc
     meta = {"model_type": adapter.model_type, "num_layers": n_layers, "hidden_size": adapter.hidden_size,
             "num_samples": int(data.shape[0]), "seq_len": int(data.shape[1]), "tokens": int(data.numel()),

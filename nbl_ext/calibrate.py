@@ -43,6 +43,7 @@ from nbl_ext.linearize import is_linearized
 from nbl_ext.result import CalibrationResult, LayerCalibration, layers_from_records
 from nbl_ext.reference import GRAM_PRECISIONS
 from nbl_ext.stats import CovarianceAccumulator
+from nbl_ext.validation import check_choice, check_count
 
 TARGETS = ("attn",)
 _PROGRESS = "progress.json"
@@ -145,18 +146,10 @@ def calibrate(
     adapter = get_adapter(model)
     if getattr(adapter.config, "nbl", None) or any(is_linearized(layer) for layer in adapter.layers()):
         raise ValueError("calibrate: this model is already linearized; calibrate the original model")
-    if target not in TARGETS:
-        raise ValueError(f"calibrate: target must be one of {TARGETS}, got {target!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"calibrate: batch_size must be a positive int, got {batch_size!r}")
-    if gram_precision not in GRAM_PRECISIONS:
-        raise ValueError(
-            f"calibrate: gram_precision must be one of {', '.join(map(repr, GRAM_PRECISIONS))}, "
-            f"got {gram_precision!r}"
-        )
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"calibrate: activations must be one of {', '.join(map(repr, ACTIVATIONS))}, "
-                         f"got {activations!r}")
+    check_choice(target, TARGETS, "target", what="calibrate")
+    check_count(batch_size, "batch_size", what="calibrate")
+    check_choice(gram_precision, GRAM_PRECISIONS, "gram_precision", what="calibrate")
+    check_choice(activations, ACTIVATIONS, "activations", what="calibrate")
     if activations == "memory" and output_dir is not None:
         raise ValueError("calibrate: activations='memory' cannot be resumed; with output_dir the layer outputs "
                          "are spilled to disk (use activations='auto' or 'disk', or drop output_dir)")

@@ -335,9 +335,12 @@ def _compress(args) -> int:
     import torch
 
     import nbl_ext
-    from nbl_ext.crossval import DEFAULT_FOLDS, DEFAULT_RIDGES
+    from nbl_ext._io import atomic_write_json
+    from nbl_ext.api import default_k, holdout_split
     from nbl_ext.data import load_calibration_tokens
+    from nbl_ext.linearize import resolve_replacement
     from nbl_ext.models import DEFAULT_MODEL, load_model
+    from nbl_ext.serialization import RUN
 
     progress = not args.no_progress
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -346,60 +349,56 @@ def _compress(args) -> int:
     print(f"nbl compress: loading {args.model or DEFAULT_MODEL + ' (bundled default)'} on {device}", file=sys.stderr)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, progress=progress)
     n_layers = len(nbl_ext.get_adapter(model).layers())
-    k = args.layers if args.layers is not None else max(1, n_layers // 4)
+    k = args.layers if args.layers is not None else default_k(n_layers)
     if not 0 <= k <= n_layers:
         raise ValueError(f"--layers must be between 0 and the model's {n_layers} layers, got {k}")
     out = Path(args.out or Path("nbl-out") / f"{_slug(args.model or DEFAULT_MODEL)}-{args.method}-k{k}")
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it")
 
-    source, holdout = _calibration_source(args)
+    config = nbl_ext.NBLConfig(
+        criterion=args.method, k=k, replacement=resolve_replacement(None, args.method, "nbl compress"),
+        refit=None if args.refit == "none" else args.refit, num_samples=args.samples, seq_len=args.seq_len,
+        batch_size=args.batch_size, gram_precision=args.gram_precision, activations=args.activations,
+        seed=args.seed, holdout=args.holdout, folds=args.folds)
+    source, holdout = holdout_split(args.calib, config.holdout)
+    config = config.replace(holdout=holdout)  # the fraction actually held out
     print(f"nbl compress: calibration data: {args.calib}{f' minus {holdout:.0%} held out' if holdout else ''}, "
           f"{args.samples} x {args.seq_len} tokens", file=sys.stderr)
-    tokens = load_calibration_tokens(source, tokenizer, num_samples=args.samples, seq_len=args.seq_len,
-                                     seed=args.seed, model=model, progress=progress)
+    tokens = load_calibration_tokens(source, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
+                                     seed=config.seed, model=model, progress=progress)
     t1 = time.perf_counter()
-    folds = args.folds if args.folds is not None else min(DEFAULT_FOLDS, args.samples)
-    result = nbl_ext.calibrate(model, tokens, batch_size=args.batch_size, progress=progress,
-                               gram_precision=args.gram_precision, activations=args.activations, folds=folds,
-                               ridges=DEFAULT_RIDGES if folds > 1 else None)
-    t2 = time.perf_counter()
-    layers = result.select(k, method=args.method)
-    refit = None if args.refit == "none" else args.refit
-    nbl_ext.linearize(model, result, layers, method=args.method, refit=refit, data=tokens if refit else None,
-                      batch_size=args.batch_size, progress=progress)
-    t3 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    model, result = nbl_ext.compress(model, tokens, config, progress=progress, timer=_stopwatch(seconds))
+    layers = model.config.nbl["layers"]
     _print_table(result.table(), set(layers), args.method)
     nbl_ext.save_pretrained(model, out, tokenizer, calibration=result)
-    (out / "nbl_run.json").write_text(json.dumps({
-        "model": args.model or DEFAULT_MODEL, "method": args.method, "layers": layers, "k": k,
-        "calib": str(args.calib), "holdout": holdout, "samples": args.samples, "seq_len": args.seq_len, "seed": args.seed,
-        "refit": refit, "folds": folds, "gram_precision": args.gram_precision, "activations": args.activations, "device": device, "dtype": str(next(model.parameters()).dtype),
-        "seconds": {"load_and_data": round(t1 - t0, 2), "calibrate": round(t2 - t1, 2), "linearize": round(t3 - t2, 2)},
+    atomic_write_json(out / RUN, {
+        **config.to_dict(), "layers": layers, "model": args.model or DEFAULT_MODEL, "method": args.method,
+        "calib": str(args.calib), "device": device, "dtype": str(next(model.parameters()).dtype),
+        "seconds": {"load_and_data": round(t1 - t0, 2), "calibrate": round(seconds["calibrate"], 2),
+                    "linearize": round(seconds["select"] + seconds["linearize"], 2)},
         "nbl_ext": nbl_ext.__version__, "torch": torch.__version__,
-    }, indent=2) + "\n")
+    })
     print(f"\nnbl compress: {args.method} on {len(layers)} of {n_layers} attention blocks {layers}; "
-          f"calibration {t2 - t1:.1f} s; saved to {out}\n"
+          f"calibration {seconds['calibrate']:.1f} s; saved to {out}\n"
           f"  reload with: nbl_ext.load_pretrained({str(out)!r})   |   inspect with: nbl report {out}")
     return 0
 
 
-def _calibration_source(args):
-    """The documents to calibrate on and the held-out fraction (files only; see nbl_ext.data.HOLDOUT_FRACTION)."""
-    from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, split_documents
+def _stopwatch(seconds: dict[str, float]):
+    """A phase timer for nbl_ext.compress: wall seconds per phase into ``seconds``."""
+    import contextlib
 
-    path = Path(args.calib)
-    is_file = args.calib != "self" and not args.calib.startswith("hf:") and path.is_file()
-    if args.holdout is not None and not 0.0 <= args.holdout < 1.0:
-        raise ValueError(f"--holdout must be in [0, 1), got {args.holdout}")
-    if not is_file:
-        if args.holdout:
-            raise ValueError(f"--holdout applies to a document file; --calib {args.calib} is not one")
-        return args.calib, None
-    fraction = HOLDOUT_FRACTION if args.holdout is None else args.holdout
-    if fraction == 0:
-        return args.calib, 0.0
-    return split_documents(path, fraction, seed=HOLDOUT_SEED)[0], fraction
+    @contextlib.contextmanager
+    def timer(phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - t
+
+    return timer
 
 
 def _eval(args) -> int:
@@ -467,11 +466,15 @@ def _load_for_eval(model_arg, dtype, device, progress):
     from nbl_ext.models import DEFAULT_MODEL, load_model
 
     path = Path(model_arg) if model_arg else None
-    if path is not None and path.is_dir() and (path / "config.json").is_file() \
-            and "nbl" in json.loads((path / "config.json").read_text()):
+    from nbl_ext.serialization import CONFIG
+
+    if path is not None and path.is_dir() and (path / CONFIG).is_file() \
+            and "nbl" in json.loads((path / CONFIG).read_text()):
         from transformers import AutoTokenizer
 
-        kwargs = {} if dtype in (None, "auto") else {"dtype": getattr(__import__("torch"), dtype)}
+        from nbl_ext.validation import parse_dtype
+
+        kwargs = {} if dtype in (None, "auto") else {"dtype": parse_dtype(dtype, what="nbl eval")}
         model = nbl_ext.load_pretrained(path, device=device, **kwargs).eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -487,7 +490,9 @@ def _overlap_notes(source: str, c4: Path | None) -> list[str]:
     """Warn when the held-out C4 documents may have been calibrated on (nbl compress --holdout 0)."""
     from nbl_ext.data import HOLDOUT_FRACTION
 
-    run_file = Path(source) / "nbl_run.json"
+    from nbl_ext.serialization import RUN
+
+    run_file = Path(source) / RUN
     if c4 is None or not run_file.is_file():
         return []
     run = json.loads(run_file.read_text())
@@ -502,7 +507,10 @@ def _load_report(path: Path) -> tuple[list[dict], set[int], str | None]:
     """Per-layer rows and the chosen layers from a checkpoint (save_pretrained) or calibration directory."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; pass the --out directory of `nbl compress`")
-    summary_file = next((path / n for n in ("nbl_calibration.json", "calibration.json", "calibration/calibration.json")
+    from nbl_ext.result import CALIBRATION_JSON
+    from nbl_ext.serialization import CONFIG, SUMMARY
+
+    summary_file = next((path / n for n in (SUMMARY, CALIBRATION_JSON, f"calibration/{CALIBRATION_JSON}")
                          if (path / n).is_file()), None)
     if summary_file is None:
         raise FileNotFoundError(f"{path} holds no calibration summary (nbl_calibration.json or calibration.json); "
@@ -512,7 +520,7 @@ def _load_report(path: Path) -> tuple[list[dict], set[int], str | None]:
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{summary_file} has no per-layer scores")
     chosen, method = set(), None
-    config = path / "config.json"
+    config = path / CONFIG
     if config.is_file():
         nbl = json.loads(config.read_text()).get("nbl") or {}
         chosen, method = set(nbl.get("layers", [])), nbl.get("method")

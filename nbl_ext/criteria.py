@@ -45,6 +45,7 @@ import torch
 
 from nbl_ext.crossval import CrossValidation
 from nbl_ext.numerics import cca_bound, lmmse_nmse
+from nbl_ext.validation import check_choice
 
 DIRECTIONS = ("lower", "higher")
 
@@ -130,8 +131,7 @@ def register_criterion(name: str, score: Callable[[LayerContext], float], *, dir
         raise ValueError(f"register_criterion: name must be an identifier-like string, got {name!r}")
     if not callable(score):
         raise TypeError(f"register_criterion: score must be callable (ctx -> float), got {type(score).__name__}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"register_criterion: direction must be one of {DIRECTIONS}, got {direction!r}")
+    check_choice(direction, DIRECTIONS, "direction", what="register_criterion")
     if token_statistic is not None and not callable(token_statistic):
         raise TypeError("register_criterion: token_statistic must be callable ((x, a) -> per-token values)")
     bad = [n for n in needs if n not in OPTIONAL_FIELDS]

@@ -56,6 +56,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from nbl_ext.validation import check_int
+
 __all__ = ["HOLDOUT_FRACTION", "HOLDOUT_SEED", "SUFFIXES", "load_calibration_tokens", "read_documents",
            "split_documents"]
 
@@ -172,7 +174,7 @@ def split_documents(
             f"split_documents: holdout_fraction={holdout_fraction} of {len(docs)} documents holds out none; "
             "use a larger fraction"
         )
-    held = set(_seeded_order(len(docs), _check_int(seed, "seed", 0), "holdout")[:n_hold])
+    held = set(_seeded_order(len(docs), check_int(seed, "seed", 0), "holdout")[:n_hold])
     return ([d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held])
 
 
@@ -188,14 +190,6 @@ def _check_documents(documents: Any) -> list[str]:
     if not docs:
         raise ValueError("the document list contains no text (it is empty, or every document is blank)")
     return docs
-
-
-def _check_int(value: Any, name: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 # --- tokenization and packing ---------------------------------------------------------------
@@ -361,9 +355,9 @@ def load_calibration_tokens(
     seeded by ``seed`` (bit-for-bit reproducible on CPU for a given
     ``batch_size``; on GPU as far as the model's kernels are).
     """
-    num_samples = _check_int(num_samples, "num_samples", 1)
-    seq_len = _check_int(seq_len, "seq_len", 2)
-    seed = _check_int(seed, "seed", 0)
+    num_samples = check_int(num_samples, "num_samples", 1)
+    seq_len = check_int(seq_len, "seq_len", 2)
+    seed = check_int(seed, "seed", 0)
     if not callable(tokenizer):
         raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
     kind, arg = _classify(source)
@@ -401,12 +395,12 @@ def _sample_from_model(model: Any, tokenizer: Any, *, num_samples: int, seq_len:
             "calibration source 'self' samples text from the model itself: pass model= (the causal LM "
             "being calibrated), or use a text source (a .json/.jsonl/.txt file)"
         )
-    batch_size = _check_int(batch_size, "batch_size", 1)
+    batch_size = check_int(batch_size, "batch_size", 1)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if top_k is not None:
-        top_k = _check_int(top_k, "top_k", 1)
+        top_k = check_int(top_k, "top_k", 1)
     try:
         device = next(model.parameters()).device
     except (AttributeError, StopIteration, TypeError) as e:

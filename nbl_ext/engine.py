@@ -36,6 +36,7 @@ from nbl_ext.criteria import LayerContext, compute_scores
 from nbl_ext.crossval import CrossValidation, cross_validate, merge_folds
 from nbl_ext.numerics import SingularWarning, fit_linear
 from nbl_ext.result import LayerCalibration
+from nbl_ext.stats import CovarianceAccumulator
 
 #: ``(dim_x, dim_y, *, device, precision) -> accumulator``: what :class:`LayerwiseRunner` streams (X, A) into.
 AccumulatorFactory = Callable[..., Any]
@@ -269,11 +270,9 @@ class LayerwiseRunner:
                  spill_dir: Path | None, sample_offset: int = 0, pbar: Any = None,
                  gram_precision: str = "float32", accumulator_factory: AccumulatorFactory | None = None,
                  timer: PhaseTimer | None = None, folds: int = 1) -> None:
-        if accumulator_factory is None:
-            from nbl_ext.stats import CovarianceAccumulator as accumulator_factory
         self.model, self.adapter = model, adapter
         self.gram_precision = gram_precision
-        self.accumulator_factory = accumulator_factory
+        self.accumulator_factory = accumulator_factory if accumulator_factory is not None else CovarianceAccumulator
         self.timer = timer or _no_timer
         self.batches = list(samples.split(batch_size)) if samples.shape[0] else []
         self.batch_size = batch_size

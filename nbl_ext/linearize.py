@@ -32,6 +32,7 @@ from nbl_ext.engine import (
 )
 from nbl_ext.kvcache import KV_CACHE_NOTE, KV_SHARING_ATTR, keeps_kv_slot, kv_sharing_modes, release_kv_slot
 from nbl_ext.result import METHODS, CalibrationResult, LayerCalibration, check_layer_list
+from nbl_ext.validation import check_choice, check_count
 
 NBL_CONFIG_VERSION = 1
 REFIT_MODES = (None, "sequential")
@@ -61,10 +62,10 @@ class AffineResidual(nn.Module):
 
 def resolve_replacement(replacement: str | None, method: str | None, what: str) -> str:
     """The replacement ("affine" or "remove") from ``replacement`` and/or the older ``method`` ("nbl", "drop")."""
-    if method is not None and method not in METHODS:
-        raise ValueError(f"{what}: method must be one of {METHODS}, got {method!r}")
-    if replacement is not None and replacement not in REPLACEMENTS:
-        raise ValueError(f"{what}: replacement must be one of {REPLACEMENTS}, got {replacement!r}")
+    if method is not None:
+        check_choice(method, METHODS, "method", what=what)
+    if replacement is not None:
+        check_choice(replacement, REPLACEMENTS, "replacement", what=what)
     if method is not None and replacement is not None and _REPLACEMENT_OF[method] != replacement:
         raise ValueError(f"{what}: method={method!r} means replacement={_REPLACEMENT_OF[method]!r}, "
                          f"but replacement={replacement!r} was given; pass one of them")
@@ -244,8 +245,7 @@ def linearize(
     """
     adapter = get_adapter(model)
     replacement = resolve_replacement(replacement, method, "linearize")
-    if refit not in REFIT_MODES:
-        raise ValueError(f"linearize: refit must be one of {REFIT_MODES}, got {refit!r}")
+    check_choice(refit, REFIT_MODES, "refit", what="linearize")
     if getattr(adapter.config, "nbl", None) or any(is_linearized(l) for l in adapter.layers()):
         raise ValueError(
             "linearize: this model is already linearized (config.nbl is set); linearize the original model, "
@@ -278,8 +278,7 @@ def linearize(
 def _refit_sequential(model: nn.Module, adapter: Adapter, chosen: list[int], data: torch.Tensor,
                       batch_size: int, progress: bool, ridge: float) -> list[LayerCalibration]:
     """Fit chosen layers in order, each on the model with the earlier ones already linearized."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"linearize: batch_size must be a positive int, got {batch_size!r}")
+    check_count(batch_size, "batch_size", what="linearize")
     data = check_token_data(data, adapter.vocab_size, "linearize(refit)")
     local, offset = shard(data)
     rank, _ = dist_info()

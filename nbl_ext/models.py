@@ -50,6 +50,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from nbl_ext.validation import parse_dtype
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "default_cache_dir", "load_model"]
@@ -98,13 +100,6 @@ _BUNDLED = {b.alias: b for b in (_SMOLLM2, _GEMMA3)}
 BUNDLED_MODELS: tuple[str, ...] = tuple(_BUNDLED)
 #: What ``load_model()`` loads when no model is named.
 DEFAULT_MODEL = _SMOLLM2.alias
-
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-
 
 # --- public API -----------------------------------------------------------------
 
@@ -198,20 +193,8 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 def _resolve_dtype(dtype: str | torch.dtype | None, dev: torch.device) -> torch.dtype | str:
     if dtype is None:
         return torch.bfloat16 if dev.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise ValueError(f"load_model: dtype must be a floating-point dtype, got {dtype}")
-        return dtype
-    if isinstance(dtype, str):
-        name = dtype.strip().lower().removeprefix("torch.")
-        if name == "auto":
-            return "auto"
-        if name in _DTYPES:
-            return _DTYPES[name]
-    raise ValueError(
-        f"load_model: unknown dtype {dtype!r}; use None (float32 on CPU, bfloat16 on CUDA), "
-        "'float32', 'bfloat16', 'float16', 'auto' or a torch.dtype"
-    )
+    return parse_dtype(dtype, what="load_model", allow_auto=True,
+                       hint="None (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16', 'float16', 'auto'")
 
 
 def _looks_like_path(s: str) -> bool:

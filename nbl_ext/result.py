@@ -11,6 +11,7 @@ import torch
 
 from nbl_ext._io import atomic_directory, atomic_save_tensors, atomic_write_json, read_json, read_tensors
 from nbl_ext.criteria import get_criterion
+from nbl_ext.validation import check_choice, check_int
 
 #: The names of today's two recipes, accepted wherever a criterion or a replacement is chosen:
 #: "nbl" selects by the CCA bound (and replaces with the affine map), "drop" by the cosine (and removes).
@@ -23,8 +24,8 @@ _REQUIRED_ROW_KEYS = ("bound", "nmse", "cosine")
 _INFO_ROW_KEYS = ("ridge", "cv_curve")
 _FORMAT = "nbl-ext-calibration"
 _VERSION = 1
-_JSON = "calibration.json"
-_TENSORS = "calibration.safetensors"
+CALIBRATION_JSON = "calibration.json"
+CALIBRATION_TENSORS = "calibration.safetensors"
 
 
 @dataclass
@@ -159,13 +160,10 @@ class CalibrationResult:
         ``method`` ("nbl" or "drop"), the older spelling, picks the same criteria.
         """
         if method is not None:
-            if method not in METHODS:
-                raise ValueError(f"select: method must be one of {METHODS}, got {method!r}")
-            criterion = method
+            criterion = check_choice(method, METHODS, "method", what="select")
         crit = get_criterion(criterion)
         n = self.num_layers
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise TypeError(f"select: k must be an int, got {k!r} ({type(k).__name__})")
+        check_int(k, "k", what="select")
         if not 0 <= k <= n:
             raise ValueError(f"select: k must be between 0 and the number of layers ({n}), got {k}")
         return sorted(self.rank(crit.name)[:k])
@@ -202,8 +200,8 @@ class CalibrationResult:
     def save(self, path: str | os.PathLike) -> None:
         """Write ``calibration.json`` + ``calibration.safetensors`` to directory ``path`` atomically."""
         with atomic_directory(path) as tmp:
-            atomic_save_tensors(tmp / _TENSORS, _tensor_dict(self.layers), metadata={"format": _FORMAT})
-            atomic_write_json(tmp / _JSON, {"format": _FORMAT, "version": _VERSION, **self.summary()})
+            atomic_save_tensors(tmp / CALIBRATION_TENSORS, _tensor_dict(self.layers), metadata={"format": _FORMAT})
+            atomic_write_json(tmp / CALIBRATION_JSON, {"format": _FORMAT, "version": _VERSION, **self.summary()})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibrationResult":
@@ -212,15 +210,15 @@ class CalibrationResult:
         what = f"CalibrationResult.load({str(path)!r})"
         if not path.is_dir():
             raise FileNotFoundError(f"{what}: not a directory")
-        doc = read_json(path / _JSON, what)
+        doc = read_json(path / CALIBRATION_JSON, what)
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-            raise ValueError(f"{what}: {_JSON} is not an nbl-ext calibration file")
+            raise ValueError(f"{what}: {CALIBRATION_JSON} is not an nbl-ext calibration file")
         if doc.get("version") != _VERSION:
             raise ValueError(f"{what}: unsupported calibration format version {doc.get('version')!r} (expected {_VERSION})")
         meta, rows = doc.get("metadata"), doc.get("layers")
         if not isinstance(meta, dict) or not isinstance(rows, list):
-            raise ValueError(f"{what}: {_JSON} lacks 'metadata' or 'layers'")
-        tensors = read_tensors(path / _TENSORS, what)
+            raise ValueError(f"{what}: {CALIBRATION_JSON} lacks 'metadata' or 'layers'")
+        tensors = read_tensors(path / CALIBRATION_TENSORS, what)
         return cls(layers_from_records(rows, tensors, meta, what), meta)
 
 

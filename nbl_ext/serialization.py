@@ -24,12 +24,16 @@ from torch import nn
 
 from nbl_ext._io import atomic_directory, atomic_write_json, check_inside, read_json
 from nbl_ext.adapters import get_adapter, supported_model_types
+from nbl_ext.kvcache import KV_SHARING_ATTR
 from nbl_ext.linearize import NBL_CONFIG_VERSION, REFIT_MODES, SUMMARY_ATTR, apply_structure
 from nbl_ext.result import METHODS
+from nbl_ext.validation import check_choice
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 SUMMARY = "nbl_calibration.json"
+#: What ``nbl compress`` writes next to the checkpoint: the run's NBLConfig and what it did.
+RUN = "nbl_run.json"
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, *,
@@ -64,12 +68,8 @@ def _check_nbl_section(nbl: Any, num_layers: int, hidden_size: int, what: str) -
         raise ValueError(f"{what}: config.json's 'nbl' section must be an object, got {type(nbl).__name__}")
     if nbl.get("version") != NBL_CONFIG_VERSION:
         raise ValueError(f"{what}: unsupported nbl section version {nbl.get('version')!r} (expected {NBL_CONFIG_VERSION})")
-    method = nbl.get("method")
-    if method not in METHODS:
-        raise ValueError(f"{what}: nbl.method must be one of {METHODS}, got {method!r}")
-    refit = nbl.get("refit")
-    if refit not in REFIT_MODES:
-        raise ValueError(f"{what}: nbl.refit must be one of {REFIT_MODES}, got {refit!r}")
+    method = check_choice(nbl.get("method"), METHODS, "nbl.method", what=what)
+    refit = check_choice(nbl.get("refit"), REFIT_MODES, "nbl.refit", what=what)
     for key, expected in (("num_hidden_layers", num_layers), ("hidden_size", hidden_size)):
         if nbl.get(key) != expected:
             raise ValueError(f"{what}: nbl.{key} is {nbl.get(key)!r} but the model config says {expected}")
@@ -84,6 +84,18 @@ def _check_nbl_section(nbl: Any, num_layers: int, hidden_size: int, what: str) -
     if len(set(layers)) != len(layers):
         raise ValueError(f"{what}: nbl.layers has repeated indices: {layers}")
     return method, sorted(layers), refit
+
+
+def _check_run_config(nbl: dict, what: str) -> Any:
+    """The NBLConfig a checkpoint written by nbl_ext.compress records (None for other checkpoints)."""
+    from nbl_ext.config import NBLConfig
+
+    if nbl.get("config") is None:
+        return None
+    try:
+        return NBLConfig.from_dict(nbl["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: config.json's nbl.config is not a valid NBLConfig ({exc})") from None
 
 
 def _check_weights_file(model: nn.Module, file: Path, what: str) -> None:
@@ -147,10 +159,11 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     num_layers, hidden = int(text.num_hidden_layers), int(text.hidden_size)
     nbl = raw.get("nbl")
     structure = _check_nbl_section(nbl, num_layers, hidden, what) if nbl is not None else None
-    if structure is None and getattr(text, "kv_sharing_modes", None) is not None:
+    run_config = _check_run_config(nbl, what) if structure is not None else None
+    if structure is None and getattr(text, KV_SHARING_ATTR, None) is not None:
         raise ValueError(f"{what}: config.json has kv_sharing_modes but no nbl section; it was not written by nbl_ext")
     # The structure is re-derived from the nbl section, not trusted from the file.
-    text.kv_sharing_modes = None
+    setattr(text, KV_SHARING_ATTR, None)
     if hasattr(config, "nbl"):
         del config.nbl
     device = kwargs.pop("device", None)
@@ -162,6 +175,8 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
         d = adapter.hidden_size
         placeholder = (torch.zeros(d, d), torch.zeros(d))
         apply_structure(model, adapter, method, layers, {i: placeholder for i in layers}, refit)
+        if run_config is not None:
+            model.config.nbl["config"] = run_config.to_dict()
     _check_weights_file(model, weights, what)
     load_model(model, str(weights), strict=True)
     if (root / "generation_config.json").is_file():

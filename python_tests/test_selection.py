@@ -238,3 +238,19 @@ def test_greedy_with_a_statistics_base_and_folds():
     assert g.step_scores[0] == pytest.approx({i: lc.scores["cv_nmse"] for i, lc in enumerate(result.layers)},
                                              rel=1e-9)
     assert all(g.maps[i].ridge is not None for i in g.chosen)
+
+
+def test_nbl_config_holds_the_folds_and_the_ridge_grid():
+    c = nbl_ext.NBLConfig(num_samples=3)
+    assert c.folds is None and c.calibration_folds == 3 and c.calibration_ridges == DEFAULT_RIDGES
+    assert nbl_ext.NBLConfig().calibration_folds == nbl_ext.crossval.DEFAULT_FOLDS
+    assert nbl_ext.NBLConfig(folds=1).calibration_ridges is None
+    fixed = nbl_ext.NBLConfig(ridges=None, ridge=1e-2, folds=4)
+    assert nbl_ext.NBLConfig.from_dict(json.loads(json.dumps(fixed.to_dict()))) == fixed
+    assert nbl_ext.NBLConfig.from_dict(c.to_dict()).ridges == DEFAULT_RIDGES
+    with pytest.raises(ValueError, match="folds=5 is more than num_samples=4"):
+        nbl_ext.NBLConfig(folds=5, num_samples=4)
+    with pytest.raises(ValueError, match="ridge=0.1 fixes the ridge.*pass ridges=None"):
+        nbl_ext.NBLConfig(ridge=0.1)
+    with pytest.raises(ValueError, match="NBLConfig: ridges must be strictly increasing"):
+        nbl_ext.NBLConfig(ridges=(1.0, 0.1))

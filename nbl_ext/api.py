@@ -1,0 +1,105 @@
+"""``nbl_ext.compress``: one call from a model and calibration data to the compressed model.
+
+    model, result = nbl_ext.compress(model, tokens, nbl_ext.NBLConfig(k=8))
+
+runs :func:`nbl_ext.calibrate` -> :meth:`CalibrationResult.select` -> :func:`nbl_ext.linearize` with
+the settings of one :class:`~nbl_ext.config.NBLConfig`, and records that config in ``config.nbl``.
+The three steps stay public for finer control.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Sequence
+
+import torch
+from torch import nn
+
+from nbl_ext.adapters import get_adapter
+from nbl_ext.calibrate import calibrate
+from nbl_ext.config import NBLConfig
+from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, load_calibration_tokens, split_documents
+from nbl_ext.linearize import linearize
+from nbl_ext.result import CalibrationResult
+
+
+def default_k(num_layers: int) -> int:
+    """The number of blocks replaced when the config names neither k nor layers: a quarter, at least one."""
+    return max(1, num_layers // 4)
+
+
+def holdout_split(source: Any, holdout: float | None) -> tuple[Any, float | None]:
+    """(what to calibrate on, the fraction held out) for a calibration source.
+
+    A document file loses ``holdout`` of its documents (default :data:`nbl_ext.data.HOLDOUT_FRACTION`,
+    the same ones ``nbl eval --c4`` scores); other sources ("self", "hf:NAME", a list of texts) are used
+    whole, and a non-zero ``holdout`` for them is an error.
+    """
+    is_file = isinstance(source, (str, os.PathLike)) and str(source) != "self" \
+        and not str(source).startswith("hf:") and Path(source).is_file()
+    if not is_file:
+        if holdout:
+            raise ValueError(f"holdout {holdout} applies to a document file; the calibration source {source!r} "
+                             "is not one")
+        return source, None
+    fraction = HOLDOUT_FRACTION if holdout is None else holdout
+    if fraction == 0:
+        return source, 0.0
+    return split_documents(Path(source), fraction, seed=HOLDOUT_SEED)[0], fraction
+
+
+def calibration_tokens(model: nn.Module, data: Any, config: NBLConfig, *, tokenizer: Any = None,
+                       progress: bool = False) -> torch.Tensor:
+    """The token ids ``config`` calibrates on: ``data`` itself when it is a tensor (its shape must be
+    num_samples x seq_len), else ``data`` as a calibration source (see :func:`nbl_ext.load_calibration_tokens`)."""
+    if isinstance(data, torch.Tensor):
+        shape = (config.num_samples, config.seq_len)
+        if tuple(data.shape) != shape:
+            raise ValueError(f"compress: the token ids have shape {tuple(data.shape)} but the config says "
+                             f"num_samples x seq_len = {shape}; pass NBLConfig(num_samples={data.shape[0]}, "
+                             f"seq_len={data.shape[-1]}) or matching tokens")
+        return data
+    if tokenizer is None:
+        raise TypeError("compress: a calibration source (file, 'self', hf:NAME, texts) needs tokenizer=; "
+                        "or pass token ids (a LongTensor)")
+    source, _ = holdout_split(data, config.holdout)
+    return load_calibration_tokens(source, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
+                                   seed=config.seed, model=model, progress=progress)
+
+
+def compress(model: nn.Module, data: torch.Tensor | str | os.PathLike | Sequence[str],
+             config: NBLConfig | None = None, *, tokenizer: Any = None, progress: bool = False,
+             timer: Callable[[str], ContextManager[Any]] | None = None) -> tuple[nn.Module, CalibrationResult]:
+    """Calibrate ``model`` on ``data``, select layers and linearize them in place, as ``config`` says.
+
+    ``data``: token ids (num_samples, seq_len), or a calibration source with ``tokenizer``.
+    ``timer(phase)`` is entered around the "calibrate", "select" and "linearize" steps.
+    Returns ``(model, result)``; ``model.config.nbl["config"]`` is the config that ran (k filled in).
+    """
+    config = config if config is not None else NBLConfig()
+    if not isinstance(config, NBLConfig):
+        raise TypeError(f"compress: config must be an NBLConfig, got {type(config).__name__}")
+    phase = timer or (lambda _name: contextlib.nullcontext())
+    adapter = get_adapter(model)
+    n = adapter.num_layers
+    if config.layers is None:
+        k = config.k if config.k is not None else default_k(n)
+        if k > n:
+            raise ValueError(f"compress: k={k} is more than the model's {n} layers")
+        config = config.replace(k=k)
+    elif config.layers and config.layers[-1] >= n:
+        raise ValueError(f"compress: layer {config.layers[-1]} is out of range for the model's {n} layers")
+    tokens = calibration_tokens(model, data, config, tokenizer=tokenizer, progress=progress)
+    with phase("calibrate"):
+        result = calibrate(model, tokens, batch_size=config.batch_size, progress=progress, ridge=config.ridge,
+                           gram_precision=config.gram_precision, activations=config.activations,
+                           folds=config.calibration_folds, ridges=config.calibration_ridges)
+    with phase("select"):
+        layers = list(config.layers) if config.layers is not None else result.select(config.k, config.criterion)
+    with phase("linearize"):
+        linearize(model, result, layers, replacement=config.replacement, refit=config.refit,
+                  data=tokens if config.refit else None, batch_size=config.batch_size, progress=progress,
+                  ridge=config.ridge)
+    adapter.config.nbl["config"] = config.to_dict()
+    return model, result
