@@ -100,6 +100,6 @@ def compress(model: nn.Module, data: torch.Tensor | str | os.PathLike | Sequence
     with phase("linearize"):
         linearize(model, result, layers, replacement=config.replacement, refit=config.refit,
                   data=tokens if config.refit else None, batch_size=config.batch_size, progress=progress,
-                  ridge=config.ridge)
+                  ridge=config.ridge, folds=config.calibration_folds, ridges=config.calibration_ridges)
     adapter.config.nbl["config"] = config.to_dict()
     return model, result

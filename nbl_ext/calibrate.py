@@ -26,7 +26,7 @@ import hashlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -34,7 +34,7 @@ from torch import nn
 from nbl_ext._io import atomic_save_tensors, atomic_write_json, read_json, read_tensors
 from nbl_ext.adapters import Adapter, get_adapter
 from nbl_ext.criteria import token_statistics
-from nbl_ext.crossval import DEFAULT_FOLDS, check_ridges
+from nbl_ext.crossval import check_fold_settings
 from nbl_ext.engine import (
     AccumulatorFactory, LayerwiseRunner, PhaseTimer, all_reduce_stats, barrier, check_token_data, dist_info,
     eval_mode, progress_bar, score_layer, shard,
@@ -154,7 +154,7 @@ def calibrate(
         raise ValueError("calibrate: activations='memory' cannot be resumed; with output_dir the layer outputs "
                          "are spilled to disk (use activations='auto' or 'disk', or drop output_dir)")
     data = check_token_data(data, adapter.vocab_size, "calibrate")
-    folds, grid = _check_folds(folds, ridges, ridge, int(data.shape[0]))
+    folds, grid = check_fold_settings(folds, ridges, ridge, int(data.shape[0]), "calibrate")
     rank, world = dist_info()
     local, offset = shard(data)
     n_layers = adapter.num_layers
@@ -238,26 +238,6 @@ def calibrate(
             if rank == 0:
                 shutil.rmtree(out / "spill", ignore_errors=True)
     return result
-
-
-def _check_folds(folds: Any, ridges: Any, ridge: Any, num_samples: int) -> tuple[int, list[float] | None]:
-    """Validated (folds, ridge grid or None)."""
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
-        raise ValueError(f"calibrate: folds must be a positive int (1: no cross-validation), got {folds!r}")
-    if folds > num_samples:
-        raise ValueError(f"calibrate: folds={folds} is more than the {num_samples} calibration samples (folds are "
-                         "made of whole samples); use folds <= num_samples or more samples")
-    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or ridge == float("inf"):
-        raise ValueError(f"calibrate: ridge must be a finite number >= 0, got {ridge!r}")
-    if ridges is None:
-        return folds, None
-    if folds < 2:
-        raise ValueError("calibrate: choosing the ridge from a grid needs cross-validation folds; pass folds >= 2 "
-                         f"(e.g. {DEFAULT_FOLDS}) with ridges=")
-    if ridge != 0:
-        raise ValueError(f"calibrate: pass either ridge={ridge!r} (one fixed ridge) or a ridges= grid to choose from, "
-                         "not both")
-    return folds, [float(v) for v in check_ridges(ridges, "calibrate").tolist()]
 
 
 # --- output_dir bookkeeping ------------------------------------------------------

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -143,6 +143,27 @@ def _check_folds(folds: Sequence[MomentsLike]) -> list[Moments]:
     dev = ms[0].device
     return [m if m.device == dev else Moments(m.count, *(t.to(dev) for t in (m.mean_x, m.mean_y, m.m_xx, m.m_yx,
                                                                               m.m_yy))) for m in ms]
+
+
+def check_fold_settings(folds: Any, ridges: Any, ridge: Any, num_samples: int,
+                        what: str) -> tuple[int, list[float] | None]:
+    """Validated (folds, ridge grid or None) of a calibration over ``num_samples`` samples (see nbl_ext.calibrate)."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise ValueError(f"{what}: folds must be a positive int (1: no cross-validation), got {folds!r}")
+    if folds > num_samples:
+        raise ValueError(f"{what}: folds={folds} is more than the {num_samples} calibration samples (folds are "
+                         "made of whole samples); use folds <= num_samples or more samples")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or ridge == float("inf"):
+        raise ValueError(f"{what}: ridge must be a finite number >= 0, got {ridge!r}")
+    if ridges is None:
+        return folds, None
+    if folds < 2:
+        raise ValueError(f"{what}: choosing the ridge from a grid needs cross-validation folds; pass folds >= 2 "
+                         f"(e.g. {DEFAULT_FOLDS}) with ridges=")
+    if ridge != 0:
+        raise ValueError(f"{what}: pass either ridge={ridge!r} (one fixed ridge) or a ridges= grid to choose from, "
+                         "not both")
+    return folds, [float(v) for v in check_ridges(ridges, what).tolist()]
 
 
 def merge_folds(folds: Sequence[MomentsLike]) -> Moments:
@@ -272,5 +293,5 @@ def choose_ridge(folds: Sequence[MomentsLike], ridges: Sequence[float] | torch.T
     return cv.best_ridge, cv.nmse
 
 
-__all__ = ["DEFAULT_FOLDS", "DEFAULT_RIDGES", "CrossValidation", "check_ridges", "choose_ridge", "cross_validate",
+__all__ = ["DEFAULT_FOLDS", "DEFAULT_RIDGES", "CrossValidation", "check_fold_settings", "check_ridges", "choose_ridge", "cross_validate",
            "cross_validated_nmse", "merge_folds"]

@@ -254,3 +254,16 @@ def test_nbl_config_holds_the_folds_and_the_ridge_grid():
         nbl_ext.NBLConfig(ridge=0.1)
     with pytest.raises(ValueError, match="NBLConfig: ridges must be strictly increasing"):
         nbl_ext.NBLConfig(ridges=(1.0, 0.1))
+
+
+def test_sequential_refit_with_folds_chooses_each_refitted_ridge():
+    model = tiny_model("llama", 3, dtype=torch.float64)
+    data = token_data(4, 24)
+    lin = nbl_ext.linearize(copy.deepcopy(model), None, [0, 2], refit="sequential", data=data, batch_size=2,
+                            folds=2, ridges=RIDGES)
+    refit = {r["layer"]: r for r in lin._nbl_calibration_summary["refit"]}
+    ref = nbl_ext.calibrate(model, data, batch_size=2, progress=False, folds=2, ridges=RIDGES)
+    assert refit[0]["ridge"] == ref.layers[0].ridge and refit[0]["cv_curve"] == pytest.approx(ref.layers[0].cv_curve)
+    assert refit[2]["ridge"] in RIDGES and "cv_nmse" in refit[2]
+    with pytest.raises(ValueError, match=r"linearize\(refit\): folds=5 is more than the 4 calibration samples"):
+        nbl_ext.linearize(copy.deepcopy(model), None, [0], refit="sequential", data=data, folds=5)
