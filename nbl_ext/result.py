@@ -69,6 +69,8 @@ class LayerCalibration:
         if crit.name not in self.scores:
             hint = {"cv": "folds: calibrate(..., folds=K >= 2)"}
             needs = f" (it needs {', '.join(hint.get(n, n) for n in crit.needs)})" if crit.needs else ""
+            if "model" in crit.needs:
+                needs += f"; score it with nbl_ext.score_criteria(model, result, {crit.name!r}, heldout=..., data=...)"
             raise ValueError(f"criterion {crit.name!r} was not scored for decoder layer {self.layer}{needs}; "
                              f"scored: {', '.join(sorted(self.scores))}")
         return self.scores[crit.name]

@@ -163,6 +163,9 @@ def test_registry_lists_the_new_criteria_and_select_checks_k(folded):
     with pytest.raises(ValueError, match=r"unknown selection criterion 'best'; known criteria: .*cv_nmse.*direct_nll"
                                          r".*greedy.*residual_ratio"):
         result.select(1, "best")
+    with pytest.raises(ValueError, match=r"'direct_nll' was not scored .*needs model, holdout\); score it with "
+                                         r"nbl_ext.score_criteria\(model, result, 'direct_nll'"):
+        result.select(1, "direct_nll")
     with pytest.raises(ValueError, match=r"between 0 and the number of layers \(3\), got 4"):
         result.select(4, "cv_nmse")
     assert result.rank("residual_ratio") == sorted(range(3), key=lambda i: (result.layers[i].scores["residual_ratio"], i))
