@@ -1,4 +1,4 @@
-"""Build nbl-ext and its one compiled extension, ``nbl_ext._C``.
+"""The one compiled extension of nbl-ext, ``nbl_ext._C`` (the package metadata is in pyproject.toml).
 
 CPU kernels are always built. CUDA kernels are built when the installed torch
 is a CUDA build (``torch.version.cuda``) *and* a CUDA toolkit is found
@@ -11,13 +11,15 @@ Environment overrides:
   NBL_NO_EXTENSION=1      pure-Python install (the package then runs on its
                           pure-PyTorch reference kernels)
 
-Build against the installed torch: ``pip install --no-build-isolation .``
+Build against the installed torch: ``pip install --no-build-isolation .`` (or ``-e .``).
+scripts/setup_env.sh builds in place instead (``setup.py build_ext --inplace`` with a kept
+build directory, so that a rebuild compiles only what changed).
 """
 import os
 import sys
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
 
@@ -117,35 +119,5 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="nbl-ext",
-    version="0.1.0",
-    description="Neural Block Linearization for Hugging Face causal LMs, with a C++/CUDA extension",
-    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    packages=find_packages(include=["nbl_ext", "nbl_ext.*"]),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    # Ranges tested in CI (requirements-dev.txt pins the exact set).
-    install_requires=[
-        "torch>=2.11,<2.15",
-        "numpy>=2.0,<2.5",
-        "scipy>=1.14,<1.18",
-        "safetensors>=0.4.5,<0.9",
-        "tqdm>=4.66,<4.71",
-        "transformers>=5.23,<5.24",
-        "accelerate>=1.0,<2",
-        "gguf>=0.17,<0.20",
-        "matplotlib>=3.8,<3.12",
-        # nbl eval / nbl_ext.evaluate: stock lm-evaluation-harness; nbl_ext.tasks reads its task YAMLs,
-        # so the minor version is pinned to the one tested.
-        "lm-eval>=0.4.13,<0.4.14",
-        "datasets>=3.0,<6",
-    ],
-    extras_require={
-        "test": ["pytest>=8.3,<9.3", "pytest-benchmark>=5.1,<5.4"],
-    },
-    entry_points={"console_scripts": ["nbl = nbl_ext.cli:main"]},
-    zip_safe=False,
-)
+# The package metadata (name, version, dependencies, the `nbl` command) is in pyproject.toml.
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

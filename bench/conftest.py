@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import torch
 
+from nbl_ext.benchmark import time_call
+
 BENCH_DIR = Path(__file__).resolve().parent
 
 
@@ -36,9 +38,9 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
     import nbl_ext
-    from nbl_ext.benchmark import _git_info
+    from nbl_ext.benchmark.provenance import cuda_info, git_info
 
-    git = _git_info()
+    git = git_info()
 
     info: dict[str, Any] = {
         "torch_version": torch.__version__,
@@ -57,12 +59,12 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "git_dirty": bool(git["dirty"]),
     }
     if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
+        cuda = cuda_info(0)
         info.update({
-            "cuda_device_name": props.name,
-            "cuda_capability": f"{props.major}.{props.minor}",
-            "cuda_total_memory_gib": round(props.total_memory / 2**30, 1),
-            "cuda_sm_count": props.multi_processor_count,
+            "cuda_device_name": cuda["name"],
+            "cuda_capability": cuda["capability"],
+            "cuda_total_memory_gib": round(cuda["total_memory_bytes"] / 2**30, 1),
+            "cuda_sm_count": cuda["sm_count"],
             "cuda_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         })
     machine_info["nbl"] = info
@@ -70,29 +72,23 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
 
 # --- same-run GEMM rates ----------------------------------------------------------
 def _measure_gemm(d: int, k: int, dtype: torch.dtype, device: str) -> float:
-    """GFLOP/s of torch.mm((d x k) @ (k x d)): median of timed repetitions after warm-up."""
+    """GFLOP/s of torch.mm((d x k) @ (k x d)): median of repetitions timed by nbl_ext.benchmark.time_call
+    (CUDA events on CUDA, perf_counter on CPU) after warm-up."""
     a = torch.randn(d, k, device=device).to(dtype)
     b = torch.randn(k, d, device=device).to(dtype)
     flops = 2.0 * d * k * d
     times: list[float] = []
+    mm = lambda: torch.mm(a, b)  # noqa: E731
     if device == "cuda":
         for _ in range(3):
-            torch.mm(a, b)
+            mm()
         torch.cuda.synchronize()
-        for _ in range(20):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            torch.mm(a, b)
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
+        times = [time_call(device, mm) for _ in range(20)]
     else:
-        torch.mm(a, b)
+        mm()
         t_end = time.perf_counter() + 1.0
         while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 20):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - t0)
+            times.append(time_call(device, mm))
     return flops / statistics.median(times) / 1e9
 
 

@@ -16,7 +16,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 
 import nbl_ext
 from nbl_ext import ops
+from nbl_ext.benchmark import time_call
 from workloads import CHUNK, RUNNERS, VARIANTS, gram_flops, iter_chunks, make_oracle, check
 
 HAS_CUDA = torch.cuda.is_available()
@@ -162,17 +162,9 @@ def test_accumulator(benchmark, record_extra_info, gemm_rate, device, d, n, dtyp
     def target():
         if device == "cuda":
             torch.cuda.synchronize()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            out = run(chunks, d, d, device=device)
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            out = run(chunks, d, d, device=device)
-            times.append(time.perf_counter() - t0)
-        return out
+        out = []
+        times.append(time_call(device, lambda: out.append(run(chunks, d, d, device=device))))
+        return out[0]
 
     result = benchmark.pedantic(target, rounds=rounds, warmup_rounds=warmup, iterations=1)
     try:

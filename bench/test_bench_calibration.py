@@ -39,6 +39,7 @@ import pytest
 import torch
 
 from nbl_ext import benchmark as nb
+from nbl_ext.benchmark.timing import available_host_bytes
 
 HAS_CUDA = torch.cuda.is_available()
 WORKLOADS = Path(__file__).resolve().parent / "workloads.py"
@@ -89,7 +90,7 @@ def _store_all_fits(model: str, dtype: str, samples: int, seq_len: int) -> tuple
     sh = nb.Shape.of(model)
     s = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     need = nb.calibration_cost(sh, num_samples=samples, seq_len=seq_len, dtype=dtype)["stored_activation_bytes"]
-    avail = nb._available_host_bytes()
+    avail = available_host_bytes()
     msg = (f"store_all needs ~{need / 2**30:.1f} GiB of host memory ({sh.layers} layers x 2 x {samples * seq_len} "
            f"tokens x {sh.hidden} x {s} B) of {'?' if avail is None else f'{avail / 2**30:.1f}'} GiB available; "
            "it grows linearly with the tokens (extrapolate from the smaller counts)")

@@ -17,7 +17,6 @@ benchmark fails (and is left out of the JSON).
 """
 from __future__ import annotations
 
-import gc
 import os
 from typing import Any
 
@@ -25,6 +24,7 @@ import pytest
 import torch
 
 from nbl_ext import benchmark as nb
+from nbl_ext.benchmark.timing import free_memory
 
 HAS_CUDA = torch.cuda.is_available()
 BF16, F32 = "bfloat16", "float32"
@@ -73,12 +73,6 @@ def _build(device: str, model: str, weights: str, dtype: str):
         pytest.skip(str(exc).splitlines()[0])
 
 
-def _free() -> None:
-    gc.collect()
-    if HAS_CUDA:
-        torch.cuda.empty_cache()
-
-
 def _fits(shape: nb.Shape, batch: int, context: int, dtype: str, chunk: int | None) -> tuple[bool, str]:
     """Rough peak estimate (weights + full KV + one prefill chunk's MLP activations) vs free GPU memory."""
     s = torch.empty((), dtype=getattr(torch, dtype)).element_size()
@@ -114,7 +108,7 @@ def test_generate(benchmark, ceilings, device, model_name, weights, batch, promp
     benchmark.group = f"generate {device} {model_name} b{batch} p{prompt_len} n{new_tokens} {dtype} {mode}"
     chunk = PREFILL_CHUNK if tag == "sweep" else None
     if device == "cuda":
-        _free()
+        free_memory(torch.device("cuda" if HAS_CUDA else "cpu"))
         ok, why = _fits(nb.Shape.of(model_name), batch, prompt_len + new_tokens, dtype, chunk)
         if not ok:
             pytest.skip(f"does not fit: {why}")
@@ -160,5 +154,5 @@ def test_generate(benchmark, ceilings, device, model_name, weights, batch, promp
         raise
     finally:
         del model
-        _free()
+        free_memory(torch.device("cuda" if HAS_CUDA else "cpu"))
 

@@ -43,11 +43,12 @@ from typing import NamedTuple
 
 import torch
 
-from nbl_ext.benchmark import _proc_status, _reset_peak_rss
+from nbl_ext.benchmark.report import ACCUMULATOR_VARIANTS
+from nbl_ext.benchmark.timing import proc_status, reset_peak_rss
 
 #: compiled_bf16: the compiled op with precision="bfloat16" (bf16 Gram products, float32
 #: accumulation; see nbl_ext.stats.CovarianceAccumulator); its check tolerance is wider.
-VARIANTS = ("compiled", "compiled_bf16", "reference", "store_all")
+VARIANTS = ACCUMULATOR_VARIANTS  # ("compiled", "compiled_bf16", "reference", "store_all"), one order everywhere
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 #: Tokens per update() call of the streaming variants (one row block of the kernel).
 CHUNK = 2048
@@ -217,7 +218,7 @@ def _peak_rss_bytes() -> tuple[int, str]:
     pytest process, holding the benchmark data), so every probe would read
     the same number. VmHWM belongs to this process's own address space.
     """
-    hwm = _proc_status("VmHWM")
+    hwm = proc_status("VmHWM")
     if hwm is not None:
         return hwm, "VmHWM"
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -231,7 +232,7 @@ def _probe(variant: str, d: int, n: int, dtype: torch.dtype, chunk: int) -> dict
     a = torch.randn(64, 64)
     torch.mm(a, a)
     del a
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     chunks = iter_chunks(d, n, dtype, chunk=chunk)
     if variant == "baseline":
         for x, y in chunks:

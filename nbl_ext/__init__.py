@@ -12,6 +12,7 @@ in-place linearization and self-contained checkpoints::
     result = nbl_ext.calibrate(model, tokens)
     nbl_ext.linearize(model, result, result.select(k))
     nbl_ext.save_pretrained(model, "out/", tok, calibration=result)
+    nbl_ext.heal(model, tokens, nbl_ext.HealConfig(method="lora"))   # optional: recover accuracy
 
 or, in one call driven by a config object (the same three steps)::
 
@@ -43,6 +44,7 @@ from nbl_ext.serialization import load_pretrained, save_pretrained
 from nbl_ext.criteria import LayerContext, criterion_names, get_criterion, register_criterion
 from nbl_ext.config import NBLConfig
 from nbl_ext.api import compress
+from nbl_ext.heal import HealConfig, HealResult, OriginalBranches, heal
 
 __version__ = "0.1.0"
 
@@ -50,9 +52,12 @@ __all__ = [
     "CalibrationResult",
     "CovarianceAccumulator",
     "CrossValidation",
+    "HealConfig",
+    "HealResult",
     "LayerContext",
     "Moments",
     "NBLConfig",
+    "OriginalBranches",
     "SingularWarning",
     "calibrate",
     "canonical_correlations",
@@ -67,6 +72,7 @@ __all__ = [
     "get_adapter",
     "get_criterion",
     "greedy_selection",
+    "heal",
     "linearize",
     "lmmse_nmse",
     "load_calibration_tokens",

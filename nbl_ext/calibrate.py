@@ -63,7 +63,7 @@ def weights_fingerprint(model: nn.Module, per_tensor: int = 4096) -> str:
     return h.hexdigest()
 
 
-def _boundaries_fit(model: nn.Module, adapter: Adapter, samples: torch.Tensor) -> bool:
+def boundaries_fit(model: nn.Module, adapter: Adapter, samples: torch.Tensor) -> bool:
     """activations="auto": True when the boundaries can stay on a CUDA device (see :func:`calibrate`)."""
     device = model.get_input_embeddings().weight.device
     if device.type != "cuda":
@@ -186,7 +186,7 @@ def calibrate(
     with contextlib.ExitStack() as stack:
         if out is None:
             in_memory = activations == "memory" or (
-                activations == "auto" and _boundaries_fit(model, adapter, local))
+                activations == "auto" and boundaries_fit(model, adapter, local))
             spill = None if in_memory else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nbl-spill-")))
         else:
             out.mkdir(parents=True, exist_ok=True)

@@ -46,11 +46,19 @@ _REPLACEMENT_OF = {method: replacement for replacement, method in _METHOD_OF.ite
 SUMMARY_ATTR = "_nbl_calibration_summary"
 
 
-class AffineResidual(nn.Module):
-    """``h + h @ weight.T + bias``: the linear map replacing an attention branch (with its residual)."""
+class AffineResidual(nn.Linear):
+    """``h + h @ weight.T + bias``: the linear map replacing an attention branch (with its residual).
+
+    An ``nn.Linear`` (d -> d) whose forward adds its input back: the residual is part of the
+    module, ``weight`` and ``bias`` are the fitted W and b (state-dict keys ``weight``/``bias``).
+    Being an ``nn.Linear`` lets peft target it: ``peft.tuners.lora.Linear`` computes
+    ``base_layer(x) + B A x = h + (W + BA) h + b``, and merging adds ``BA`` to W exactly.
+    """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: no random initialization to throw away
+        self.in_features = int(weight.shape[1])
+        self.out_features = int(weight.shape[0])
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = nn.Parameter(bias, requires_grad=False)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-# The "cuda" case carries the `cuda` marker (pytest.ini): `pytest -m cuda` selects every test that needs the
+# The "cuda" case carries the `cuda` marker (pyproject.toml): `pytest -m cuda` selects every test that needs the
 # GPU, which is what .ci/gpu runs.
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
                                               pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")])]

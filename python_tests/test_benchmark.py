@@ -257,7 +257,7 @@ def test_compare_interleaved_rounds():
         return real(model, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(benchmark, "time_generation", spy)
+        mp.setattr(benchmark.comparison, "time_generation", spy)
         result = benchmark.compare(_model, [("nbl", 1), ("drop", 1)], batch=BATCH, prompt_len=PROMPT,
                                    new_tokens=NEW, warmup=1, repeats=3, interleave=True)
     models = [c[0] for c in calls]
@@ -445,7 +445,7 @@ def test_time_calibration_rejects_bad_input(monkeypatch):
         benchmark.time_calibration(model, data + CAL_VOCAB)
     with pytest.raises(ValueError, match="num_samples must be a positive int"):
         benchmark.calibration_tokens(CAL_VOCAB, 0, 8)
-    monkeypatch.setattr(benchmark, "_available_host_bytes", lambda: 1000)
+    monkeypatch.setattr(benchmark.calibration, "available_host_bytes", lambda: 1000)
     with pytest.raises(ValueError, match=r"store_all would keep .* GiB of activations on the host"):
         benchmark.time_calibration(model, data, method="store_all")
     benchmark.time_calibration(model, data, method="store_all", check_memory=False)  # the check can be waived
@@ -459,7 +459,7 @@ def test_compare_calibration_ratios_and_skips(monkeypatch):
     for x in r["runs"]:
         assert x["vs_streaming"]["time_ratio"] > 0
     assert r["runs"][0]["vs_streaming"]["time_ratio"] == 1.0
-    monkeypatch.setattr(benchmark, "_available_host_bytes", lambda: 1000)
+    monkeypatch.setattr(benchmark.calibration, "available_host_bytes", lambda: 1000)
     r = benchmark.compare_calibration(model, [4], seq_len=32)
     assert "skipped" in r["runs"][1] and "would keep" in r["runs"][1]["skipped"]
     with pytest.raises(ValueError, match="method must be one of"):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
 
 PACKAGE = "nbl_ext"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
@@ -113,6 +112,4 @@ def test_the_package_has_no_import_cycle():
     graph = import_graph()
     assert len(graph) > 10 and "nbl_ext.cli" in graph  # the walk found the package
     found = cycles(graph)
-    if found == [["nbl_ext.numerics", "nbl_ext.stats"]]:  # numerics reads the accumulator's private fields
-        pytest.xfail("fixed on branch w1b-numerics")
     assert not found, "import cycles in nbl_ext: " + "; ".join(" <-> ".join(c) for c in found)

@@ -31,32 +31,39 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import math
 import os
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's nbl_ext, whatever is installed
+
+from nbl_ext.benchmark.report import (  # noqa: E402  (the tables and the JSON reading: one place, nbl bench's too)
+    ACCUMULATOR_VARIANTS,
+    CALIB_KEYS,
+    TABLES,
+    accumulator_rows,
+    affine_rows,
+    calibration_rows,
+    fmt,
+    generation_case,
+    generation_rows,
+    is_benchmark_json,
+    row_device,
+    suite_of,
+)
+
 DEFAULT_RESULTS = ROOT / "bench" / "results"
 DEFAULT_DOC = ROOT / "docs" / "performance.md"
 
-ACC_ORDER = {"compiled": 0, "reference": 1, "store_all": 2}
-ACC_COLOR = {"compiled": "tab:blue", "reference": "tab:green", "store_all": "tab:red"}
+ACC_ORDER = {v: i for i, v in enumerate(ACCUMULATOR_VARIANTS)}
+ACC_COLOR = {"compiled": "tab:blue", "compiled_bf16": "tab:cyan", "reference": "tab:green", "store_all": "tab:red"}
 METHOD_COLOR = {"nbl": "tab:blue", "drop": "tab:red"}
 METHOD_LABEL = {"nbl": "NBL", "drop": "DROP"}
-#: extra_info keys read for the calibration suite, first present wins (bytes unless the key says mb).
-CALIB_KEYS = {
-    "method": ("method", "variant"),
-    "time_s": ("time_s", "seconds", "calibrate_s", "elapsed_s", "median_s"),
-    "tokens_per_s": ("tokens_per_s",),
-    "peak_host_bytes": ("peak_host_bytes", "peak_rss_bytes", "peak_host_mb", "peak_rss_mb"),
-    "peak_gpu_bytes": ("peak_gpu_bytes", "peak_cuda_bytes", "peak_gpu_mb", "peak_cuda_mb"),
-    "floor_s": ("floor_s",),
-}
 FULL_CALIB_TOKENS = 256 * 2048
 FLAT_TOLERANCE = 1.10  # "flat host memory": peak at the most tokens <= 1.10 x peak at the fewest
 MISSING_GPU = "missing: needs a GPU session"
@@ -76,28 +83,6 @@ class Run:
     @property
     def when(self) -> str:
         return str(self.data.get("datetime", ""))
-
-
-def _is_benchmark_json(data: Any) -> bool:
-    return isinstance(data, dict) and isinstance(data.get("benchmarks"), list) and "machine_info" in data
-
-
-def suite_of(bench: dict) -> str:
-    e = bench.get("extra_info") or {}
-    if e.get("suite"):
-        return str(e["suite"])
-    if "d_x" in e and "variant" in e:
-        return "accumulator"
-    stem = Path(str(bench.get("fullname", "")).split("::")[0]).stem
-    return stem.removeprefix("test_bench_") or "other"
-
-
-def row_device(bench: dict) -> str:
-    e = bench.get("extra_info") or {}
-    dev = e.get("device") or (bench.get("params") or {}).get("device")
-    if not dev:
-        dev = "cuda" if "cuda" in str(bench.get("name", "")) else "cpu"
-    return str(dev).split(":")[0]
 
 
 def device_label(data: dict, dev: str) -> str:
@@ -131,7 +116,7 @@ def load_runs(sources: list[Path]) -> tuple[list[Run], list[str]]:
         except (OSError, ValueError) as exc:
             skipped.append(f"`{f.name}`: not readable as JSON ({type(exc).__name__})")
             continue
-        if not _is_benchmark_json(data):
+        if not is_benchmark_json(data):
             skipped.append(f"`{f.name}`: not a pytest-benchmark JSON (no `machine_info` / `benchmarks`)")
             continue
         run = Run(f, data)
@@ -153,12 +138,6 @@ def newest(runs: list[Run]) -> dict[tuple[str, str], Run]:
 
 
 # --- formatting helpers ---------------------------------------------------------------------------------
-def _fmt(x: Any, spec: str = ".3g") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return format(x, spec)
-
-
 def _range(vals: list[float], spec: str = ".1f", suffix: str = "") -> str:
     vals = [v for v in vals if v is not None]
     if not vals:
@@ -209,29 +188,15 @@ def _plt():
 
 
 # --- accumulator ---------------------------------------------------------------------------------------
-def _acc_rows(rows: list[dict]) -> list[dict]:
-    out = [b["extra_info"] for b in rows if "d_x" in b.get("extra_info", {})]
-    return sorted(out, key=lambda e: (e["dtype"] != "float32", e["dtype"], e["d_x"], e["tokens"],
-                                      ACC_ORDER.get(e["variant"], 9), e["variant"]))
-
-
 def accumulator_section(label: str, run: Run, rows: list[dict], png: Path | None, rel: str) -> list[str]:
-    ex = _acc_rows(rows)
-    store = {(e["dtype"], e["d_x"], e["tokens"]): e["median_s"] for e in ex if e["variant"] == "store_all"}
+    ex = accumulator_rows(rows)
     out = [f"## Covariance accumulator: {label}", "", run_meta(run, rows), ""]
     if png is not None:
         out += [f"![accumulator throughput and memory]({rel})", "",
                 "Top: tokens/s against the number of tokens, with the float32-GEMM floor (three Gram products "
                 "at the same-run `torch.mm` rate; dashed). Bottom: peak memory over the baseline process: the "
                 "streaming variants stay flat, store_all grows with the tokens. float32 cases.", ""]
-    out += ["| variant | dtype | d | tokens | median ms | tokens/s | GFLOP/s | % of fp32 GEMM | floor ms | x store_all | peak MB |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for e in ex:
-        base = store.get((e["dtype"], e["d_x"], e["tokens"]))
-        out.append(f"| {e['variant']} | {e['dtype']} | {e['d_x']} | {e['tokens']} | {1e3 * e['median_s']:.1f} "
-                   f"| {e['tokens_per_s']:,.0f} | {e['gflops']:.1f} | {_fmt(e.get('pct_of_gemm_fp32'), '.0f')}% "
-                   f"| {_fmt(1e3 * e['floor_s_fp32'] if e.get('floor_s_fp32') else None, '.1f')} "
-                   f"| {_fmt(base / e['median_s'] if base else None, '.2f')} | {_fmt(e.get('peak_mem_mb'), '.0f')} |")
+    out += TABLES["accumulator"](rows)
     out.append("")
     out += _acc_findings(ex)
     return out + [""]
@@ -274,7 +239,7 @@ def _by_d(ex: list[dict], variant: str) -> dict[tuple[str, int], list[tuple[int,
 
 def plot_accumulator(label: str, rows: list[dict], png: Path) -> None:
     plt = _plt()
-    ex = [e for e in _acc_rows(rows) if e["dtype"] == "float32"]
+    ex = [e for e in accumulator_rows(rows) if e["dtype"] == "float32"]
     ds = sorted({e["d_x"] for e in ex})
     fig, axes = plt.subplots(2, len(ds), figsize=(4.2 * len(ds), 7), squeeze=False)
     for col, d in enumerate(ds):
@@ -313,49 +278,15 @@ def plot_accumulator(label: str, rows: list[dict], png: Path) -> None:
 
 
 # --- generation -------------------------------------------------------------------------------------------
-def _gen_case(e: dict) -> tuple:
-    return (e["model"], e["mode"], e["batch"], e["prompt_len"], e["new_tokens"], e["dtype"], bool(e.get("sweep")))
-
-
-def _variant_key(e: dict) -> tuple:
-    return (0, 0, "") if e["variant"] == "original" else (1, int(e.get("k") or 0), str(e.get("method")))
-
-
-def _gen_rows(rows: list[dict]) -> list[dict]:
-    ex = [b["extra_info"] for b in rows if b.get("extra_info", {}).get("variant")]
-    return sorted(ex, key=lambda e: (_gen_case(e), _variant_key(e)))
-
-
-def _with_ratios(ex: list[dict]) -> list[dict]:
-    base = {_gen_case(e): e for e in ex if e["variant"] == "original"}
-    out = []
-    for e in ex:
-        o = base.get(_gen_case(e))
-        out.append({**e, "x_decode": o["decode_step_s"] / e["decode_step_s"] if o else None,
-                    "x_e2e": e["e2e_tokens_per_s"] / o["e2e_tokens_per_s"] if o else None})
-    return out
-
-
 def generate_section(label: str, run: Run, rows: list[dict], png: Path | None, rel: str) -> list[str]:
-    ex = _with_ratios(_gen_rows(rows))
+    ex = generation_rows(rows)
     out = [f"## Generation latency: {label}", "", run_meta(run, rows), ""]
     if png is not None:
         out += [f"![generation speedup vs k]({rel})", "",
                 "Speedup over the original of the same case (same run) against the number of attention blocks "
                 "replaced, for decode steps and end to end, next to the ideal bytes ratio (bytes per decode step "
                 "original / variant; dotted).", ""]
-    out += ["| model | mode | batch | prompt+new | variant | prefill ms | decode ms/step | decode tok/s | e2e tok/s "
-            "| x decode | x e2e | ideal x | KV MiB | peak MiB | % floor |",
-            "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for e in ex:
-        peak = e.get("peak_memory_bytes")
-        out.append(
-            f"| {e['model']}{' (random)' if e.get('weights') == 'random' else ''} | {e['mode']} | {e['batch']} "
-            f"| {e['prompt_len']}+{e['new_tokens']} | {e['variant']} | {1e3 * e['prefill_s']:.1f} "
-            f"| {1e3 * e['decode_step_s']:.2f} | {e['decode_tokens_per_s']:,.1f} | {e['e2e_tokens_per_s']:,.1f} "
-            f"| {_fmt(e['x_decode'], '.3f')} | {_fmt(e['x_e2e'], '.3f')} | {_fmt(e.get('ideal_decode_speedup'), '.3f')} "
-            f"| {e['kv_cache_bytes'] / 2**20:,.1f} | {'-' if peak is None else f'{peak / 2**20:,.0f}'} "
-            f"| {_fmt(e.get('pct_of_floor'), '.0f')}% |")
+    out += TABLES["generate"](rows)
     ceil = sorted({(e["dtype"], round(e["bandwidth_bytes_per_s"] / 1e9), round(e["matmul_flops_per_s"] / 1e9))
                    for e in ex if e.get("bandwidth_bytes_per_s") and e.get("matmul_flops_per_s")})
     if ceil:
@@ -366,11 +297,11 @@ def generate_section(label: str, run: Run, rows: list[dict], png: Path | None, r
 
 def plot_generate(label: str, rows: list[dict], png: Path) -> None:
     plt = _plt()
-    ex = _with_ratios(_gen_rows(rows))
-    cases = sorted({_gen_case(e) for e in ex if e["variant"] != "original" and e["x_decode"] is not None})
+    ex = generation_rows(rows)
+    cases = sorted({generation_case(e) for e in ex if e["variant"] != "original" and e["x_decode"] is not None})
     fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 4), squeeze=False)
     for ax, case in zip(axes[0], cases):
-        here = [e for e in ex if _gen_case(e) == case and e["variant"] != "original"]
+        here = [e for e in ex if generation_case(e) == case and e["variant"] != "original"]
         for m in sorted({e["method"] for e in here}):
             # k = 0 is the original itself: every ratio 1
             pts = [(0, 1.0, 1.0, 1.0)] + sorted((e["k"], e["x_decode"], e["x_e2e"], e.get("ideal_decode_speedup"))
@@ -397,43 +328,11 @@ def plot_generate(label: str, rows: list[dict], png: Path) -> None:
 
 
 # --- calibration ------------------------------------------------------------------------------------------
-def _calib_value(e: dict, what: str) -> Any:
-    for key in CALIB_KEYS[what]:
-        if e.get(key) is not None:
-            v = e[key]
-            return v * 2**20 if key.endswith("_mb") else v
-    return None
-
-
-def _calib_rows(rows: list[dict]) -> list[dict]:
-    out = []
-    for b in rows:
-        e = b.get("extra_info") or {}
-        r = {k: _calib_value(e, k) for k in CALIB_KEYS}
-        if r["time_s"] is None:
-            r["time_s"] = (b.get("stats") or {}).get("median")
-        r["tokens"] = e.get("tokens")
-        if r["tokens_per_s"] is None and r["tokens"] and r["time_s"]:
-            r["tokens_per_s"] = r["tokens"] / r["time_s"]
-        r["model"] = e.get("model") or "-"
-        r["name"] = b.get("name", "")
-        out.append(r)
-    return sorted(out, key=lambda r: (str(r["model"]), str(r["method"]), r["tokens"] or 0, r["name"]))
-
-
 def calibration_section(label: str, run: Run, rows: list[dict], png: Path | None, rel: str) -> list[str]:
-    rs = _calib_rows(rows)
     out = [f"## Calibration: {label}", "", run_meta(run, rows), ""]
     if png is not None:
         out += [f"![calibration time and memory vs tokens]({rel})", ""]
-    out += ["| model | method | tokens | time s | tokens/s | peak host MiB | peak GPU MiB | floor s | % of floor |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rs:
-        pct = 100 * r["floor_s"] / r["time_s"] if r["floor_s"] and r["time_s"] else None
-        mib = lambda v: "-" if v is None else f"{v / 2**20:,.0f}"  # noqa: E731
-        out.append(f"| {r['model']} | {r['method'] or '-'} | {_fmt(r['tokens'], ',')} | {_fmt(r['time_s'], '.2f')} "
-                   f"| {_fmt(r['tokens_per_s'], ',.0f')} | {mib(r['peak_host_bytes'])} | {mib(r['peak_gpu_bytes'])} "
-                   f"| {_fmt(r['floor_s'], '.2f')} | {_fmt(pct, '.0f')}{'%' if pct is not None else ''} |")
+    out += TABLES["calibration"](rows)
     out += ["", "Fields read from `extra_info` (first present): " + "; ".join(
         f"{k}: {', '.join(f'`{a}`' for a in v)}" for k, v in CALIB_KEYS.items()) + "; `tokens`, `model`.", ""]
     return out
@@ -441,7 +340,7 @@ def calibration_section(label: str, run: Run, rows: list[dict], png: Path | None
 
 def _calib_series(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     out: dict[tuple[str, str], list[dict]] = {}
-    for r in _calib_rows(rows):
+    for r in calibration_rows(rows):
         if r["tokens"]:
             out.setdefault((str(r["model"]), str(r["method"])), []).append(r)
     return out
@@ -472,30 +371,14 @@ def plot_calibration(label: str, rows: list[dict], png: Path) -> None:
 
 
 # --- other suites -----------------------------------------------------------------------------------------
-def _affine_rows(rows: list[dict]) -> list[dict]:
-    ex = [b.get("extra_info") or {} for b in rows]
-    return sorted((e for e in ex if e.get("rows") is not None and e.get("kernel_median_s")),
-                  key=lambda e: (e.get("shape", ""), e.get("dtype", ""), e["rows"]))
-
-
 def affine_section(label: str, run: Run, rows: list[dict], png: Path | None, rel: str) -> list[str]:
-    ex = _affine_rows(rows)
     out = [f"## Fused linearized-attention forward (`nbl::affine_residual`): {label}", "", run_meta(run, rows), "",
            "Per case: the compiled op, PyTorch's reference (addmm + add), a bare GEMM of the same shape and, for "
            "the 2048-token prefill, the attention branch the map replaces (`h + self_attn(input_layernorm(h))`, "
            "random weights, SDPA), timed interleaved in one test. `ref / kernel` >= 1: the kernel is not slower; "
            "`% floor`: the floor (FLOPs / same-run matmul rate, bytes / same-run copy bandwidth, the larger) over "
-           "the kernel's time.", "",
-           "| shape | dtype | rows | kernel us | reference us | GEMM us | attention us | ref / kernel "
-           "| kernel / GEMM | kernel / attention | % floor | % bandwidth |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for e in ex:
-        us = {k: e.get(f"{k}_median_s") for k in ("kernel", "reference", "gemm", "attention")}
-        out.append(f"| {e.get('shape', '?')} | {e.get('dtype', '?')} | {e['rows']} "
-                   + " ".join(f"| {_fmt(v * 1e6 if v else None, '.1f')}" for v in us.values())
-                   + f" | {_fmt(e.get('kernel_vs_reference'), '.2f')} | {_fmt(e.get('kernel_vs_gemm'), '.2f')} "
-                   f"| {_fmt(e.get('kernel_vs_attention'), '.3f')} | {_fmt(e.get('pct_of_floor'), '.0f')} "
-                   f"| {_fmt(e.get('pct_of_bandwidth'), '.0f')} |")
+           "the kernel's time.", ""]
+    out += TABLES["affine"](rows)
     if png is not None:
         out += ["", f"![affine_residual: time per row vs rows]({rel})"]
     return out + [""]
@@ -503,7 +386,7 @@ def affine_section(label: str, run: Run, rows: list[dict], png: Path | None, rel
 
 def plot_affine(label: str, rows: list[dict], png: Path) -> None:
     plt = _plt()
-    ex = _affine_rows(rows)
+    ex = affine_rows(rows)
     series = sorted({(e.get("shape", "?"), e.get("dtype", "?")) for e in ex})
     fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 3.8), squeeze=False)
     for ax, (shape, dtype) in zip(axes[0], series):
@@ -529,8 +412,8 @@ def generic_section(label: str, suite: str, run: Run, rows: list[dict]) -> list[
            "| benchmark | median s | IQR s | min s | rounds |", "|---|---:|---:|---:|---:|"]
     for b in sorted(rows, key=lambda b: b.get("name", "")):
         s = b.get("stats") or {}
-        out.append(f"| `{b.get('name', '?')}` | {_fmt(s.get('median'), '.4g')} | {_fmt(s.get('iqr'), '.3g')} "
-                   f"| {_fmt(s.get('min'), '.4g')} | {_fmt(s.get('rounds'), 'd')} |")
+        out.append(f"| `{b.get('name', '?')}` | {fmt(s.get('median'), '.4g')} | {fmt(s.get('iqr'), '.3g')} "
+                   f"| {fmt(s.get('min'), '.4g')} | {fmt(s.get('rounds'), 'd')} |")
     return out + [""]
 
 
@@ -557,7 +440,7 @@ def _verdict(ok: bool | None) -> str:
 def t_nbl12(latest: Latest, mode: str) -> list[TargetRow]:
     out = []
     for label, run, rows in _suite_rows(latest, "generate", "cuda"):
-        ex = _with_ratios(_gen_rows(rows))
+        ex = generation_rows(rows)
         hit = [e for e in ex if e["model"] == "llama-3.1-8b" and e["mode"] == mode and e["batch"] == 1
                and e["prompt_len"] == 2048 and e["new_tokens"] == 2048 and e["dtype"] == "bfloat16"
                and e["variant"] == "nbl-k12" and e["x_e2e"] is not None]
@@ -568,7 +451,7 @@ def t_nbl12(latest: Latest, mode: str) -> list[TargetRow]:
             else:
                 ideal = e.get("ideal_decode_speedup")
                 out.append((label, f"{e['x_decode']:.3f}x decode, {e['x_e2e']:.3f}x e2e; ideal bytes ratio "
-                            f"{_fmt(ideal, '.3f')} ({_fmt(100 * e['x_decode'] / ideal if ideal else None, '.0f')}% "
+                            f"{fmt(ideal, '.3f')} ({fmt(100 * e['x_decode'] / ideal if ideal else None, '.0f')}% "
                             "of it in decode)", _verdict(None), f"`{run.path.name}`"))
     return out
 
@@ -576,7 +459,7 @@ def t_nbl12(latest: Latest, mode: str) -> list[TargetRow]:
 def t_decode_bw(latest: Latest) -> list[TargetRow]:
     out = []
     for label, run, rows in _suite_rows(latest, "affine", "cuda"):
-        pct = [e["pct_of_bandwidth"] for e in _affine_rows(rows) if e["rows"] <= 16 and e.get("pct_of_bandwidth")]
+        pct = [e["pct_of_bandwidth"] for e in affine_rows(rows) if e["rows"] <= 16 and e.get("pct_of_bandwidth")]
         if pct:
             out.append((label, f"GEMV path at {_range(pct, '.0f', '%')} of the same-run copy bandwidth over "
                         f"{len(pct)} decode cases (rows <= 16)", _verdict(min(pct) >= 80), f"`{run.path.name}`"))
@@ -587,7 +470,7 @@ def t_accumulator(latest: Latest) -> list[TargetRow]:
     out = []
     for dev in ("cuda", "cpu"):
         for label, run, rows in _suite_rows(latest, "accumulator", dev):
-            pct = [e.get("pct_of_gemm_fp32") for e in _acc_rows(rows) if e["variant"] == "compiled"]
+            pct = [e.get("pct_of_gemm_fp32") for e in accumulator_rows(rows) if e["variant"] == "compiled"]
             pct = [p for p in pct if p is not None]
             if pct:
                 out.append((label, f"compiled at {_range(pct, '.0f', '%')} of the same-run fp32 GEMM rate "
@@ -607,7 +490,7 @@ def _pairs(rows: list[dict], a: str, b: str, keys: tuple[str, ...]) -> list[tupl
 def t_affine_prefill(latest: Latest) -> list[TargetRow]:
     out = []
     for label, run, rows in _suite_rows(latest, "affine", "cuda"):
-        r = [e["kernel_vs_gemm"] for e in _affine_rows(rows) if e["rows"] > 16 and e.get("kernel_vs_gemm")]
+        r = [e["kernel_vs_gemm"] for e in affine_rows(rows) if e["rows"] > 16 and e.get("kernel_vs_gemm")]
         if r:
             out.append((label, f"kernel / GEMM time {_range(r, '.2f')} over {len(r)} prefill cases",
                         _verdict(max(r) <= 1.10), f"`{run.path.name}`"))
@@ -617,7 +500,7 @@ def t_affine_prefill(latest: Latest) -> list[TargetRow]:
 def t_cpu_affine(latest: Latest) -> list[TargetRow]:
     out = []
     for label, run, rows in _suite_rows(latest, "affine", "cpu"):
-        r = [1.0 / e["kernel_vs_reference"] for e in _affine_rows(rows) if e.get("kernel_vs_reference")]
+        r = [1.0 / e["kernel_vs_reference"] for e in affine_rows(rows) if e.get("kernel_vs_reference")]
         if r:
             worst = max(r)
             out.append((label, f"kernel / reference time {_range(r, '.2f')} over {len(r)} cases",
@@ -631,9 +514,9 @@ def t_layer(latest: Latest) -> list[TargetRow]:
     out = []
     for dev in ("cuda", "cpu"):
         for label, run, rows in _suite_rows(latest, "affine", dev):
-            r = [100 * e["kernel_vs_attention"] for e in _affine_rows(rows) if e.get("kernel_vs_attention")]
+            r = [100 * e["kernel_vs_attention"] for e in affine_rows(rows) if e.get("kernel_vs_attention")]
             if r:
-                shapes = ", ".join(sorted({e.get("shape", "?") for e in _affine_rows(rows)}))
+                shapes = ", ".join(sorted({e.get("shape", "?") for e in affine_rows(rows)}))
                 out.append((label, f"linearized branch at {_range(r, '.1f', '%')} of the attention branch's time "
                             f"({shapes}, 2048-token prefill, batch 1)",
                             _verdict(max(r) <= 35) if dev == "cuda" else "reported (the target is for the GPU)",
@@ -659,7 +542,7 @@ def t_calibration(latest: Latest) -> list[TargetRow]:
             else:
                 flat, mem = None, "host-memory flatness not measured (one token count)"
             ok = None if t is None else (t < 180 and flat is not False) if flat is not None else None
-            out.append((label, f"{model} {method}: {_fmt(t, '.0f')} s for {FULL_CALIB_TOKENS:,} tokens; {mem}",
+            out.append((label, f"{model} {method}: {fmt(t, '.0f')} s for {FULL_CALIB_TOKENS:,} tokens; {mem}",
                         _verdict(ok), f"`{run.path.name}`"))
     return out
 
@@ -719,13 +602,13 @@ SECTIONS = {"accumulator": (0, accumulator_section, plot_accumulator),
 
 def _want_plot(suite: str, rows: list[dict]) -> bool:
     if suite == "accumulator":
-        return any(e["dtype"] == "float32" for e in _acc_rows(rows))
+        return any(e["dtype"] == "float32" for e in accumulator_rows(rows))
     if suite == "generate":
-        return any(e["variant"] != "original" and e["x_decode"] is not None for e in _with_ratios(_gen_rows(rows)))
+        return any(e["variant"] != "original" and e["x_decode"] is not None for e in generation_rows(rows))
     if suite == "calibration":
         return any(len(v) >= 2 for v in _calib_series(rows).values())
     if suite == "affine":
-        return len(_affine_rows(rows)) >= 2
+        return len(affine_rows(rows)) >= 2
     return False
 
 

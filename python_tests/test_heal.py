@@ -1,0 +1,253 @@
+"""heal(): LoRA (peft) and distillation of the affine maps on tiny random models; merge, reload, resume, errors."""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import nbl_ext  # noqa: E402
+from hf_tiny import greedy_generate, greedy_recompute, tiny_model, token_data  # noqa: E402
+from nbl_ext.heal import HealConfig, OriginalBranches, heal  # noqa: E402
+from nbl_ext.linearize import AffineResidual  # noqa: E402
+
+heal_mod = importlib.import_module("nbl_ext.heal")  # the module (nbl_ext.heal is the function)
+trainer_mod = importlib.import_module("nbl_ext.trainer")
+LAYERS = [1, 2]
+
+
+def _fast(**kw) -> HealConfig:
+    base = dict(steps=12, batch_size=4, lr=3e-2, eval_every=3, patience=0, lora_rank=4, lora_alpha=8.0)
+    base.update(kw)
+    return HealConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """(original, linearized with deliberately poor maps, train ids, held-out ids): plenty left to heal."""
+    original = tiny_model("llama", 4, seed=0)
+    gen = torch.Generator().manual_seed(5)
+    d = original.config.hidden_size
+    lin = copy.deepcopy(original)
+    maps = {i: (0.3 * torch.randn(d, d, generator=gen), 0.3 * torch.randn(d, generator=gen)) for i in LAYERS}
+    from nbl_ext.adapters import get_adapter
+    from nbl_ext.linearize import apply_structure
+
+    apply_structure(lin, get_adapter(lin), "affine", LAYERS, maps, None)
+    # text the original writes (sampled): what it predicts is learnable, unlike uniform random ids
+    start = token_data(40, 1, seed=1)
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(3)
+        seqs = original.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0,
+                                 max_new_tokens=15, min_new_tokens=15, pad_token_id=0)
+    return original, lin, seqs[:32], seqs[32:]
+
+
+def _maps(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "nbl_affine" in k}
+
+
+def test_affine_residual_is_an_nn_linear_with_the_residual(gen):
+    w, b = torch.randn(8, 8, generator=gen), torch.randn(8, generator=gen)
+    m = AffineResidual(w, b)
+    assert isinstance(m, torch.nn.Linear) and (m.in_features, m.out_features) == (8, 8)
+    assert set(m.state_dict()) == {"weight", "bias"}  # checkpoints keep nbl_affine.weight / .bias
+    h = torch.randn(3, 8, generator=gen)
+    torch.testing.assert_close(m(h), h + h @ w.T + b)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # transformers, inside peft
+def test_lora_lowers_heldout_loss_and_merged_equals_adapter_model(models, tmp_path):
+    _, lin, train, held = models
+    model = copy.deepcopy(lin)
+    before = _maps(model)
+    res = heal(model, train, _fast(), heldout=held, adapter_dir=tmp_path / "adapter")
+    assert res.heldout_loss_after < res.heldout_loss_before - 0.03 and res.best_step > 0
+    assert res.targets == ["model.layers.1.nbl_affine", "model.layers.2.nbl_affine"]
+    assert [h["step"] for h in res.history] == [0, 3, 6, 9, 12]
+    # merged into W: same structure and keys, W changed, b untouched (bias="none"), nothing of peft left behind
+    assert type(model.model.layers[1].nbl_affine) is AffineResidual and not hasattr(model, "peft_config")
+    assert set(model.state_dict()) == set(lin.state_dict())
+    after = _maps(model)
+    assert not torch.equal(after["model.layers.1.nbl_affine.weight"], before["model.layers.1.nbl_affine.weight"])
+    assert torch.equal(after["model.layers.1.nbl_affine.bias"], before["model.layers.1.nbl_affine.bias"])
+    assert not any(p.requires_grad for p in model.model.layers[1].nbl_affine.parameters())
+    # the saved adapter, loaded by peft on the unmerged model, gives the merged model's logits
+    unmerged = peft.PeftModel.from_pretrained(copy.deepcopy(lin), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unmerged(held).logits, model(held).logits, rtol=1e-5, atol=1e-5)
+    # the held-out loss it reports is the merged model's
+    with torch.no_grad():
+        logits = model(held).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), held[:, 1:].flatten())
+    assert nll.item() == pytest.approx(res.heldout_loss_after, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["kl", "hidden"])
+def test_distill_trains_only_the_maps_and_lowers_heldout_loss(models, loss):
+    original, lin, train, held = models
+    model = copy.deepcopy(lin)
+    others = {k: v.clone() for k, v in model.state_dict().items() if "nbl_affine" not in k}
+    res = heal(model, train, _fast(method="distill", distill_loss=loss), heldout=held, teacher=original)
+    assert res.heldout_loss_after < 0.75 * res.heldout_loss_before
+    assert res.trainable_parameters == len(LAYERS) * (32 * 32 + 32)
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in others.items())  # only W, b moved
+    key = "model.layers.2.nbl_affine.weight"
+    assert not torch.equal(now[key], lin.state_dict()[key])
+    # distillation brings the outputs nearer to the original's
+    with torch.no_grad():
+        ref = original(held).logits
+        assert (model(held).logits - ref).norm() < (lin(held).logits - ref).norm()
+
+
+def test_the_teacher_is_the_original_model_and_the_replayed_prefix_changes_nothing(models):
+    original, lin, _, held = models
+    model = copy.deepcopy(lin)
+    adapter = nbl_ext.get_adapter(model)
+    obj = heal_mod._Distill(model, adapter, LAYERS, OriginalBranches(original, LAYERS), "kl")
+    with torch.no_grad():
+        t_logits, seen = obj._run(held, obj.teacher_layers, obj.teacher_layers)
+        torch.testing.assert_close(t_logits, original(held).logits, rtol=0, atol=0)
+        layers = adapter.layers()
+        replay = {0: heal_mod._Replay(layers[0], seen[-1])}
+        s_logits, _ = obj._run(held, replay, {})
+        torch.testing.assert_close(s_logits, model(held).logits, rtol=1e-6, atol=1e-6)
+    assert all(type(l).__name__.startswith("NBL") for i, l in enumerate(layers) if i in LAYERS)  # swapped back
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen2"])
+def test_teacher_and_replay_are_exact_in_other_families(family):
+    """Gemma 3 (sandwich norms, sliding + full layers, tied embeddings) and Qwen2 (mixed sliding layers)."""
+    from nbl_ext.adapters import get_adapter
+    from nbl_ext.linearize import apply_structure
+
+    original = tiny_model(family, 4, seed=0)
+    model = copy.deepcopy(original)
+    adapter = get_adapter(model)
+    d, gen = adapter.hidden_size, torch.Generator().manual_seed(0)
+    apply_structure(model, adapter, "affine", [2, 3], {i: (0.1 * torch.randn(d, d, generator=gen), torch.zeros(d))
+                                                       for i in (2, 3)}, None)
+    ids = token_data(2, 12, seed=4)
+    obj = heal_mod._Distill(model, adapter, [2, 3], OriginalBranches(original, [2, 3]), "kl")
+    with torch.no_grad():
+        t_logits, seen = obj._run(ids, obj.teacher_layers, obj.teacher_layers)
+        torch.testing.assert_close(t_logits, original(ids).logits, rtol=0, atol=0)
+        replay = {j: heal_mod._Replay(adapter.layers()[j], seen[-1] if j == 1 else None) for j in range(2)}
+        s_logits, _ = obj._run(ids, replay, {})
+        torch.testing.assert_close(s_logits, model(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_model_trains_through_float32_masters(models):
+    original, lin, train, held = models
+    model, teacher = copy.deepcopy(lin).to(torch.bfloat16), copy.deepcopy(original).to(torch.bfloat16)
+    res = heal(model, train, _fast(method="distill", steps=6), heldout=held, teacher=teacher)
+    assert res.heldout_loss_after < res.heldout_loss_before
+    w = model.model.layers[1].nbl_affine.weight
+    assert w.dtype == torch.bfloat16 and not w.requires_grad
+
+
+def test_healed_checkpoint_reloads_generates_and_compiles_exactly(models, tmp_path):
+    _, lin, train, held = models
+    model = copy.deepcopy(lin)
+    heal(model, train, _fast(steps=6), heldout=held)
+    nbl_ext.save_pretrained(model, tmp_path / "healed")
+    loaded = nbl_ext.load_pretrained(tmp_path / "healed")
+    with torch.no_grad():
+        assert torch.equal(loaded(held).logits, model(held).logits)
+    prompt = held[:1, :6]
+    seq, _ = greedy_recompute(loaded, prompt, 5)
+    gen_seq, _, _ = greedy_generate(loaded, prompt, 5)
+    assert torch.equal(seq, gen_seq)
+    compiled = torch.compile(loaded, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(held, use_cache=False).logits, loaded(held).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "distill"])
+def test_resume_after_interruption_gives_the_uninterrupted_weights(models, tmp_path, monkeypatch, method):
+    original, lin, train, held = models
+    kw = {"teacher": original} if method == "distill" else {}
+    cfg = dict(method=method, steps=6, eval_every=2, save_every=2, lr=3e-3)
+    ref = copy.deepcopy(lin)
+    ref_res = heal(ref, train, _fast(**cfg), heldout=held, **kw)
+
+    model = copy.deepcopy(lin)
+    real = trainer_mod.Trainer.train_step
+
+    def dies_at_step_5(self, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        heal(model, train, _fast(state_dir=str(tmp_path / "state"), **cfg), heldout=held, **kw)
+    assert all(torch.equal(v, lin.state_dict()[k]) for k, v in model.state_dict().items())  # left as it was
+    assert (tmp_path / "state" / "heal_state" / "state.safetensors").is_file()
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real)
+    res = heal(model, train, _fast(state_dir=str(tmp_path / "state"), **cfg), heldout=held, **kw)
+    assert res.resumed_from == 4 and res.steps == 6
+    assert res.history == ref_res.history
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_resume_refuses_a_state_of_another_run(models, tmp_path):
+    _, lin, train, held = models
+    heal(copy.deepcopy(lin), train, _fast(steps=2, state_dir=str(tmp_path)), heldout=held)
+    with pytest.raises(ValueError, match="belongs to another run .*config"):
+        heal(copy.deepcopy(lin), train, _fast(steps=2, lr=5e-3, state_dir=str(tmp_path)), heldout=held)
+
+
+def test_drop_model_gets_lora_around_the_dropped_blocks_and_is_never_made_worse(models):
+    original, _, train, held = models
+    model = copy.deepcopy(original)
+    res0 = nbl_ext.calibrate(model, train[:4], progress=False)
+    nbl_ext.linearize(model, res0, [2], method="drop")
+    unhealed = copy.deepcopy(model)
+    # dropping layer 2 of this random model costs nothing on held-out text, so LoRA can only overfit:
+    # early stopping (patience 2) ends the run and the unhealed weights are kept
+    res = heal(model, train, _fast(steps=12, patience=2), heldout=held, progress=True)
+    assert res.targets == ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj",
+                           "model.layers.2.mlp.down_proj", "model.layers.3.self_attn.o_proj",
+                           "model.layers.3.mlp.down_proj"]
+    assert res.stopped_early and res.steps == 6 and res.best_step == 0
+    assert res.heldout_loss_after == res.heldout_loss_before
+    assert all(torch.equal(v, unhealed.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="dropped .*use method='lora'"):
+        heal(model, train, _fast(method="distill"), heldout=held, teacher=original)
+    with pytest.raises(ValueError, match="no maps"):
+        heal(model, train, _fast(lora_targets="maps"), heldout=held)
+
+
+def test_errors_are_clear(models):
+    original, lin, train, held = models
+    with pytest.raises(ValueError, match="no replaced blocks"):
+        heal(copy.deepcopy(original), train, _fast(), heldout=held)
+    with pytest.raises(ValueError, match="no held-out tokens"):
+        heal(copy.deepcopy(lin), train[:3], _fast())  # 10% of 3 sequences is none
+    with pytest.raises(ValueError, match="no held-out tokens"):
+        heal(copy.deepcopy(lin), train, _fast(heldout_fraction=0.0))
+    with pytest.raises(ValueError, match="zero training steps"):
+        heal(copy.deepcopy(lin), train, HealConfig(epochs=0.01, batch_size=64), heldout=held)
+    with pytest.raises(ValueError, match="HealConfig: steps must be a positive int, got 0"):
+        HealConfig(steps=0)
+    with pytest.raises(ValueError, match="HealConfig: method must be one of 'lora', 'distill'"):
+        HealConfig(method="qlora")
+    with pytest.raises(ValueError, match="needs the original model"):
+        heal(copy.deepcopy(lin), train, _fast(method="distill"), heldout=held)
+    other = tiny_model("llama", 4, seed=9)
+    with pytest.raises(ValueError, match="teacher differs from the linearized model"):
+        heal(copy.deepcopy(lin), train, _fast(method="distill"), heldout=held, teacher=other)
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        heal(copy.deepcopy(lin), train + 10_000, _fast(), heldout=held)
+    model = copy.deepcopy(lin)
+    with pytest.raises(ValueError, match="teacher= is for method='distill'"):
+        heal(model, train, _fast(), heldout=held, teacher=original)
+    assert json.dumps(_fast().training_fields())  # JSON-able (stored with the resume state)

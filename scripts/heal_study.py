@@ -1,0 +1,261 @@
+"""The healing study (issue 12): NBL and DROP before and after healing, at about 20% and 40% of the layers.
+
+    .venv/bin/python scripts/heal_study.py                    # compute what is missing, then render
+    .venv/bin/python scripts/heal_study.py --render-only      # docs/results/healing.md from the JSON
+    .venv/bin/python scripts/heal_study.py --models smollm2-135m --k smollm2-135m:6 --steps 2 \\
+        --samples 8 --seq-len 128 --acc-n 0 --ppl-tokens 512 --out /tmp/heal_smoke.json   # a smoke run
+
+For each model (SmolLM2-135M-Instruct, Gemma 3 270M) the C4 sample is split by documents into
+three disjoint parts, fixed by seed: the evaluation hold-out (nbl_ext.data.HOLDOUT_FRACTION, the
+documents `nbl eval --c4` scores), the early-stopping hold-out (HealConfig.heldout_fraction of the
+rest) and the training part (calibration and healing). Calibrate once on the training part; for
+every k and method (NBL, DROP) linearize, measure, then heal a copy with each healing method
+(NBL: LoRA on the maps and distillation of W, b; DROP: LoRA on the layers around the dropped blocks)
+and measure again: WikiText-2 and held-out C4 perplexity and the 7-task zero-shot accuracy on the
+seeded item subsets of the quality study (scripts/quality_study.py), with the tokens and seconds
+every step took. Raw JSON is written after every point (a rerun resumes); the page
+docs/results/healing.md is rendered from that JSON alone. CPU, float32.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import nbl_ext
+from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, split_documents
+from nbl_ext.evaluate import _bos_for, c4_heldout_ids, perplexity_stats, run_tasks, versions, wikitext2_ids
+from nbl_ext.heal import HealConfig
+from nbl_ext.tasks import OFFLINE_TASKS, ZERO_SHOT_7
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = (ROOT / ".." / "shared" / "data").resolve()  # --data-dir overrides (e.g. from a git worktree)
+DOCS = ROOT / "docs"
+
+MODELS = {"smollm2-135m": [6, 12], "gemma3-270m": [4, 7]}  # about 20% and 40% of 30 / 18 layers
+HEALS = {"nbl": ("lora", "distill"), "drop": ("lora",)}
+
+
+def subset(task: str, n: int, total: int, seed: int = 0) -> list[int]:
+    from quality_study import subset as quality_subset  # the same items as the selection study
+
+    return quality_subset(task, n, total, seed)
+
+
+class Study:
+    def __init__(self, args):
+        self.args = args
+        self.c4, self.eval = Path(args.data_dir) / "calib" / "c4_demo.json", Path(args.data_dir) / "eval"
+        self.raw = Path(args.out)
+        self.data = json.loads(self.raw.read_text()) if self.raw.is_file() and not args.fresh else {}
+        self.data.setdefault("models", {})
+
+    def save(self):
+        self.raw.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.raw.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+        tmp.replace(self.raw)
+
+    def heal_config(self, method: str, seed: int = 0) -> HealConfig:
+        a = self.args
+        return HealConfig(method=method, epochs=a.epochs, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
+                          micro_batch_size=a.micro_batch_size, patience=a.patience, seed=seed)
+
+    def setup(self):
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        a = self.args
+        self.data["setup"] = {
+            "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads), float32",
+            "versions": versions(), "commit": commit,
+            "splits": {"evaluation": {"fraction": HOLDOUT_FRACTION, "seed": HOLDOUT_SEED},
+                       "early_stopping": {"fraction": HealConfig().heldout_fraction, "seed": HOLDOUT_SEED + 1,
+                                          "of": "the documents left after the evaluation hold-out"}},
+            "calibration": f"{a.calib_samples} x {a.seq_len} tokens of the training documents, seed 0",
+            "healing": {"train": f"{a.samples} x {a.seq_len} tokens of the training documents",
+                        "heldout": f"{a.heldout_samples} x {a.seq_len} tokens of the early-stopping documents",
+                        "config": {m: self.heal_config(m).training_fields() for m in ("lora", "distill")}},
+            "perplexity": {"tokens": a.ppl_tokens, "context": a.context, "stride": a.context},
+            "accuracy": {"tasks": list(ZERO_SHOT_7), "docs_per_task": a.acc_n,
+                         "subset": "scripts/quality_study.py subset(): the selection study's items"},
+        }
+
+    def run_model(self, name: str, ks: list[int]):
+        a = self.args
+        rec = self.data["models"].setdefault(name, {"points": {}})
+        torch.manual_seed(0)
+        model, tok = nbl_ext.load_model(name, progress=False)
+        rec["num_layers"] = nbl_ext.get_adapter(model).num_layers
+        bos = _bos_for(tok)
+        wiki = wikitext2_ids(tok, self.eval, a.ppl_tokens)
+        c4_ids, _ = c4_heldout_ids(tok, self.c4, a.ppl_tokens)
+        docs = split_documents(self.c4, HOLDOUT_FRACTION, seed=HOLDOUT_SEED)[0]
+        train_docs, stop_docs = split_documents(docs, HealConfig().heldout_fraction, seed=HOLDOUT_SEED + 1)
+        samples = {t: subset(t, a.acc_n, len(OFFLINE_TASKS[t].load(self.eval))) for t in ZERO_SHOT_7} if a.acc_n else {}
+
+        def measure(m, key: str, extra: dict):
+            if key in rec["points"]:
+                return
+            t = time.perf_counter()
+            point = dict(extra)
+            for corpus, ids in (("wikitext2", wiki), ("c4", c4_ids)):
+                s = perplexity_stats(m, ids, context=a.context, bos_id=bos)
+                point[corpus] = {k: s[k] for k in ("ppl", "ppl_stderr", "nll", "tokens", "window_nll")}
+            if a.acc_n:
+                out = run_tasks(m, tok, ZERO_SHOT_7, data_dir=self.eval, samples=samples, batch_size=8,
+                                max_length=a.context, log_samples=True)
+                point["tasks"] = {tn: {"acc": r["metrics"].get("acc"), "acc_stderr": r["stderr"].get("acc"),
+                                       "n": r["n"], "correct": [int(s["acc"]) for s in
+                                                                sorted(r["samples"], key=lambda s: s["doc_id"])]}
+                                  for tn, r in out.items()}
+            point["eval_seconds"] = time.perf_counter() - t
+            rec["points"][key] = point
+            self.save()
+            print(f"[{name}] {key}: wikitext2 {point['wikitext2']['ppl']:.2f}, c4 {point['c4']['ppl']:.2f}"
+                  + (f", 7-task mean {_mean_acc(point):.4f}" if a.acc_n else ""), flush=True)
+
+        measure(model, "original", {"k": 0})
+        todo = [f"{m}/k{k}/{h}" for k in ks for m, heals in HEALS.items() for h in ("none", *heals)]
+        if all(key in rec["points"] for key in todo):
+            return
+        t = time.perf_counter()
+        calib = nbl_ext.load_calibration_tokens(train_docs, tok, num_samples=a.calib_samples, seq_len=a.seq_len,
+                                                seed=0, progress=False)
+        train = nbl_ext.load_calibration_tokens(train_docs, tok, num_samples=a.samples, seq_len=a.seq_len, seed=1,
+                                                progress=False)
+        heldout = nbl_ext.load_calibration_tokens(stop_docs, tok, num_samples=a.heldout_samples, seq_len=a.seq_len,
+                                                  seed=0, progress=False)
+        res = nbl_ext.calibrate(model, calib, batch_size=4, progress=False)
+        rec["calibration"] = {"tokens": int(calib.numel()), "seconds": time.perf_counter() - t}
+        for k in ks:
+            for method, heals in HEALS.items():
+                sel = res.select(k, method)
+                base = nbl_ext.linearize(copy.deepcopy(model), res, sel, method=method)
+                measure(base, f"{method}/k{k}/none", {"k": k, "method": method, "heal": None, "layers": sel})
+                for h in heals:
+                    key = f"{method}/k{k}/{h}"
+                    if key in rec["points"]:
+                        continue
+                    healed = copy.deepcopy(base)
+                    state = self.raw.parent / "heal_state" / name / key.replace("/", "-")
+                    cfg = self.heal_config(h)
+                    cfg.state_dir = str(state)
+                    out = nbl_ext.heal(healed, train, cfg, heldout=heldout, teacher=model if h == "distill" else None,
+                                       progress=a.progress)
+                    summary = out.summary()
+                    measure(healed, key, {"k": k, "method": method, "heal": h, "layers": sel,
+                                          "healing": {f: summary[f] for f in (
+                                              "objective", "targets", "trainable_parameters", "steps",
+                                              "planned_steps", "best_step", "stopped_early", "heldout_loss_before",
+                                              "heldout_loss_after", "train_tokens", "heldout_tokens", "seconds",
+                                              "history")}})
+                    del healed
+                del base
+
+
+def _mean_acc(p: dict) -> float:
+    return sum(p["tasks"][t]["acc"] for t in ZERO_SHOT_7) / len(ZERO_SHOT_7)
+
+
+def _paired_nll(a: dict, b: dict, corpus: str) -> tuple[float, float]:
+    """Mean per-window NLL difference b - a on the same windows, with its standard error."""
+    d = [sb / cb - sa / ca for (sa, ca), (sb, cb) in zip(a[corpus]["window_nll"], b[corpus]["window_nll"])]
+    mean = sum(d) / len(d)
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
+    return mean, se
+
+
+def render(raw: Path, page: Path) -> None:
+    data = json.loads(raw.read_text())
+    lines = ["# Healing linearized models (issue 12)", "",
+             f"Generated by `scripts/heal_study.py` from `{raw.name}`; setup: "
+             f"{data.get('setup', {}).get('device', '?')}, commit {data.get('setup', {}).get('commit', '?')}.", "",
+             "Recovered = (ppl unhealed - ppl healed) / (ppl unhealed - ppl original), on held-out C4; "
+             "d NLL = paired per-window change of the mean NLL from unhealed to healed (with its s.e.).", ""]
+    for name, rec in data["models"].items():
+        pts = rec["points"]
+        orig = pts.get("original")
+        if orig is None:
+            continue
+        acc = "tasks" in orig
+        lines += [f"## {name} ({rec.get('num_layers', '?')} layers)", "",
+                  "| point | wikitext2 ppl | c4 ppl | recovered (c4) | d NLL c4 (s.e.) |"
+                  + (" 7-task acc |" if acc else "") + " heal steps | heal tokens | heal s |",
+                  "|---|---|---|---|---|" + ("---|" if acc else "") + "---|---|---|",
+                  f"| original | {orig['wikitext2']['ppl']:.2f} | {orig['c4']['ppl']:.2f} | | |"
+                  + (f" {_mean_acc(orig):.4f} |" if acc else "") + " | | |"]
+        for key, p in pts.items():
+            if key == "original":
+                continue
+            base = pts.get(key.rsplit("/", 1)[0] + "/none")
+            rec_s = d_s = ""
+            if p.get("heal") and base is not None:
+                gap = base["c4"]["ppl"] - orig["c4"]["ppl"]
+                rec_s = f"{(base['c4']['ppl'] - p['c4']['ppl']) / gap:.0%}" if gap > 0 else "-"
+                m, se = _paired_nll(base, p, "c4")
+                d_s = f"{m:+.4f} ({se:.4f})"
+            hs = p.get("healing") or {}
+            lines.append(f"| {key} | {p['wikitext2']['ppl']:.2f} | {p['c4']['ppl']:.2f} | {rec_s} | {d_s} |"
+                         + (f" {_mean_acc(p):.4f} |" if acc and "tasks" in p else (" |" if acc else ""))
+                         + f" {hs.get('steps', '')} | {hs.get('train_tokens', '')} | "
+                         + (f"{hs['seconds']:.0f}" if hs else "") + " |")
+        lines.append("")
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines) + "\n")
+    print(f"wrote {page}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: %(default)s)")
+    ap.add_argument("--k", default=None, metavar="MODEL:K1,K2[;MODEL:K]",
+                    help="k values per model (default: about 20%% and 40%% of the layers)")
+    ap.add_argument("--data-dir", default=str(SHARED), help="the shared data (calib/, eval/; default: %(default)s)")
+    ap.add_argument("--out", default=str(DOCS / "results" / "heal_study.json"), help="raw JSON (default: %(default)s)")
+    ap.add_argument("--page", default=None, help="rendered page (default: healing.md next to --out)")
+    ap.add_argument("--render-only", action="store_true", help="only render the page from the JSON")
+    ap.add_argument("--fresh", action="store_true", help="ignore the existing JSON and recompute everything")
+    ap.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (default 16)")
+    ap.add_argument("--samples", type=int, default=64, help="healing sequences (default 64)")
+    ap.add_argument("--heldout-samples", type=int, default=8, help="early-stopping sequences (default 8)")
+    ap.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    ap.add_argument("--epochs", type=float, default=3.0, help="healing epochs (default 3, the paper's)")
+    ap.add_argument("--steps", type=int, default=None, help="healing steps (overrides --epochs)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="healing learning rate (default 1e-4, the paper's)")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16, the paper's)")
+    ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward (default 4)")
+    ap.add_argument("--patience", type=int, default=3, help="early-stopping patience (default 3)")
+    ap.add_argument("--ppl-tokens", type=int, default=4096, help="tokens per perplexity corpus (default 4096)")
+    ap.add_argument("--context", type=int, default=512, help="perplexity window and lm-eval max length (default 512)")
+    ap.add_argument("--acc-n", type=int, default=50, help="documents per zero-shot task (default 50; 0: skip)")
+    ap.add_argument("--progress", action="store_true", help="healing progress bars")
+    args = ap.parse_args(argv)
+    raw = Path(args.out)
+    page = Path(args.page) if args.page else raw.with_name("healing.md")
+    if not args.render_only:
+        ks = dict(MODELS)
+        for part in (args.k or "").split(";"):
+            if part.strip():
+                name, _, values = part.partition(":")
+                ks[name.strip()] = [int(v) for v in values.split(",")]
+        study = Study(args)
+        study.setup()
+        study.save()
+        for name in args.models.split(","):
+            if name not in MODELS:
+                sys.exit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+            study.run_model(name, ks[name])
+    render(raw, page)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
