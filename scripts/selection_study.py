@@ -291,6 +291,10 @@ class Study:
                 key = f"{crit}/k{k}"
                 if key in pts or (crit not in ("drop", *STATISTICS) and crit not in rec.get("criteria", {})):
                     continue
+                if crit == "greedy" and k > len(rec["criteria"]["greedy"]["chosen"]):
+                    print(f"[{name}] {key}: skipped, greedy ran {len(rec['criteria']['greedy']['chosen'])} steps "
+                          "(--greedy-steps)", flush=True)
+                    continue
                 t = time.perf_counter()
                 m = self.variant(name, rec, model, result, crit, k)
                 layers = m.config.nbl["layers"]
