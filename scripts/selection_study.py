@@ -39,24 +39,26 @@ Parts (``--parts``):
 * ``speed``: calibration (folds and ridge grid, all calibration tokens) against a plain forward pass over the
   same tokens in the same batches, same run; the ratio.
 
-CPU time on this 2-core machine (measured with --smoke at ~1-2k tokens while other jobs shared the cores;
-rates scale with tokens): SmolLM2-135M forward ~600 tokens/s batched (the GUIDE's ~250 tokens/s unbatched),
-Gemma 3 270M about 2x slower. With the defaults (seq_len 512, 8 direct + 16 truth sequences, 16k perplexity
-tokens per corpus, 300 items per task), per model, SmolLM2 first:
+CPU time on this 2-core machine, as tokens forwarded per model (L layers, T_c ~110k calibration tokens at
+seq_len 512, k grid 10..40% of L, greedy to the largest k), SmolLM2 (L = 30) figures:
 
-* calibration, all ~110k calibration tokens with 5 folds: ~4 min (SmolLM2), ~8 min (Gemma); 8k and 32k
-  sizes twice each (ridge 0 and validated) for ``overfit``: ~6 / ~12 min; self-generated sampling of 32
-  sequences: ~10 / ~20 min;
-* ``truth``: (L + 1) x 8k tokens: 31 x ~14 s = ~7 min (SmolLM2), 19 x ~28 s = ~9 min (Gemma);
-* ``criteria``: direct_nll (L + 1) x 4k tokens: ~4 / ~5 min; greedy to k = 40% (12 / 7 steps): steps
-  calibration passes (~4 / ~8 min each with all the tokens: --greedy-samples limits its re-fits) plus
-  sum_s (L - s + 1) direct passes: ~50 min + ~25 min (SmolLM2), ~60 min + ~15 min (Gemma);
-* ``ppl``: 7 variants x 4 k x 32k tokens: ~25 min / ~50 min;
-* ``accuracy``: 7 variants x ~600k tokens: ~2 h / ~4 h;
-* ``speed``: 2 x all calibration tokens: ~6 min (SmolLM2 only).
+* calibration, all tokens, 5 folds: ~1 forward over T_c (110k) plus L x (5 + 3) float64 eighs of d x d;
+* ``overfit``: 2 x (8k + 32k + T_c) = 300k, 7 x 8k of measured held-out NMSE, 32 x 512 sampled tokens;
+* ``truth``: (L + 1) x 16 x 512 = 254k; ``criteria``: direct_nll (L + 1) x 8 x 512 = 127k, greedy
+  12 x T_c = 1.3M of re-fits plus sum_{s<12} (L - s + 1) = 306 direct passes = 1.25M (--greedy-samples and
+  --greedy-steps cut it);
+* ``ppl``: (1 + 7 x 4) points x 2 corpora x 16k = 0.93M; ``speed``: 2 x T_c = 220k;
+* ``accuracy``: 7 variants x 7 tasks x 300 items, ~200 tokens per item (GUIDE.md: ~4M tokens for the ~20k
+  items of the full splits): ~2.9M.
 
-About 4-5 CPU-hours for SmolLM2 and 6-7 for Gemma 3, most of it accuracy and greedy; run them in the background
-(``nohup ... &``) and render when done.
+About 4.6M tokens without accuracy, 7.5M with it. At the GUIDE's rate (~250 tokens/s for one sequence, a few
+times that batched: take ~600 tokens/s at batch 4) that is ~2 h + ~1.3 h for SmolLM2; Gemma 3 (L = 18, ~2x
+slower per token, greedy 7 steps) about 5 h. Measured here: the --smoke run (seq_len 64, 768 calibration
+tokens, SmolLM2) ran truth (31 x 256 tokens) in 231 s and direct_nll (31 x 128) in 159 s, i.e. ~35
+tokens/s unbatched at length 64 with one thread while the 2 cores carried a load of ~10: a busy machine is
+5-20x slower than the estimate. Run with ``OMP_NUM_THREADS=1`` when the cores are shared: a 576 x 576
+float64 eigh took 18 s with 2 OpenMP threads under that load and 0.9 s with one. Start the parts in the
+background (``nohup ... &``) and render when done.
 """
 from __future__ import annotations
 
