@@ -220,5 +220,5 @@ def test_compress_folds_choose_the_ridge_and_print_the_heldout_nmse(tmp_path, ti
     assert all(r["ridge"] in nbl_ext.crossval.DEFAULT_RIDGES and r["cv_nmse"] > 0 for r in rows)
     assert cli.main(["report", str(out)]) == 0 and "cv_nmse" in capsys.readouterr().out
     assert cli.main(base + ["--folds", "5", "--out", str(tmp_path / "b")]) == 2
-    assert "folds=5 is more than the 4 calibration samples" in capsys.readouterr().err
+    assert "folds=5 is more than num_samples=4" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
