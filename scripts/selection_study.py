@@ -334,8 +334,8 @@ class Study:
                             "cv": [lc.scores["cv_nmse"] for lc in res.layers], "heldout": held,
                             "ridge": [lc.ridge for lc in res.layers]}
                 self.save()
-                med = sorted(held)[len(held) // 2] / sorted(res.nmse)[len(held) // 2]
-                print(f"[{name}] overfit {key}: median held-out / in-sample {med:.2f}", flush=True)
+                print(f"[{name}] overfit {key}: median NMSE held out {_median(held):.3f}, in sample "
+                      f"{_median(res.nmse):.3f}", flush=True)
         key = "self/validated"
         if a.self_samples and key not in out:
             t = time.perf_counter()
@@ -450,7 +450,8 @@ def render(data: dict) -> str:
                       "|---|---:|---:|---:|---:|---:|"]
             for key, o in rec["overfit"].items():
                 ins, cv, ho = _median(o["in_sample"]), _median(o["cv"]), _median(o["heldout"])
-                lines.append(f"| {key} | {o['tokens']} | {ins:.3f} | {cv:.3f} | {ho:.3f} | {ho / ins:.2f} |")
+                ratio = f"{ho / ins:.2f}" if ins > 0 else "inf (the map interpolates: fewer tokens than parameters)"
+                lines.append(f"| {key} | {o['tokens']} | {ins:.3f} | {cv:.3f} | {ho:.3f} | {ratio} |")
             lines.append("")
         if rec.get("accuracy") and "original" in rec["accuracy"]:
             orig = rec["accuracy"]["original"]
