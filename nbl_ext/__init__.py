@@ -13,6 +13,7 @@ in-place linearization and self-contained checkpoints::
     nbl_ext.linearize(model, result, result.select(k))
     nbl_ext.save_pretrained(model, "out/", tok, calibration=result)
     nbl_ext.heal(model, tokens, nbl_ext.HealConfig(method="lora"))   # optional: recover accuracy
+    model = transformers.AutoModelForCausalLM.from_pretrained("out/", device_map="auto")  # after import nbl_ext
 
 or, in one call driven by a config object (the same three steps)::
 
@@ -45,6 +46,9 @@ from nbl_ext.criteria import LayerContext, criterion_names, get_criterion, regis
 from nbl_ext.config import NBLConfig
 from nbl_ext.api import compress
 from nbl_ext.heal import HealConfig, HealResult, OriginalBranches, heal
+from nbl_ext.hf import register_auto_classes
+
+register_auto_classes()  # AutoModelForCausalLM.from_pretrained(checkpoint) works from here on
 
 __version__ = "0.1.0"
 

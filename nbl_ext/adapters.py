@@ -49,6 +49,11 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def base_model_type(config: Any) -> Any:
+    """``config.model_type``; for a linearized model's config (model_type ``"nbl_<family>"``) the family's."""
+    return getattr(config, "nbl_base_model_type", None) or getattr(config, "model_type", None)
+
+
 def _first_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -82,7 +87,7 @@ class Adapter:
 
     @property
     def model_type(self) -> str:
-        return str(self.model.config.model_type)
+        return str(base_model_type(self.model.config))
 
     def decoder(self) -> nn.Module:
         """The decoder stack (the module that owns ``layers``)."""
@@ -163,7 +168,7 @@ def get_adapter(model: nn.Module) -> Adapter:
     Raises ValueError for an unsupported family, listing the supported ones.
     """
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
+    model_type = base_model_type(config)
     if model_type is None:
         raise TypeError(
             f"get_adapter: expected a Hugging Face model with a config (model.config.model_type), "

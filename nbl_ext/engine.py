@@ -87,7 +87,13 @@ def shard(data: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def module_device(module: nn.Module, default: torch.device) -> torch.device:
-    """The device of a module's first parameter (``default`` for a module without parameters)."""
+    """Where a module computes: accelerate's execution device when it is placed with a device_map (its
+    offloaded weights sit on the meta device until the hook loads them), else its first parameter's device
+    (``default`` for a module without parameters)."""
+    for sub in module.modules():
+        device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
+        if device is not None:
+            return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
     for p in module.parameters():
         return p.device
     return default
@@ -284,7 +290,7 @@ class LayerwiseRunner:
         self.sample_offset = sample_offset
         self.folds = folds
         self.pbar = pbar
-        self.input_device = model.get_input_embeddings().weight.device
+        self.input_device = module_device(model.get_input_embeddings(), torch.device("cpu"))
 
     def boundary(self, i: int) -> Path:
         if self.spill_dir is None:

@@ -130,14 +130,23 @@ def _layer_dtype_device(layer: nn.Module, adapter: Adapter) -> tuple[torch.dtype
 
 
 def convert_layer(adapter: Adapter, index: int, replacement: str, weight: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None, *, release_kv: bool = True) -> nn.Module:
-    """Replace the attention branch of decoder layer ``index`` by its affine map, or remove it, in place."""
+                  bias: torch.Tensor | None = None, *, release_kv: bool = True,
+                  structure_only: bool = False) -> nn.Module:
+    """Replace the attention branch of decoder layer ``index`` by its affine map, or remove it, in place.
+
+    ``structure_only``: give the layer a zero map (W = 0, b = 0) of the model's dtype on the layer's device
+    (free on the meta device) instead of ``weight``, ``bias``: the real map is loaded next (from_pretrained).
+    """
     layer = adapter.layers()[index]
     if is_linearized(layer):
         raise ValueError(f"decoder layer {index} is already linearized ({layer.nbl_method})")
     dtype, device = _layer_dtype_device(layer, adapter)
     affine = None
-    if replacement == "affine":
+    if replacement == "affine" and structure_only:
+        d = adapter.hidden_size
+        affine = AffineResidual(torch.zeros(d, d, dtype=dtype, device=device),
+                                torch.zeros(d, dtype=dtype, device=device))
+    elif replacement == "affine":
         d = adapter.hidden_size
         if weight is None or bias is None or tuple(weight.shape) != (d, d) or tuple(bias.shape) != (d,):
             raise ValueError(f"decoder layer {index}: W must be ({d}, {d}) and b ({d},)")
@@ -191,14 +200,16 @@ def nbl_config(replacement: str, layers: list[int], refit: str | None, adapter: 
 
 
 def apply_structure(model: nn.Module, adapter: Adapter, replacement: str, layers: list[int],
-                    weights: dict[int, tuple[torch.Tensor, torch.Tensor]] | None, refit: str | None) -> None:
+                    weights: dict[int, tuple[torch.Tensor, torch.Tensor]] | None, refit: str | None,
+                    *, structure_only: bool = False) -> None:
     """Convert ``layers`` and record the linearization on the config (shared with load_pretrained).
 
-    ``replacement``: "affine" or "remove" (or the older names "nbl", "drop").
+    ``replacement``: "affine" or "remove" (or the older names "nbl", "drop"). ``structure_only``: zero maps
+    that the caller loads next (see :func:`convert_layer`); ``weights`` unused.
     """
     replacement = _REPLACEMENT_OF.get(replacement, replacement)
     n = adapter.num_layers
-    if replacement == "affine":  # validate every map before touching the model
+    if replacement == "affine" and not structure_only:  # validate every map before touching the model
         d = adapter.hidden_size
         for i in layers:
             w, b = weights[i] if weights is not None and i in weights else (None, None)
@@ -209,7 +220,8 @@ def apply_structure(model: nn.Module, adapter: Adapter, replacement: str, layers
     for i in layers:
         w, b = weights[i] if weights is not None and i in weights else (None, None)
         if not is_linearized(adapter.layers()[i]):
-            convert_layer(adapter, i, replacement, w, b, release_kv=not keeps_kv_slot(i, layers, n))
+            convert_layer(adapter, i, replacement, w, b, release_kv=not keeps_kv_slot(i, layers, n),
+                          structure_only=structure_only)
     finalize_config(adapter, replacement, layers, refit)
 
 
@@ -218,6 +230,7 @@ def finalize_config(adapter: Adapter, replacement: str, layers: list[int], refit
     if layers:
         setattr(adapter.text_config, KV_SHARING_ATTR, kv_sharing_modes(layers, adapter.num_layers))
     adapter.config.nbl = nbl_config(replacement, layers, refit, adapter)
+    as_nbl_model(adapter.model)
 
 
 def linearize(
@@ -323,3 +336,131 @@ def _refit_sequential(model: nn.Module, adapter: Adapter, chosen: list[int], dat
         if pbar is not None:
             pbar.close()
     return out
+
+
+# --- the model-level classes of a linearized model -------------------------------------------------------
+#
+# A linearized model is an instance of ``NBL<Base>`` (e.g. NBLLlamaForCausalLM, a subclass of LlamaForCausalLM)
+# with an ``NBL<Base>Config`` (model_type "nbl_llama"). Linearizing in place swaps both classes; constructing the
+# class from a config (what transformers' from_pretrained does, on the meta device) builds the base architecture
+# and converts the layers listed in ``config.nbl`` before transformers' own bookkeeping runs (post_init), so the
+# weights that are loaded next land in the right modules. Plain transformers does not know the "nbl_*" model
+# types: without nbl_ext a checkpoint fails to load at once instead of loading random attention.
+
+#: ``model_type`` of a linearized model's config: this prefix + the base family's model_type.
+NBL_MODEL_TYPE_PREFIX = "nbl_"
+_CONFIG_CLASSES: dict[type, type] = {}
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def parse_nbl_section(nbl: Any, num_layers: int, hidden_size: int, what: str) -> tuple[str, list[int], Any]:
+    """Validate a config's ``nbl`` section against the model shape: (method, sorted layers, refit)."""
+    if not isinstance(nbl, dict):
+        raise ValueError(f"{what}: config.json's 'nbl' section must be an object, got {type(nbl).__name__}")
+    if nbl.get("version") != NBL_CONFIG_VERSION:
+        raise ValueError(f"{what}: unsupported nbl section version {nbl.get('version')!r} "
+                         f"(expected {NBL_CONFIG_VERSION})")
+    method = check_choice(nbl.get("method"), METHODS, "nbl.method", what=what)
+    refit = check_choice(nbl.get("refit"), REFIT_MODES, "nbl.refit", what=what)
+    for key, expected in (("num_hidden_layers", num_layers), ("hidden_size", hidden_size)):
+        if nbl.get(key) != expected:
+            raise ValueError(f"{what}: nbl.{key} is {nbl.get(key)!r} but the model config says {expected}")
+    layers = nbl.get("layers")
+    if not isinstance(layers, list):
+        raise ValueError(f"{what}: nbl.layers must be a list of layer indices, got {layers!r}")
+    for v in layers:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{what}: nbl.layers must hold ints, got {v!r}")
+        if not 0 <= v < num_layers:
+            raise ValueError(f"{what}: nbl.layers has index {v}, out of range for {num_layers} layers "
+                             f"(0..{num_layers - 1})")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{what}: nbl.layers has repeated indices: {layers}")
+    return method, sorted(layers), refit
+
+
+def nbl_config_class(base: type) -> type:
+    """The config class of a linearized model of the family of config class ``base`` (cached)."""
+    if getattr(base, "nbl_base_model_type", None):
+        return base
+    if base not in _CONFIG_CLASSES:
+        _CONFIG_CLASSES[base] = type(f"NBL{base.__name__}", (base,), {
+            "__module__": __name__,
+            "__doc__": f"{base.__name__} of a model linearized by nbl_ext (layers listed in ``nbl``).",
+            "model_type": NBL_MODEL_TYPE_PREFIX + base.model_type,
+            "nbl_base_model_type": base.model_type,
+        })
+    return _CONFIG_CLASSES[base]
+
+
+class NBLModelMixin:
+    """A Hugging Face model whose decoder layers listed in ``config.nbl`` are linearized (or dropped)."""
+
+    def post_init(self) -> None:
+        # Runs at the end of the base class's __init__: the architecture exists (on the meta device under
+        # from_pretrained), nothing is tied or initialized yet.
+        if not any(is_linearized(layer) for layer in get_adapter(self).layers()):
+            build_structure(self)
+        super().post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """transformers' from_pretrained, strict: every tensor of the structure in config.json must be in the file."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                              **kwargs)
+        problems = [f"{key.replace('_', ' ')} {sorted(map(str, info[key]))[:8]}"
+                    for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)]
+        if problems:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the weights do not match "
+                f"the linearized structure in config.json ({'; '.join(problems)}); the checkpoint is damaged or "
+                "was edited. Re-save it with nbl_ext.save_pretrained")
+        return (model, info) if want_info else model
+
+
+def nbl_model_class(base: type) -> type:
+    """``NBL<base>``: the class of a linearized model of class ``base`` (a transformers model class; cached)."""
+    if issubclass(base, NBLModelMixin):
+        return base
+    if base not in _MODEL_CLASSES:
+        layer_names = list(getattr(base, "_no_split_modules", None) or [])
+        _MODEL_CLASSES[base] = type(f"NBL{base.__name__}", (NBLModelMixin, base), {
+            "__module__": __name__,
+            "__doc__": f"{base.__name__} with the attention of the layers in ``config.nbl`` linearized (nbl_ext).",
+            "config_class": nbl_config_class(base.config_class),
+            # accelerate's device_map="auto" keeps a linearized layer (class NBL<Layer>) on one device too
+            "_no_split_modules": layer_names + [f"NBL{name}" for name in layer_names],
+        })
+    return _MODEL_CLASSES[base]
+
+
+def as_nbl_config(config: Any) -> Any:
+    """Swap a family's config object to its ``NBL<Base>Config`` class, in place (no-op when done)."""
+    config.__class__ = nbl_config_class(type(config))
+    if "model_type" in vars(config):  # configs read from a file carry the model_type as an instance attribute
+        config.model_type = type(config).model_type
+    return config
+
+
+def as_nbl_model(model: nn.Module) -> nn.Module:
+    """Swap a model linearized in place to its ``NBL<Base>`` class and ``NBL<Base>Config`` (no-op when done)."""
+    as_nbl_config(model.config)
+    model.__class__ = nbl_model_class(type(model))
+    return model
+
+
+def build_structure(model: nn.Module) -> None:
+    """Convert the layers listed in ``model.config.nbl`` (zero maps, to be loaded next) and set the KV slots."""
+    adapter = get_adapter(model)
+    config = adapter.config
+    what = f"{type(model).__name__}({str(getattr(config, '_name_or_path', '') or 'config')!r})"
+    nbl = getattr(config, "nbl", None)
+    if nbl is None:
+        raise ValueError(f"{what}: the config has no 'nbl' section (which layers are linearized); "
+                         "linearize a model with nbl_ext.linearize or load a checkpoint written by nbl_ext")
+    method, layers, refit = parse_nbl_section(nbl, adapter.num_layers, adapter.hidden_size, what)
+    setattr(adapter.text_config, KV_SHARING_ATTR, None)  # re-derived from the nbl section, not trusted from the file
+    apply_structure(model, adapter, method, layers, None, refit, structure_only=True)
+    if nbl.get("config") is not None:  # the NBLConfig of the run (nbl_ext.compress), checked by load_pretrained
+        config.nbl["config"] = nbl["config"]

@@ -91,6 +91,6 @@ def test_multimodal_gemma3_uses_its_language_model(tmp_path):
     assert torch.equal(tokens, ref) and cache_slot_bytes(cache)[0] == 0
     nbl_ext.save_pretrained(model, tmp_path / "mm")
     loaded = nbl_ext.load_pretrained(tmp_path / "mm")
-    assert type(loaded) is Gemma3ForConditionalGeneration
+    assert isinstance(loaded, Gemma3ForConditionalGeneration) and type(loaded).__name__ == "NBLGemma3ForConditionalGeneration"
     with torch.no_grad():
         assert torch.equal(loaded(prompt).logits, model(prompt).logits)

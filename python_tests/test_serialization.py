@@ -91,7 +91,7 @@ def test_overwrite_is_atomic(tmp_path, monkeypatch):
     def fail(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_model", fail)
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)  # the weight writer (save_pretrained shards with it)
     with pytest.raises(OSError, match="disk full"):
         nbl_ext.save_pretrained(model, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no half-written directory left behind
