@@ -244,8 +244,6 @@ def all_reduce_stats(stats: LayerStats) -> None:
         if distributed:
             for acc in stats.folds:
                 acc.all_reduce()
-        from nbl_ext.stats import CovarianceAccumulator
-
         stats.accumulator = CovarianceAccumulator.from_moments(
             merge_folds(stats.folds), precision=getattr(stats.folds[0], "precision", "float32"))
     if distributed:
