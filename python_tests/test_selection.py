@@ -220,10 +220,11 @@ def test_greedy_refits_on_the_partially_linearized_model_and_differs_from_one_sh
     # linearized, layer 2 re-fitted on its new inputs costs less than layer 0, the one-shot runner-up.
     one_shot_pair = sorted(sorted(range(4), key=lambda i: one_shot[i])[:2])
     assert sorted(g.chosen) != one_shot_pair and g.chosen[0] in one_shot_pair
-    # As a registered criterion: the greedy order, stored in the result; deterministic.
-    scores = nbl_ext.score_criteria(model, result, "greedy", data=data, heldout=heldout, steps=2, batch_size=2)
-    assert sorted(range(4), key=lambda i: scores["greedy"][i]) == g.order
-    assert result.select(2, "greedy") == sorted(g.chosen)
+    # As a registered criterion (one step, to stay fast): the greedy order, stored in the result; deterministic.
+    scores = nbl_ext.score_criteria(model, result, "greedy", data=data, heldout=heldout, steps=1, batch_size=2)
+    rest = sorted(set(range(4)) - {first}, key=lambda i: g.step_scores[0][i])
+    assert sorted(range(4), key=lambda i: scores["greedy"][i]) == [first] + rest
+    assert result.select(1, "greedy") == [first]
     with pytest.raises(ValueError, match="steps must be an int between 0 and the number of layers \\(4\\)"):
         nbl_ext.greedy_selection(model, data, steps=5, heldout=heldout)
     with pytest.raises(ValueError, match="base='direct_nll' needs held-out token ids"):
