@@ -506,7 +506,7 @@ def main(argv=None):
         out = Path(args.out)
         args.raw, args.work, args.page = str(out / "raw.json"), str(out / "work"), str(out / "selection.md")
         args.seq_len, args.context, args.calib_samples, args.greedy_samples, args.greedy_steps = 64, 64, 12, 6, 1
-        args.direct_samples, args.truth_samples, args.self_samples = 2, 4, 2
+        args.direct_samples, args.truth_samples, args.self_samples = 2, 4, 6
         args.ppl_tokens, args.nmse_tokens, args.acc_n = 512, 256, 0
     names, parts = args.models.split(","), args.parts.split(",")
     for bad, known, what in ((set(names) - set(MODELS), MODELS, "model"), (set(parts) - set(PARTS), PARTS, "part")):
