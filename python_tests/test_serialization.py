@@ -189,3 +189,40 @@ def test_refuses_paths_outside_the_directory_and_foreign_configs(saved, tmp_path
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="kv_sharing_modes but no nbl section"):
         nbl_ext.load_pretrained(path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_modes_follow_the_umask(tmp_path, umask):
+    # tempfile makes 0700 directories and 0600 files whatever the umask: colleagues on a shared
+    # machine could not read a checkpoint. The directory and every file now get the umask's modes.
+    model, result = _linearized("llama", [1])
+    old = os.umask(umask)
+    try:
+        path = tmp_path / "ckpt"
+        nbl_ext.save_pretrained(model, path, tokenizer=_tokenizer(), calibration=result)
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o777 & ~umask
+    files = [f for f in path.iterdir() if f.is_file()]
+    assert {"config.json", "model.safetensors"} <= {f.name for f in files}
+    for f in files:
+        assert (f.stat().st_mode & 0o777) == 0o666 & ~umask, f.name
+
+
+def test_load_model_routes_an_nbl_checkpoint_to_load_pretrained(tmp_path):
+    # from_pretrained on a checkpoint builds the original architecture and drops the linear maps
+    # silently; load_model recognises the directory from its config and loads it as saved.
+    from nbl_ext.models import nbl_checkpoint, peek_config
+
+    model, result = _linearized("llama", [0, 2])
+    path = tmp_path / "ckpt"
+    nbl_ext.save_pretrained(model, path, tokenizer=_tokenizer(), calibration=result)
+    assert nbl_checkpoint(path)["layers"] == [0, 2]
+    peek = peek_config(path)
+    assert peek["nbl"]["layers"] == [0, 2] and peek["num_hidden_layers"] == 4
+    loaded, tok = nbl_ext.load_model(path)
+    assert loaded.config.nbl["layers"] == [0, 2] and tok is not None
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    plain = tmp_path / "plain"
+    tiny_model("llama", 2).save_pretrained(plain)
+    assert nbl_checkpoint(plain) is None and peek_config(plain)["nbl"] is None
