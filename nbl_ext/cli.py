@@ -233,11 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--folds", type=_positive(int), default=None, metavar="K",
                    help="cross-validation folds (whole samples): each layer's ridge is chosen from a log-spaced grid "
                         "by its closed-form held-out NMSE, then the map is fitted on all samples (default 5, or the "
-                        "number of samples if fewer; 1: no validation, the fixed --ridge)")
-    c.add_argument("--ridge", type=_non_negative, default=0.0, metavar="R",
-                   help="relative ridge of the affine fits (R x each channel's variance on the diagonal; default 0: "
-                   "grown only where a covariance is singular, e.g. fewer tokens than hidden dimensions); a non-zero "
-                   "R fixes every layer's ridge instead of choosing it by cross-validation")
+                        "number of samples if fewer; 1: no validation)")
+    c.add_argument("--ridge", type=_non_negative, default=None, metavar="R",
+                   help="fix the relative ridge of the affine fits (R x each channel's variance on the diagonal; 0: "
+                   "grown only where a covariance is singular, e.g. fewer tokens than hidden dimensions) instead of "
+                   "choosing each layer's from a grid by cross-validation (the default)")
     c.add_argument("--seed", type=int, default=0, help="seed for data packing and sampling (default 0)")
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -482,8 +482,8 @@ def _compress(args) -> int:
         criterion=args.method, k=k, replacement=resolve_replacement(None, args.method, "nbl compress"),
         refit=None if args.refit == "none" else args.refit, num_samples=args.samples, seq_len=args.seq_len,
         batch_size=args.batch_size, gram_precision=args.gram_precision, activations=args.activations,
-        ridge=args.ridge, seed=args.seed, holdout=args.holdout, folds=args.folds,
-        **({"ridges": None} if args.ridge else {}))  # a fixed --ridge replaces the grid
+        ridge=args.ridge or 0.0, seed=args.seed, holdout=args.holdout, folds=args.folds,
+        **({"ridges": None} if args.ridge is not None else {}))  # a fixed --ridge replaces the grid
     source, holdout = pre["calibration"]
     config = config.replace(holdout=holdout)  # the fraction actually held out
     print(f"nbl compress: calibration data: {args.calib}{f' minus {holdout:.0%} held out' if holdout else ''}, "
