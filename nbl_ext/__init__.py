@@ -40,6 +40,7 @@ from nbl_ext.adapters import get_adapter
 from nbl_ext.result import CalibrationResult
 from nbl_ext.calibrate import calibrate
 from nbl_ext.linearize import linearize
+from nbl_ext.selection import greedy_selection, score_criteria
 from nbl_ext.serialization import load_pretrained, save_pretrained
 from nbl_ext.criteria import LayerContext, criterion_names, get_criterion, register_criterion
 from nbl_ext.config import NBLConfig
@@ -57,23 +58,24 @@ __all__ = [
     "CrossValidation",
     "HealConfig",
     "HealResult",
-    "Moments",
-    "OriginalBranches",
     "LayerContext",
+    "Moments",
     "NBLConfig",
+    "OriginalBranches",
     "SingularWarning",
     "calibrate",
     "canonical_correlations",
     "cca_bound",
     "choose_ridge",
-    "cross_validate",
-    "cross_validated_nmse",
     "compress",
     "criterion_names",
+    "cross_validate",
+    "cross_validated_nmse",
     "extension_info",
     "fit_linear",
     "get_adapter",
     "get_criterion",
+    "greedy_selection",
     "heal",
     "linearize",
     "lmmse_nmse",
@@ -84,6 +86,7 @@ __all__ = [
     "reference_kernels_enabled",
     "register_criterion",
     "save_pretrained",
+    "score_criteria",
     "split_documents",
     "use_reference_kernels",
     "__version__",

@@ -93,12 +93,13 @@ def compress(model: nn.Module, data: torch.Tensor | str | os.PathLike | Sequence
     tokens = calibration_tokens(model, data, config, tokenizer=tokenizer, progress=progress)
     with phase("calibrate"):
         result = calibrate(model, tokens, batch_size=config.batch_size, progress=progress, ridge=config.ridge,
-                           gram_precision=config.gram_precision, activations=config.activations)
+                           gram_precision=config.gram_precision, activations=config.activations,
+                           folds=config.calibration_folds, ridges=config.calibration_ridges)
     with phase("select"):
         layers = list(config.layers) if config.layers is not None else result.select(config.k, config.criterion)
     with phase("linearize"):
         linearize(model, result, layers, replacement=config.replacement, refit=config.refit,
                   data=tokens if config.refit else None, batch_size=config.batch_size, progress=progress,
-                  ridge=config.ridge)
+                  ridge=config.ridge, folds=config.calibration_folds, ridges=config.calibration_ridges)
     adapter.config.nbl["config"] = config.to_dict()
     return model, result

@@ -8,10 +8,16 @@ so nothing is held in memory across batches; or, on a GPU with room for them (``
 kept there: two boundaries (tokens x hidden x dtype each) live at a time, host memory stays flat, and the
 disk round trip (write + read of every boundary: 256 GiB for the 8B shape at 256 x 2048 tokens) is gone.
 
+With ``folds=K`` the samples are split into K folds by index (sample n goes to fold n mod K), one
+accumulator per fold and layer (memory grows with K, never with the tokens); each layer's map is
+cross-validated in closed form over a grid of relative ridges (:mod:`nbl_ext.crossval`: one
+eigendecomposition per fold serves the grid), the ridge with the lowest held-out NMSE is chosen, and the
+final map is fitted on all samples with it.
+
 With ``output_dir`` every finished layer's statistics and the boundary for the
 next layer are saved (atomically), so a killed run restarts where it stopped.
 Under ``torch.distributed`` each rank calibrates a shard of the samples and
-the accumulators are all-reduced before scoring.
+the accumulators (each fold's on its own) are all-reduced before scoring.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import hashlib
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -27,6 +34,7 @@ from torch import nn
 from nbl_ext._io import atomic_save_tensors, atomic_write_json, read_json, read_tensors
 from nbl_ext.adapters import Adapter, get_adapter
 from nbl_ext.criteria import token_statistics
+from nbl_ext.crossval import check_fold_settings
 from nbl_ext.engine import (
     AccumulatorFactory, LayerwiseRunner, PhaseTimer, all_reduce_stats, barrier, check_token_data, dist_info,
     eval_mode, progress_bar, score_layer, shard,
@@ -83,6 +91,8 @@ def calibrate(
     activations: str = "auto",
     accumulator_factory: AccumulatorFactory | None = None,
     timer: PhaseTimer | None = None,
+    folds: int = 1,
+    ridges: Sequence[float] | None = None,
 ) -> CalibrationResult:
     """Score every decoder layer's attention branch for NBL and fit its LMMSE map.
 
@@ -117,6 +127,16 @@ def calibrate(
             :class:`~nbl_ext.stats.CovarianceAccumulator`); e.g. an instrumented one.
         timer: ``phase -> context manager`` entered around every accumulator update
             ("accumulate") and every layer's fit and scores ("score"), e.g. to time them.
+        folds: K >= 2 splits the samples into K folds (sample n in fold n mod K, by
+            global index, so sharding does not change them) and adds, per layer, the
+            closed-form cross-validated NMSE of the map (criterion "cv_nmse"), its held-out
+            error relative to the residual stream ("residual_ratio") and the ridge used
+            (``LayerCalibration.ridge``). 1 (default): no folds. Must not exceed the
+            number of samples. :data:`nbl_ext.crossval.DEFAULT_FOLDS` is the recommended K.
+        ridges: with folds, a strictly increasing grid of relative ridges (e.g.
+            :data:`nbl_ext.crossval.DEFAULT_RIDGES`): each layer's ridge is the one with the
+            lowest cross-validated NMSE (``LayerCalibration.cv_curve`` holds the curve), and
+            ``ridge`` must stay 0. None (default): every layer uses ``ridge``.
 
     Returns:
         :class:`CalibrationResult` with, per layer, the scores of every registered
@@ -134,6 +154,7 @@ def calibrate(
         raise ValueError("calibrate: activations='memory' cannot be resumed; with output_dir the layer outputs "
                          "are spilled to disk (use activations='auto' or 'disk', or drop output_dir)")
     data = check_token_data(data, adapter.vocab_size, "calibrate")
+    folds, grid = check_fold_settings(folds, ridges, ridge, int(data.shape[0]), "calibrate")
     rank, world = dist_info()
     local, offset = shard(data)
     n_layers = adapter.num_layers
@@ -151,6 +172,8 @@ def calibrate(
         "world_size": world,
         "ridge": float(ridge),
         "gram_precision": gram_precision,
+        "folds": folds,
+        "ridges": grid,
         "data_sha256": hashlib.sha256(data.cpu().contiguous().numpy().tobytes()).hexdigest(),
         "weights_sha256": weights_fingerprint(model),
     }
@@ -180,7 +203,7 @@ def calibrate(
         factory = accumulator_factory if accumulator_factory is not None else CovarianceAccumulator
         runner = LayerwiseRunner(model, adapter, local, batch_size=batch_size, spill_dir=spill,
                                  sample_offset=offset, pbar=runner_pbar, gram_precision=gram_precision,
-                                 accumulator_factory=factory, timer=timer)
+                                 accumulator_factory=factory, timer=timer, folds=folds)
         phase = runner.timer
         stream = token_statistics()
         start = len(done)
@@ -196,7 +219,7 @@ def calibrate(
                 stats = runner.run(i, score=True, write=i < n_layers - 1, token_stats=stream)
                 all_reduce_stats(stats)
                 with phase("score"):
-                    lc = score_layer(stats, ridge)
+                    lc = score_layer(stats, ridge, ridges=grid)
                 done.append(lc)
                 if out is not None:
                     if rank == 0:
@@ -239,6 +262,8 @@ def _resume_state(out: Path, metadata: dict, resume: bool, n_layers: int, rank: 
         prog = read_json(progress_path, "calibrate(resume)")
         old = dict(prog.get("metadata", {})) if isinstance(prog, dict) else {}
         old.setdefault("gram_precision", "float32")  # runs from before the option had float32 Gram products
+        old.setdefault("folds", 1)  # and no folds
+        old.setdefault("ridges", None)
         ignore = {"nbl_ext_version", "name_or_path"}
         diff = sorted(k for k in set(old) | set(metadata) if k not in ignore and old.get(k) != metadata.get(k))
         if diff:

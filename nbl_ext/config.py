@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from nbl_ext.calibrate import ACTIVATIONS
 from nbl_ext.criteria import get_criterion
+from nbl_ext.crossval import DEFAULT_FOLDS, DEFAULT_RIDGES, check_ridges
 from nbl_ext.linearize import REFIT_MODES, REPLACEMENTS
 from nbl_ext.reference import GRAM_PRECISIONS
 from nbl_ext.validation import check_choice, check_int
@@ -32,8 +33,12 @@ class NBLConfig:
     Selection: ``criterion`` (a registered name or alias, see :mod:`nbl_ext.criteria`; default the CCA
     bound) picks ``k`` layers, or ``layers`` names them (then ``k``, if given, must be their number);
     with neither, a quarter of the layers (at least one). Replacement: ``replacement`` "affine" (the
-    fitted map) or "remove"; ``refit`` None or "sequential" (affine only); ``ridge``: relative ridge of
-    the LMMSE solve. Calibration: ``num_samples`` x ``seq_len`` tokens (when compress is given token ids
+    fitted map) or "remove"; ``refit`` None or "sequential" (affine only). Fit: ``folds`` cross-validation
+    folds of whole samples (None, the default: :data:`~nbl_ext.crossval.DEFAULT_FOLDS`, or ``num_samples``
+    if fewer; 1: no validation) and ``ridges``, the grid of relative ridges each layer's ridge is chosen
+    from by its closed-form held-out NMSE (default :data:`~nbl_ext.crossval.DEFAULT_RIDGES`; None: every
+    layer uses ``ridge``, the fixed relative ridge of the LMMSE solve, which must then be the only one
+    given). Calibration: ``num_samples`` x ``seq_len`` tokens (when compress is given token ids
     these must be their shape), ``batch_size`` samples per forward, ``gram_precision``, ``activations``
     (see :func:`nbl_ext.calibrate`), ``seed`` (data packing and sampling) and ``holdout`` (the fraction
     of a document file's documents left out of calibration; None: the package default for files).
@@ -45,6 +50,8 @@ class NBLConfig:
     replacement: str = "affine"
     refit: str | None = None
     ridge: float = 0.0
+    folds: int | None = None
+    ridges: tuple[float, ...] | None = DEFAULT_RIDGES
     num_samples: int = 16
     seq_len: int = 256
     batch_size: int = 4
@@ -76,6 +83,16 @@ class NBLConfig:
             raise ValueError(f"{_WHAT}: ridge must be a finite number >= 0, got {self.ridge!r}")
         set_(self, "ridge", float(self.ridge))
         check_int(self.num_samples, "num_samples", 1, what=_WHAT)
+        if self.folds is not None:
+            check_int(self.folds, "folds", 1, what=_WHAT)
+            if self.folds > self.num_samples:
+                raise ValueError(f"{_WHAT}: folds={self.folds} is more than num_samples={self.num_samples} (folds are "
+                                 "made of whole samples)")
+        if self.ridges is not None:
+            set_(self, "ridges", tuple(float(v) for v in check_ridges(self.ridges, _WHAT).tolist()))
+            if self.ridge != 0:
+                raise ValueError(f"{_WHAT}: ridge={self.ridge} fixes the ridge, but the ridges= grid chooses it by "
+                                 "cross-validation; pass ridges=None with a fixed ridge")
         check_int(self.seq_len, "seq_len", 2, what=_WHAT)
         check_int(self.batch_size, "batch_size", 1, what=_WHAT)
         check_int(self.seed, "seed", 0, what=_WHAT)
@@ -86,6 +103,16 @@ class NBLConfig:
                     or not 0.0 <= self.holdout < 1.0:
                 raise ValueError(f"{_WHAT}: holdout must be None or a fraction in [0, 1), got {self.holdout!r}")
             set_(self, "holdout", float(self.holdout))
+
+    @property
+    def calibration_folds(self) -> int:
+        """The folds calibration uses: ``folds``, or by default DEFAULT_FOLDS capped at ``num_samples``."""
+        return self.folds if self.folds is not None else min(DEFAULT_FOLDS, self.num_samples)
+
+    @property
+    def calibration_ridges(self) -> tuple[float, ...] | None:
+        """The ridge grid calibration chooses from (None without folds: the fixed ``ridge``)."""
+        return self.ridges if self.calibration_folds > 1 else None
 
     def replace(self, **changes: Any) -> "NBLConfig":
         """A validated copy with some fields changed."""

@@ -13,7 +13,15 @@ Built in:
   between X and X + A (lower = more linear);
 * ``"nmse"``: the in-sample normalized MSE of the fitted LMMSE map A ~ W X + b (lower = better fit);
 * ``"cosine"`` (alias ``"drop"``): the mean per-token cosine similarity of X and X + A, DROP's score
-  (higher = the branch changes the residual stream less).
+  (higher = the branch changes the residual stream less);
+* ``"cv_nmse"``: the cross-validated (held-out) NMSE of the fitted map at the chosen ridge, in closed form
+  from per-fold moments (:mod:`nbl_ext.crossval`; needs ``calibrate(..., folds=K)`` with K >= 2);
+* ``"residual_ratio"``: the map's held-out error energy divided by the energy of the hidden state after
+  the block, X + A (what the following layers read; also needs folds).
+
+Criteria that need the model and held-out tokens (``"direct_nll"``: each layer linearized alone, the
+increase of the held-out NLL; ``"greedy"``: layers chosen one at a time on the partially linearized model)
+are registered by :mod:`nbl_ext.selection` and scored by :func:`nbl_ext.selection.score_criteria`.
 
 Adding a criterion is one function and one registration, here or in user code::
 
@@ -35,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from nbl_ext.crossval import CrossValidation
 from nbl_ext.numerics import cca_bound, lmmse_nmse
 from nbl_ext.validation import check_choice
 
@@ -48,8 +57,12 @@ class LayerContext:
     ``accumulator``: the moments of (X, A) over all calibration tokens (``count``, ``mean_x``,
     ``cov_xx``, ``cov_yx``, ``cov_yy``, ...); ``weight`` (d, d), ``bias`` (d,): the LMMSE map fitted on
     them with relative ridge ``ridge``; ``token_means``: the means of the registered token statistics.
-    ``model`` and ``holdout`` (held-out token ids) are None in the statistics pass; criteria that
-    ``need`` them are scored where they are given.
+    ``cv``: the closed-form cross-validation of the map over the folds (None without folds), evaluated
+    at ``ridge`` (:attr:`cv_index` finds it in the grid). ``model``, ``holdout`` (held-out token ids,
+    (num_samples, seq_len)) and ``data`` (calibration token ids, for criteria that re-fit) are None in the
+    statistics pass; criteria that ``need`` them are scored where they are given. ``options``: keyword
+    settings of such a scoring call; ``shared``: scratch space shared by the layers of one scoring call
+    (e.g. the original model's held-out NLL, computed once).
     """
 
     layer: int
@@ -60,10 +73,23 @@ class LayerContext:
     token_means: Mapping[str, float] = field(default_factory=dict)
     model: Any = None
     holdout: torch.Tensor | None = None
+    cv: CrossValidation | None = None
+    data: torch.Tensor | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cv_index(self) -> int:
+        """Index of :attr:`ridge` in the cross-validation grid (the chosen ridge when there is a grid)."""
+        if self.cv is None:
+            raise ValueError(f"decoder layer {self.layer}: no cross-validation (calibrate with folds >= 2)")
+        if self.cv.ridges.numel() == 1:
+            return 0
+        return self.cv.best_index
 
 
 #: LayerContext fields a criterion may list in ``needs`` (the rest are always there).
-OPTIONAL_FIELDS = ("model", "holdout")
+OPTIONAL_FIELDS = ("model", "holdout", "cv", "data")
 
 
 @dataclass(frozen=True)
@@ -181,9 +207,22 @@ def _cosine(ctx: LayerContext) -> float:
     return ctx.token_means["cosine"]
 
 
+def _cv_nmse(ctx: LayerContext) -> float:
+    return float(ctx.cv.nmse[ctx.cv_index])
+
+
+def _residual_ratio(ctx: LayerContext) -> float:
+    return float(ctx.cv.residual_ratio[ctx.cv_index])
+
+
 register_criterion("cca_bound", _cca_bound, direction="lower", aliases=("nbl",),
                    description="NBL's CCA bound sum(1 - rho^2) between X and X + A (lower = more linear)")
 register_criterion("nmse", _nmse, direction="lower",
                    description="in-sample NMSE of the fitted affine map A ~ W X + b")
 register_criterion("cosine", _cosine, direction="higher", token_statistic=_token_cosine, aliases=("drop",),
                    description="mean cosine(X, X + A), DROP's score (higher = the branch changes less)")
+register_criterion("cv_nmse", _cv_nmse, direction="lower", needs=("cv",),
+                   description="cross-validated NMSE of the fitted map at the chosen ridge (calibrate with folds)")
+register_criterion("residual_ratio", _residual_ratio, direction="lower", needs=("cv",),
+                   description="held-out error energy of the map / energy of X + A, the residual stream after "
+                               "the block (calibrate with folds)")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -41,6 +41,12 @@ from nbl_ext.numerics import (
 )
 
 _F64 = torch.float64
+
+#: The recommended number of folds (``calibrate(..., folds=DEFAULT_FOLDS)``, the default of ``nbl compress``).
+DEFAULT_FOLDS = 5
+#: The recommended grid of relative ridges (0, then log-spaced 1e-6 .. 10, half decades from 1e-4): the ridge is
+#: relative to the standardized covariance, whose eigenvalues average 1, so 1 shrinks the map by about half.
+DEFAULT_RIDGES = (0.0, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -95,18 +101,21 @@ class CrossValidation:
         return float(self.ridges[self.best_index])
 
 
-def _check_ridges(ridges: Sequence[float] | torch.Tensor) -> torch.Tensor:
+def check_ridges(ridges: Sequence[float] | torch.Tensor, what: str = "cross_validate") -> torch.Tensor:
+    """A grid of relative ridges as a float64 CPU tensor; ValueError unless non-empty, finite, >= 0, increasing."""
+    if isinstance(ridges, (str, bytes)):
+        raise ValueError(f"{what}: ridges must be a sequence of numbers, got {ridges!r}")
     try:
         r = torch.as_tensor(ridges, dtype=_F64).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"cross_validate: ridges must be a sequence of numbers, got {ridges!r} ({exc})") from None
+        raise ValueError(f"{what}: ridges must be a sequence of numbers, got {ridges!r} ({exc})") from None
     if r.dim() != 1 or r.numel() == 0:
-        raise ValueError(f"cross_validate: ridges must be a non-empty 1-D sequence, got shape {tuple(r.shape)}")
+        raise ValueError(f"{what}: ridges must be a non-empty 1-D sequence, got shape {tuple(r.shape)}")
     if not bool(torch.isfinite(r).all()) or float(r.min()) < 0:
-        raise ValueError(f"cross_validate: every ridge must be a finite number >= 0, got {r.tolist()}")
+        raise ValueError(f"{what}: every ridge must be a finite number >= 0, got {r.tolist()}")
     if r.numel() > 1 and not bool((r[1:] > r[:-1]).all()):
         raise ValueError(
-            f"cross_validate: ridges must be strictly increasing (sorted, no duplicates), got {r.tolist()}"
+            f"{what}: ridges must be strictly increasing (sorted, no duplicates), got {r.tolist()}"
         )
     return r
 
@@ -134,6 +143,27 @@ def _check_folds(folds: Sequence[MomentsLike]) -> list[Moments]:
     dev = ms[0].device
     return [m if m.device == dev else Moments(m.count, *(t.to(dev) for t in (m.mean_x, m.mean_y, m.m_xx, m.m_yx,
                                                                               m.m_yy))) for m in ms]
+
+
+def check_fold_settings(folds: Any, ridges: Any, ridge: Any, num_samples: int,
+                        what: str) -> tuple[int, list[float] | None]:
+    """Validated (folds, ridge grid or None) of a calibration over ``num_samples`` samples (see nbl_ext.calibrate)."""
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise ValueError(f"{what}: folds must be a positive int (1: no cross-validation), got {folds!r}")
+    if folds > num_samples:
+        raise ValueError(f"{what}: folds={folds} is more than the {num_samples} calibration samples (folds are "
+                         "made of whole samples); use folds <= num_samples or more samples")
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or ridge == float("inf"):
+        raise ValueError(f"{what}: ridge must be a finite number >= 0, got {ridge!r}")
+    if ridges is None:
+        return folds, None
+    if folds < 2:
+        raise ValueError(f"{what}: choosing the ridge from a grid needs cross-validation folds; pass folds >= 2 "
+                         f"(e.g. {DEFAULT_FOLDS}) with ridges=")
+    if ridge != 0:
+        raise ValueError(f"{what}: pass either ridge={ridge!r} (one fixed ridge) or a ridges= grid to choose from, "
+                         "not both")
+    return folds, [float(v) for v in check_ridges(ridges, what).tolist()]
 
 
 def merge_folds(folds: Sequence[MomentsLike]) -> Moments:
@@ -217,7 +247,7 @@ def cross_validate(folds: Sequence[MomentsLike], ridges: Sequence[float] | torch
     bad inputs, and when y is constant within every fold (the NMSE is then
     undefined).
     """
-    grid = _check_ridges(ridges)
+    grid = check_ridges(ridges)
     ms = _check_folds(folds)
     dev = ms[0].device
     target = torch.tensor([float(m.m_yy.trace()) for m in ms], dtype=_F64, device=dev)
@@ -263,4 +293,5 @@ def choose_ridge(folds: Sequence[MomentsLike], ridges: Sequence[float] | torch.T
     return cv.best_ridge, cv.nmse
 
 
-__all__ = ["CrossValidation", "choose_ridge", "cross_validate", "cross_validated_nmse", "merge_folds"]
+__all__ = ["DEFAULT_FOLDS", "DEFAULT_RIDGES", "CrossValidation", "check_fold_settings", "check_ridges", "choose_ridge", "cross_validate",
+           "cross_validated_nmse", "merge_folds"]

@@ -33,6 +33,7 @@ from torch import nn
 from nbl_ext._io import atomic_save_tensors, read_tensors
 from nbl_ext.adapters import Adapter
 from nbl_ext.criteria import LayerContext, compute_scores
+from nbl_ext.crossval import CrossValidation, cross_validate, merge_folds
 from nbl_ext.numerics import SingularWarning, fit_linear
 from nbl_ext.result import LayerCalibration
 from nbl_ext.stats import CovarianceAccumulator
@@ -213,13 +214,16 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict)
 class LayerStats:
     """What one scoring pass over decoder layer ``layer`` collected.
 
-    ``accumulator``: the (X, A) moments; ``token_sums``: per requested token statistic, a float64
-    tensor [sum of the per-token values, number of tokens].
+    ``accumulator``: the (X, A) moments over every sample (with folds: their merge, set by
+    :func:`all_reduce_stats`, None before); ``folds``: with K >= 2 folds, one accumulator per fold
+    (fold j holds the samples whose global index is j modulo K), else None; ``token_sums``: per requested
+    token statistic, a float64 tensor [sum of the per-token values, number of tokens].
     """
 
     layer: int
     accumulator: Any
     token_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    folds: list[Any] | None = None
 
     def token_means(self) -> dict[str, float]:
         """Mean of every token statistic (NaN when no token was seen)."""
@@ -228,11 +232,23 @@ class LayerStats:
 
 
 def all_reduce_stats(stats: LayerStats) -> None:
-    """Merge what every rank collected for a layer (in place); nothing outside torch.distributed."""
+    """Merge what every rank collected for a layer (in place); with folds, also their merge into ``accumulator``.
+
+    Under torch.distributed every fold's accumulator is all-reduced on its own (a fold holds the samples
+    of its global indices on every rank), then the folds are merged locally (the same on every rank).
+    """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        stats.accumulator.all_reduce()
+    distributed = dist.is_available() and dist.is_initialized()
+    if stats.folds is not None:
+        if distributed:
+            for acc in stats.folds:
+                acc.all_reduce()
+        stats.accumulator = CovarianceAccumulator.from_moments(
+            merge_folds(stats.folds), precision=getattr(stats.folds[0], "precision", "float32"))
+    if distributed:
+        if stats.folds is None:
+            stats.accumulator.all_reduce()
         if stats.token_sums:
             names = list(stats.token_sums)
             packed = torch.stack([stats.token_sums[n] for n in names])
@@ -250,12 +266,14 @@ class LayerwiseRunner:
     ``accumulator_factory(dim_x, dim_y, *, device, precision)`` builds what (X, A) stream into
     (default :class:`~nbl_ext.stats.CovarianceAccumulator`; anything with ``update(x, a)``);
     ``timer(phase)`` is entered around every accumulator update (phase "accumulate").
+    ``folds`` K >= 2: (X, A) of the sample with global index ``sample_offset + n`` go to fold
+    ``(sample_offset + n) % K`` (one accumulator per fold; their merge is the full statistics).
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, samples: torch.Tensor, *, batch_size: int,
                  spill_dir: Path | None, sample_offset: int = 0, pbar: Any = None,
                  gram_precision: str = "float32", accumulator_factory: AccumulatorFactory | None = None,
-                 timer: PhaseTimer | None = None) -> None:
+                 timer: PhaseTimer | None = None, folds: int = 1) -> None:
         self.model, self.adapter = model, adapter
         self.gram_precision = gram_precision
         self.accumulator_factory = accumulator_factory if accumulator_factory is not None else CovarianceAccumulator
@@ -268,6 +286,7 @@ class LayerwiseRunner:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
         self._memory: dict[int, list[torch.Tensor]] = {}
         self.sample_offset = sample_offset
+        self.folds = folds
         self.pbar = pbar
         self.input_device = module_device(model.get_input_embeddings(), torch.device("cpu"))
 
@@ -301,6 +320,16 @@ class LayerwiseRunner:
         hi = lo + self.batches[b].shape[0] - 1
         return f"decoder layer {i}, batch {b} (samples {lo}..{hi})"
 
+    def _accumulate(self, stats: LayerStats, b: int, x: torch.Tensor, a: torch.Tensor) -> None:
+        if stats.folds is None:
+            stats.accumulator.update(x, a)
+            return
+        first = self.sample_offset + b * self.batch_size
+        fold_of = torch.arange(first, first + x.shape[0]) % self.folds
+        for j in fold_of.unique().tolist():
+            rows = (fold_of == j).nonzero().squeeze(1).to(x.device)
+            stats.folds[j].update(x.index_select(0, rows), a.index_select(0, rows))
+
     def run(self, i: int, *, score: bool, write: bool,
             token_stats: Mapping[str, TokenStatistic] | None = None) -> LayerStats | None:
         """Run layer i on every batch; optionally collect its branch statistics and write its outputs.
@@ -313,9 +342,14 @@ class LayerwiseRunner:
         d = self.adapter.hidden_size
         stats = captured = handle = None
         if score:
-            stats = LayerStats(i, self.accumulator_factory(d, d, device=device, precision=self.gram_precision),
-                               {name: torch.zeros(2, dtype=torch.float64, device=device)
-                                for name in (token_stats or {})})
+            sums = {name: torch.zeros(2, dtype=torch.float64, device=device) for name in (token_stats or {})}
+            if self.folds > 1:
+                stats = LayerStats(i, None, sums, [self.accumulator_factory(d, d, device=device,
+                                                                            precision=self.gram_precision)
+                                                   for _ in range(self.folds)])
+            else:
+                stats = LayerStats(i, self.accumulator_factory(d, d, device=device, precision=self.gram_precision),
+                                   sums)
             module, pick = self.adapter.branch_output(layer)
             captured = []
             handle = module.register_forward_hook(lambda _m, _a, out: captured.append(pick(out)))
@@ -345,7 +379,7 @@ class LayerwiseRunner:
                         raise RuntimeError(f"{self._where(i, b)}: branch output shape {tuple(a.shape)} != input shape {tuple(x.shape)}")
                     try:
                         with self.timer("accumulate"):
-                            stats.accumulator.update(x, a)
+                            self._accumulate(stats, b, x, a)
                     except ValueError as exc:
                         raise ValueError(f"calibrate: non-finite activations in {self._where(i, b)}: {exc}") from exc
                     for name, fn in (token_stats or {}).items():
@@ -374,21 +408,35 @@ class LayerwiseRunner:
 # --- one layer's fit and scores ---------------------------------------------------------
 
 
-def score_layer(stats: LayerStats, ridge: float, criteria: Any = None) -> LayerCalibration:
+def score_layer(stats: LayerStats, ridge: float, criteria: Any = None, *,
+                ridges: Any = None) -> LayerCalibration:
     """LMMSE map and criterion scores of a layer from its (all-reduced) statistics.
 
     ``criteria``: names of registered criteria to score (default: every one computable from the
-    statistics; see :mod:`nbl_ext.criteria`).
+    statistics; see :mod:`nbl_ext.criteria`). With folds (``stats.folds``) the held-out errors of the map
+    are computed in closed form (:func:`nbl_ext.crossval.cross_validate`) for the relative ridges
+    ``ridges`` (a grid: the one with the lowest cross-validated NMSE is chosen) or, without a grid, for
+    ``ridge`` alone; the final map is fitted on all the samples with the chosen ridge.
     """
-    i, acc = stats.layer, stats.accumulator
+    i = stats.layer
+    if stats.accumulator is None:
+        raise RuntimeError(f"score_layer: the folds of decoder layer {i} were not merged (call all_reduce_stats)")
+    acc = stats.accumulator
+    cv: CrossValidation | None = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        w, b = fit_linear(acc, ridge)
-        scores = compute_scores(LayerContext(layer=i, accumulator=acc, weight=w, bias=b, ridge=ridge,
-                                             token_means=stats.token_means()), criteria)
+        chosen = float(ridge)
+        if stats.folds is not None:
+            cv = cross_validate(stats.folds, list(ridges) if ridges is not None else [chosen])
+            chosen = cv.best_ridge
+        w, b = fit_linear(acc, chosen)
+        scores = compute_scores(LayerContext(layer=i, accumulator=acc, weight=w, bias=b, ridge=chosen,
+                                             token_means=stats.token_means(), cv=cv), criteria)
     for wmsg in caught:  # re-emit with the layer named
         warnings.warn(f"decoder layer {i}: {wmsg.message}", wmsg.category if issubclass(wmsg.category, Warning)
                       else SingularWarning, stacklevel=3)
     return LayerCalibration(layer=i, scores=scores, tokens=int(acc.count),
                             weight=w.detach().to("cpu", torch.float64).contiguous(),
-                            bias=b.detach().to("cpu", torch.float64).contiguous())
+                            bias=b.detach().to("cpu", torch.float64).contiguous(),
+                            ridge=chosen if cv is not None else None,
+                            cv_curve=[float(v) for v in cv.nmse] if cv is not None and cv.ridges.numel() > 1 else None)

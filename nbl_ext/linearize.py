@@ -27,6 +27,7 @@ from torch import nn
 from nbl_ext import ops
 from nbl_ext.adapters import Adapter, get_adapter
 from nbl_ext.criteria import token_statistics
+from nbl_ext.crossval import check_fold_settings
 from nbl_ext.engine import (
     LayerwiseRunner, all_reduce_stats, check_token_data, dist_info, eval_mode, progress_bar, score_layer, shard,
 )
@@ -244,6 +245,8 @@ def linearize(
     batch_size: int = 1,
     progress: bool = False,
     ridge: float = 0.0,
+    folds: int = 1,
+    ridges: Any = None,
 ) -> nn.Module:
     """Replace the attention of the given decoder layers by fitted affine maps, or remove it, in place.
 
@@ -258,7 +261,9 @@ def linearize(
         refit: None, or "sequential": re-fit each chosen layer's W, b in order on
             the partially linearized model, so each map sees the inputs it will
             get at inference. Needs ``data`` (token ids, as for calibrate).
-        data, batch_size, progress, ridge: calibration settings for refit.
+        data, batch_size, progress, ridge, folds, ridges: calibration settings for refit (as for
+            :func:`nbl_ext.calibrate`: with ``folds`` and a ``ridges`` grid each re-fitted map gets its
+            cross-validated ridge).
 
     Returns the model. ``model.config.nbl`` records what was done. Arguments
     are validated before the model is touched; an error *during* a sequential
@@ -283,7 +288,7 @@ def linearize(
         if data is None:
             raise ValueError("linearize: refit='sequential' needs calibration token ids: linearize(..., data=token_ids)")
         summary["refit"] = [lc.summary() for lc in _refit_sequential(model, adapter, chosen, data, batch_size,
-                                                                     progress, ridge)]
+                                                                     progress, ridge, folds, ridges)]
         finalize_config(adapter, replacement, chosen, refit)
     else:
         weights = None
@@ -297,10 +302,12 @@ def linearize(
 
 
 def _refit_sequential(model: nn.Module, adapter: Adapter, chosen: list[int], data: torch.Tensor,
-                      batch_size: int, progress: bool, ridge: float) -> list[LayerCalibration]:
+                      batch_size: int, progress: bool, ridge: float, folds: int = 1,
+                      ridges: Any = None) -> list[LayerCalibration]:
     """Fit chosen layers in order, each on the model with the earlier ones already linearized."""
     check_count(batch_size, "batch_size", what="linearize")
     data = check_token_data(data, adapter.vocab_size, "linearize(refit)")
+    folds, ridges = check_fold_settings(folds, ridges, ridge, int(data.shape[0]), "linearize(refit)")
     local, offset = shard(data)
     rank, _ = dist_info()
     out: list[LayerCalibration] = []
@@ -313,13 +320,13 @@ def _refit_sequential(model: nn.Module, adapter: Adapter, chosen: list[int], dat
     try:
         with tempfile.TemporaryDirectory(prefix="nbl-refit-") as spill, eval_mode(model):
             runner = LayerwiseRunner(model, adapter, local, batch_size=batch_size, spill_dir=Path(spill),
-                                     sample_offset=offset, pbar=pbar)
+                                     sample_offset=offset, pbar=pbar, folds=folds)
             stream = token_statistics()
             for i in range(last + 1):
                 if i in chosen:
                     stats = runner.run(i, score=True, write=False, token_stats=stream)
                     all_reduce_stats(stats)
-                    lc = score_layer(stats, ridge)
+                    lc = score_layer(stats, ridge, ridges=ridges)
                     out.append(lc)
                     convert_layer(adapter, i, "affine", lc.weight, lc.bias, release_kv=not keeps_kv_slot(i, chosen, n))
                 if i < last:

@@ -19,6 +19,9 @@ METHODS = ("nbl", "drop")
 #: Keys of the per-layer scores in calibration.json where they differ from the criterion name (format 1).
 _ROW_KEYS = {"cca_bound": "bound"}
 _REQUIRED_ROW_KEYS = ("bound", "nmse", "cosine")
+#: Keys of a layer row that are not scores: the chosen ridge and the cross-validated NMSE per grid ridge
+#: (present when calibrated with folds; absent in older files).
+_INFO_ROW_KEYS = ("ridge", "cv_curve")
 _FORMAT = "nbl-ext-calibration"
 _VERSION = 1
 CALIBRATION_JSON = "calibration.json"
@@ -34,6 +37,10 @@ class LayerCalibration:
     (closed-form normalized MSE of ``A ~ W X + b`` on the calibration tokens) and ``cosine`` (mean
     per-token cosine similarity of X and X + A, the DROP score, higher = the branch changes less);
     ``weight`` (d, d) and ``bias`` (d,) in float64 on CPU; ``tokens``: samples the statistics saw.
+    Calibrated with folds (``calibrate(..., folds=K)``): ``ridge``, the relative ridge of the map (chosen
+    by cross-validation when a grid was given), ``scores["cv_nmse"]`` its held-out NMSE, and
+    ``cv_curve`` the cross-validated NMSE for every ridge of the grid (None without a grid); both None
+    without folds (the map then used the calibration's ``metadata["ridge"]``).
     """
 
     layer: int
@@ -41,6 +48,8 @@ class LayerCalibration:
     tokens: int
     weight: torch.Tensor
     bias: torch.Tensor
+    ridge: float | None = None
+    cv_curve: list[float] | None = None
 
     @property
     def bound(self) -> float:
@@ -58,7 +67,10 @@ class LayerCalibration:
         """This layer's score under ``criterion`` (a registered name or alias)."""
         crit = get_criterion(criterion)
         if crit.name not in self.scores:
-            needs = f" (it needs {', '.join(crit.needs)})" if crit.needs else ""
+            hint = {"cv": "folds: calibrate(..., folds=K >= 2)"}
+            needs = f" (it needs {', '.join(hint.get(n, n) for n in crit.needs)})" if crit.needs else ""
+            if "model" in crit.needs:
+                needs += f"; score it with nbl_ext.score_criteria(model, result, {crit.name!r}, heldout=..., data=...)"
             raise ValueError(f"criterion {crit.name!r} was not scored for decoder layer {self.layer}{needs}; "
                              f"scored: {', '.join(sorted(self.scores))}")
         return self.scores[crit.name]
@@ -67,6 +79,10 @@ class LayerCalibration:
         row: dict[str, Any] = {"layer": self.layer}
         row.update({_ROW_KEYS.get(name, name): value for name, value in self.scores.items()})
         row["tokens"] = self.tokens
+        if self.ridge is not None:
+            row["ridge"] = self.ridge
+        if self.cv_curve is not None:
+            row["cv_curve"] = list(self.cv_curve)
         return row
 
 
@@ -160,10 +176,23 @@ class CalibrationResult:
         return crit.order([lc.score(crit.name) for lc in self.layers])
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per layer: layer, bound, nmse, cosine, tokens, and the layer's rank under each method."""
+        """One row per layer: layer, bound, nmse, cosine, (cv_nmse, residual_ratio, ridge with folds), tokens,
+        and the layer's rank under each method."""
         nbl_rank = {i: r for r, i in enumerate(self.rank("nbl"))}
         drop_rank = {i: r for r, i in enumerate(self.rank("drop"))}
         return [dict(lc.summary(), nbl_rank=nbl_rank[lc.layer], drop_rank=drop_rank[lc.layer]) for lc in self.layers]
+
+    def set_scores(self, criterion: str, scores: Any) -> None:
+        """Store one score per layer under ``criterion`` (e.g. computed by :func:`nbl_ext.selection.score_criteria`)."""
+        crit = get_criterion(criterion)
+        values = [float(v) for v in scores]
+        if len(values) != self.num_layers:
+            raise ValueError(f"set_scores: {crit.name} needs one score per layer ({self.num_layers}), got {len(values)}")
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"set_scores: {crit.name} scores of layers {bad} are NaN or inf")
+        for lc, v in zip(self.layers, values):
+            lc.scores[crit.name] = v
 
     def summary(self) -> dict[str, Any]:
         """JSON-able metadata and per-layer scores (no tensors)."""
@@ -226,7 +255,7 @@ def layers_from_records(rows: list[Any], tensors: dict[str, torch.Tensor], meta:
         if not isinstance(row, dict) or row.get("layer") != i:
             raise ValueError(f"{what}: layer record {i} is malformed or out of order")
         scores = {}
-        for key in sorted(set(row) - {"layer", "tokens"} | set(_REQUIRED_ROW_KEYS), key=_row_order):
+        for key in sorted(set(row) - {"layer", "tokens", *_INFO_ROW_KEYS} | set(_REQUIRED_ROW_KEYS), key=_row_order):
             v = row.get(key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{what}: layer {i} has an invalid {key}: {v!r}")
@@ -245,5 +274,14 @@ def layers_from_records(rows: list[Any], tensors: dict[str, torch.Tensor], meta:
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{what}: tensor {key} contains NaN or inf")
             ts[name] = t.to(torch.float64)
-        out.append(LayerCalibration(i, scores, tokens, ts["weight"], ts["bias"]))
+        ridge, curve = row.get("ridge"), row.get("cv_curve")
+        if ridge is not None and (isinstance(ridge, bool) or not isinstance(ridge, (int, float))
+                                  or not math.isfinite(ridge) or ridge < 0):
+            raise ValueError(f"{what}: layer {i} has an invalid ridge: {ridge!r}")
+        if curve is not None and (not isinstance(curve, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in curve)):
+            raise ValueError(f"{what}: layer {i} has an invalid cv_curve: {curve!r}")
+        out.append(LayerCalibration(i, scores, tokens, ts["weight"], ts["bias"],
+                                    None if ridge is None else float(ridge),
+                                    None if curve is None else [float(v) for v in curve]))
     return out

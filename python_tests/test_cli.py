@@ -205,3 +205,20 @@ def test_eval_help_teaches(capsys):
     text = capsys.readouterr().out
     for needle in ("--tasks", "--data-dir", "--limit", "--ppl", "--context", "--stride", "held out", "examples:"):
         assert needle in text
+
+
+@pytest.mark.filterwarnings("ignore::nbl_ext.numerics.SingularWarning")
+def test_compress_folds_choose_the_ridge_and_print_the_heldout_nmse(tmp_path, tiny_model_dir, calib_file, capsys):
+    out = tmp_path / "out"
+    base = ["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(calib_file), "--samples", "4",
+            "--seq-len", "64", "--no-progress"]
+    assert cli.main(base + ["--folds", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cv_nmse" in printed and "ridge" in printed
+    assert json.loads((out / "nbl_run.json").read_text())["folds"] == 2
+    rows = json.loads((out / "nbl_calibration.json").read_text())["layers"]
+    assert all(r["ridge"] in nbl_ext.crossval.DEFAULT_RIDGES and r["cv_nmse"] > 0 for r in rows)
+    assert cli.main(["report", str(out)]) == 0 and "cv_nmse" in capsys.readouterr().out
+    assert cli.main(base + ["--folds", "5", "--out", str(tmp_path / "b")]) == 2
+    assert "folds=5 is more than num_samples=4" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

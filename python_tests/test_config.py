@@ -57,7 +57,8 @@ def test_compress_is_calibrate_select_linearize(criterion, replacement, tmp_path
     config = NBLConfig(criterion=criterion, k=2, replacement=replacement, num_samples=3, seq_len=40, batch_size=2)
     compressed, result = nbl_ext.compress(copy.deepcopy(model), data, config)
     by_hand = copy.deepcopy(model)
-    ref = nbl_ext.calibrate(by_hand, data, batch_size=2, progress=False)
+    ref = nbl_ext.calibrate(by_hand, data, batch_size=2, progress=False, folds=config.calibration_folds,
+                            ridges=config.calibration_ridges)  # the default: validated ridges
     nbl_ext.linearize(by_hand, ref, ref.select(2, criterion), replacement=replacement)
     assert result.bounds == ref.bounds and compressed.config.nbl["layers"] == ref.select(2, criterion)
     ids = token_data(1, 12, seed=4)

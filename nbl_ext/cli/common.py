@@ -67,13 +67,25 @@ _EXACT_NMSE = 1e-6
 
 def print_table(rows: list[dict], chosen: set[int], method: str | None, out=None) -> None:
     out = out or sys.stdout
-    print(f"{'layer':>5}  {'bound':>10}  {'nmse':>10}  {'cosine':>8}  chosen", file=out)
+    # Calibrated with folds: the cross-validated (held-out) NMSE and the chosen ridge beside the in-sample NMSE.
+    folds = any("cv_nmse" in r for r in rows)
+    head = f"  {'cv_nmse':>10}  {'ridge':>8}" if folds else ""
+    print(f"{'layer':>5}  {'bound':>10}  {'nmse':>10}{head}  {'cosine':>8}  chosen", file=out)
     exact = 0
     for r in rows:
         mark = f"<- {method}" if r["layer"] in chosen else ""
         star = "*" if r["nmse"] <= _EXACT_NMSE else " "
         exact += star == "*"
-        print(f"{r['layer']:>5}  {r['bound']:>10.4f}  {r['nmse']:>10.4f}{star} {r['cosine']:>8.4f}  {mark}", file=out)
+        cells = ""
+        if folds:
+            cv, ridge = r.get("cv_nmse"), r.get("ridge")
+            cells = (f" {cv:>10.4g}" if cv is not None else f" {'-':>10}") + (
+                f"  {ridge:>8.2g} " if ridge is not None else f"  {'-':>8} "
+            )
+        print(
+            f"{r['layer']:>5}  {r['bound']:>10.4f}  {r['nmse']:>10.4f}{star}{cells} {r['cosine']:>8.4f}  {mark}",
+            file=out,
+        )
     if exact:
         print(
             f"* in-sample exact fit ({exact} of {len(rows)} layers): the affine map reproduces the calibration "

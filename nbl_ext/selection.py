@@ -1,0 +1,265 @@
+"""Selection criteria that need the model: the direct held-out score and greedy selection.
+
+Both are registered in :mod:`nbl_ext.criteria` like every other criterion (one function, one
+registration) with ``needs`` naming what the statistics pass does not have, and are scored by
+:func:`score_criteria`, which stores the scores in the :class:`~nbl_ext.CalibrationResult` so that
+``result.select(k, criterion)`` and ``result.save`` work as for the statistics criteria::
+
+    result = nbl_ext.calibrate(model, calib_ids, folds=5, ridges=DEFAULT_RIDGES)
+    nbl_ext.score_criteria(model, result, ["direct_nll"], heldout=selection_ids)
+    layers = result.select(k, "direct_nll")
+
+* ``"direct_nll"`` (needs model, holdout): for each layer alone, its attention branch replaced by the
+  calibrated affine map, the increase of the model's mean next-token NLL on the held-out token ids
+  (lower = cheaper to replace). Cost: L + 1 forward passes over the held-out tokens (the original once,
+  then each of the L layers linearized alone) and a copy of one decoder layer at a time; no calibration
+  pass.
+* ``"greedy"`` (needs model, data; holdout too with the default ``base``): layers chosen one at a time;
+  before each step, one layer-by-layer pass of the engine over the calibration tokens ``data`` re-fits the
+  maps of all remaining candidates on the model with the layers chosen so far already linearized (the
+  inputs they will see), and the candidate with the best ``base`` score is chosen (``base="direct_nll"``:
+  the smallest held-out NLL increase on top of the partially linearized model; or any statistics criterion,
+  e.g. "cca_bound", computed from the re-fitted statistics). The score of a layer is its position in the
+  greedy order: the first ``steps`` positions (option ``steps``; default: every layer) are the greedy
+  choices, the rest follow in the order of the last step's ``base`` scores, so ``select(k, "greedy")`` is
+  the greedy choice for every k <= steps. Cost: ``steps`` calibration
+  passes over ``data`` (each about one forward pass over the calibration tokens), plus with base
+  "direct_nll" sum_{s < steps} (L - s + 1) forward passes over the held-out tokens; one copy of the model
+  (the partially linearized one).
+  The maps of the chosen layers are re-fitted in that order (``greedy_selection`` returns them); the
+  criterion's scores only order the layers.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from nbl_ext.adapters import Adapter, get_adapter
+from nbl_ext.criteria import LayerContext, get_criterion, register_criterion, token_statistics
+from nbl_ext.engine import (
+    LayerwiseRunner, all_reduce_stats, check_token_data, eval_mode, score_layer, shard,
+)
+from nbl_ext.linearize import convert_layer, is_linearized
+from nbl_ext.result import CalibrationResult, LayerCalibration
+
+
+def heldout_nll(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4) -> float:
+    """Mean next-token NLL (float64) of the model on token ids (num_samples, seq_len), no cache."""
+    device = model.get_input_embeddings().weight.device
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for chunk in ids.split(batch_size):
+            chunk = chunk.to(device)
+            logp = torch.log_softmax(model(input_ids=chunk, use_cache=False).logits[:, :-1].double(), dim=-1)
+            total += float(-logp.gather(-1, chunk[:, 1:, None]).sum())
+            count += chunk[:, 1:].numel()
+    return total / count
+
+
+@contextlib.contextmanager
+def linearized_layers(model: nn.Module, maps: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[nn.Module]:
+    """The model with the given layers' attention branches replaced by their affine maps, for the duration.
+
+    Each layer is swapped for a linearized copy (the original object, weights and all, is put back
+    afterwards): memory of one decoder layer per entry, the model is unchanged on exit.
+    """
+    adapter = get_adapter(model)
+    layers = adapter.layers()
+    originals = {i: layers[i] for i in maps}
+    try:
+        for i, (w, b) in maps.items():
+            if is_linearized(layers[i]):
+                raise ValueError(f"decoder layer {i} is already linearized")
+            layers[i] = copy.deepcopy(originals[i])
+            convert_layer(adapter, i, "affine", w, b, release_kv=False)
+        yield model
+    finally:
+        for i, layer in originals.items():
+            layers[i] = layer
+
+
+def _nll(ctx: LayerContext, model: nn.Module, key: str) -> float:
+    """The held-out NLL of ``model`` as it is, computed once per scoring call and key."""
+    if key not in ctx.shared:
+        ctx.shared[key] = heldout_nll(model, ctx.holdout, batch_size=ctx.options.get("batch_size", 4))
+    return ctx.shared[key]
+
+
+def _direct_nll(ctx: LayerContext) -> float:
+    base = _nll(ctx, ctx.model, "original_nll")
+    with linearized_layers(ctx.model, {ctx.layer: (ctx.weight, ctx.bias)}):
+        return heldout_nll(ctx.model, ctx.holdout, batch_size=ctx.options.get("batch_size", 4)) - base
+
+
+@dataclass
+class GreedySelection:
+    """What :func:`greedy_selection` found: ``order`` (every layer, greedy choices first), ``chosen``
+    (the greedy choices in the order they were made), ``maps`` (layer -> the re-fitted LayerCalibration of
+    each chosen layer, fitted with the earlier choices linearized), ``step_scores`` (per step, the base
+    score of every remaining candidate) and the number of ``passes`` over the calibration and held-out tokens."""
+
+    order: list[int]
+    chosen: list[int]
+    maps: dict[int, LayerCalibration]
+    step_scores: list[dict[int, float]]
+    calibration_passes: int
+    heldout_passes: int
+
+
+def _refit_remaining(model: nn.Module, adapter: Adapter, data: torch.Tensor, remaining: Sequence[int], *,
+                     batch_size: int, ridge: float, folds: int, ridges: Any) -> dict[int, LayerCalibration]:
+    """One layer-by-layer pass: the statistics, maps and scores of every remaining layer on the model as it is."""
+    local, offset = shard(data)
+    out: dict[int, LayerCalibration] = {}
+    last = max(remaining)
+    stream = token_statistics()
+    with tempfile.TemporaryDirectory(prefix="nbl-greedy-") as spill, eval_mode(model):
+        runner = LayerwiseRunner(model, adapter, local, batch_size=batch_size, spill_dir=Path(spill),
+                                 sample_offset=offset, folds=folds)
+        for i in range(last + 1):
+            if i in remaining:
+                stats = runner.run(i, score=True, write=i < last, token_stats=stream)
+                all_reduce_stats(stats)
+                out[i] = score_layer(stats, ridge, ridges=ridges)
+            else:
+                runner.run(i, score=False, write=True)
+            runner.drop_boundary(i)
+    return out
+
+
+def greedy_selection(model: nn.Module, data: torch.Tensor, *, steps: int | None = None, base: str = "direct_nll",
+                     heldout: torch.Tensor | None = None, batch_size: int = 4, ridge: float = 0.0, folds: int = 1,
+                     ridges: Sequence[float] | None = None) -> GreedySelection:
+    """Choose layers one at a time, re-fitting the remaining candidates on the partially linearized model.
+
+    ``data``: calibration token ids (as for :func:`nbl_ext.calibrate`); ``steps``: how many layers to
+    choose greedily (default: all); ``base``: the score each step ranks the candidates by ("direct_nll",
+    which needs ``heldout`` token ids, or a statistics criterion such as "cca_bound" or "cv_nmse", the
+    latter needing ``folds`` >= 2); ``ridge``/``folds``/``ridges``: the re-fits' settings, as for calibrate.
+    The model itself is not changed (the work happens on a copy). Cost: see the module docstring.
+    """
+    adapter = get_adapter(model)
+    n = adapter.num_layers
+    if getattr(adapter.config, "nbl", None) or any(is_linearized(layer) for layer in adapter.layers()):
+        raise ValueError("greedy_selection: this model is already linearized; pass the original model")
+    steps = n if steps is None else steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= n:
+        raise ValueError(f"greedy_selection: steps must be an int between 0 and the number of layers ({n}), "
+                         f"got {steps!r}")
+    crit = get_criterion(base)
+    if crit.name == "greedy":
+        raise ValueError("greedy_selection: base must be another criterion than 'greedy'")
+    if crit.name == "direct_nll":
+        if heldout is None:
+            raise ValueError("greedy_selection: base='direct_nll' needs held-out token ids (heldout=)")
+        heldout = check_token_data(heldout, adapter.vocab_size, "greedy_selection(heldout)")
+    elif crit.needs and set(crit.needs) - {"cv"}:
+        raise ValueError(f"greedy_selection: base must be 'direct_nll' or a statistics criterion; {crit.name!r} "
+                         f"needs {', '.join(crit.needs)}")
+    data = check_token_data(data, adapter.vocab_size, "greedy_selection(data)")
+    work = copy.deepcopy(model)
+    wadapter = get_adapter(work)
+    chosen: list[int] = []
+    maps: dict[int, LayerCalibration] = {}
+    history: list[dict[int, float]] = []
+    cal_passes = held_passes = 0
+    order_rest: list[int] = list(range(n))
+    for _step in range(steps):
+        remaining = [i for i in range(n) if i not in chosen]
+        fits = _refit_remaining(work, wadapter, data, remaining, batch_size=batch_size, ridge=ridge, folds=folds,
+                                ridges=ridges)
+        cal_passes += 1
+        if crit.name == "direct_nll":
+            base_nll = heldout_nll(work, heldout, batch_size=batch_size)
+            scores = {}
+            for i in remaining:
+                with linearized_layers(work, {i: (fits[i].weight, fits[i].bias)}):
+                    scores[i] = heldout_nll(work, heldout, batch_size=batch_size) - base_nll
+            held_passes += len(remaining) + 1
+        else:
+            scores = {i: fits[i].score(crit.name) for i in remaining}
+        history.append(scores)
+        ranked = [remaining[j] for j in crit.order([scores[i] for i in remaining])]
+        pick = ranked[0]
+        chosen.append(pick)
+        maps[pick] = fits[pick]
+        convert_layer(wadapter, pick, "affine", fits[pick].weight, fits[pick].bias, release_kv=False)
+        order_rest = ranked[1:]
+    del work
+    if steps == 0:
+        order_rest = list(range(n))
+    return GreedySelection(order=chosen + order_rest, chosen=chosen, maps=maps, step_scores=history,
+                           calibration_passes=cal_passes, heldout_passes=held_passes)
+
+
+def _greedy(ctx: LayerContext) -> float:
+    if "greedy" not in ctx.shared:
+        meta = ctx.options.get("metadata", {})
+        ctx.shared["greedy"] = greedy_selection(
+            ctx.model, ctx.data, steps=ctx.options.get("steps"), base=ctx.options.get("base", "direct_nll"),
+            heldout=ctx.holdout, batch_size=ctx.options.get("batch_size", 4), ridge=float(meta.get("ridge", 0.0)),
+            folds=int(meta.get("folds", 1) or 1), ridges=meta.get("ridges"))
+    return float(ctx.shared["greedy"].order.index(ctx.layer))
+
+
+register_criterion("direct_nll", _direct_nll, direction="lower", needs=("model", "holdout"),
+                   description="held-out NLL increase with this layer alone linearized (L + 1 held-out forwards)")
+register_criterion("greedy", _greedy, direction="lower", needs=("model", "data"),
+                   description="position in the greedy order: layers chosen one at a time, the rest re-fitted on "
+                               "the partially linearized model each step (steps calibration passes)")
+
+
+def score_criteria(model: nn.Module, result: CalibrationResult, criteria: str | Sequence[str], *,
+                   heldout: torch.Tensor | None = None, data: torch.Tensor | None = None, batch_size: int = 4,
+                   **options: Any) -> dict[str, list[float]]:
+    """Score criteria that need the model (and held-out or calibration tokens); store them in ``result``.
+
+    ``criteria``: a name or a list of names (e.g. "direct_nll", "greedy"); ``heldout``: held-out token ids
+    (num_samples, seq_len), never the tokens anything is reported on; ``data``: the calibration token ids
+    (greedy re-fits on them); ``options``: settings of a criterion (greedy: ``steps``, ``base``). The maps
+    are the result's; greedy re-fits with the result's ridge, folds and ridge grid. Returns
+    ``{name: one score per layer}``; afterwards ``result.select(k, name)`` picks by them.
+    """
+    adapter = get_adapter(model)
+    if not isinstance(result, CalibrationResult):
+        raise TypeError(f"score_criteria: result must be a CalibrationResult, got {type(result).__name__}")
+    if result.num_layers != adapter.num_layers or result.hidden_size != adapter.hidden_size:
+        raise ValueError(f"score_criteria: the result ({result.num_layers} layers, hidden {result.hidden_size}) does "
+                         f"not match the model ({adapter.num_layers} layers, hidden {adapter.hidden_size})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"score_criteria: batch_size must be a positive int, got {batch_size!r}")
+    names = [criteria] if isinstance(criteria, str) else list(criteria)
+    crits = [get_criterion(name) for name in names]
+    if heldout is not None:
+        heldout = check_token_data(heldout, adapter.vocab_size, "score_criteria(heldout)")
+    if data is not None:
+        data = check_token_data(data, adapter.vocab_size, "score_criteria(data)")
+    given = {"model": model, "holdout": heldout, "data": data}
+    for crit in crits:
+        missing = [need for need in crit.needs if given.get(need) is None]
+        if missing:
+            arg = {"holdout": "heldout=", "data": "data=", "cv": "a calibration with folds", "model": "model"}
+            raise ValueError(f"score_criteria: {crit.name!r} needs {', '.join(arg[m] for m in missing)}")
+    opts = dict(options, batch_size=batch_size, metadata=result.metadata)
+    out: dict[str, list[float]] = {}
+    for crit in crits:
+        shared: dict[str, Any] = {}
+        scores = []
+        for lc in result.layers:
+            ctx = LayerContext(layer=lc.layer, accumulator=None, weight=lc.weight, bias=lc.bias,
+                               ridge=lc.ridge if lc.ridge is not None else float(result.metadata.get("ridge", 0.0)),
+                               model=model, holdout=heldout, data=data, options=opts, shared=shared)
+            scores.append(float(crit.score(ctx)))
+        result.set_scores(crit.name, scores)
+        out[crit.name] = scores
+    return out
+
+
+__all__ = ["GreedySelection", "greedy_selection", "heldout_nll", "linearized_layers", "score_criteria"]

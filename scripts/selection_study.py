@@ -1,0 +1,529 @@
+"""Layer selection that predicts the damage, and fits that hold up on held-out data (issue 11, items 3-5, 7).
+
+    .venv/bin/python scripts/selection_study.py                      # compute what is missing, then render
+    .venv/bin/python scripts/selection_study.py --parts truth,criteria --models smollm2-135m
+    .venv/bin/python scripts/selection_study.py --render             # docs/selection.md from the JSON only
+    .venv/bin/python scripts/selection_study.py --smoke --out /tmp/s  # tiny budget: checks the script, no page
+
+Resumable: the raw JSON (default docs/results/selection_study.json) is rewritten after every point, the
+calibrations are cached (and resumable) under --work, and a rerun computes only what is missing. CPU,
+float32, both offline real models (SmolLM2-135M, Gemma 3 270M).
+
+Data: three disjoint sets, fixed by seed (GUIDE.md section 7), nothing reported is used to choose anything.
+
+* test: the C4 documents held out from calibration by every nbl tool (``split_documents(c4_demo.json,
+  HOLDOUT_FRACTION, seed=HOLDOUT_SEED)``, as :func:`nbl_ext.evaluate.c4_heldout_ids`), WikiText-2 test and
+  the 7 zero-shot tasks;
+* selection: ``SELECTION_FRACTION`` of the remaining C4 documents (``split_documents(..., seed=SELECTION_SEED)``),
+  packed into ``--seq-len`` sequences: the first ``--direct-samples`` feed the direct score (direct_nll and
+  greedy's steps), the next ``--truth-samples`` the ground truth (disjoint from the direct score's);
+* calibration: the other C4 documents (the ridge is chosen by cross-validation inside them).
+
+Parts (``--parts``):
+
+* ``truth``: per layer, the increase of the mean NLL on the ground-truth selection tokens with that layer
+  alone linearized (the validated map of the all-data calibration). (L + 1) forwards over those tokens.
+* ``criteria``: every registered criterion on that calibration (the statistics ones come with it; direct_nll on
+  the direct tokens; greedy with base direct_nll for the largest k of the grid), each one's cost in seconds and
+  its Spearman correlation with the ground truth (signed so that +1 ranks the layers as the truth does).
+* ``ppl``: perplexity on held-out C4 and WikiText-2 for k on the grid (10..40% of the layers), every criterion's
+  layers with the NBL map, DROP beside (cosine, branch removed); paired (same windows) NLL differences.
+* ``overfit``: in-sample, cross-validated and measured held-out NMSE (on test C4 tokens: a report, chooses
+  nothing) against calibration size (about 8k, 32k and all calibration tokens), ridge 0 and validated ridge;
+  and self-generated calibration at ``--self-samples`` sequences.
+* ``accuracy``: the 7 zero-shot tasks at the headline points (original; at k = 20% and 40% of the layers: the
+  criterion with the best Spearman on the selection set, the CCA bound, DROP), on
+  ``--acc-n`` items per task chosen by ``sha256(task:0:i)`` order (scripts/quality_study.py's ``subset``), the
+  same items for every variant; the paired s.e. of the 7-task mean difference is
+  sqrt(sum_t var_t(d) / n_t) / 7 (GUIDE.md section 7: ~300 items per task give 0.01 at 20% disagreement).
+* ``speed``: calibration (folds and ridge grid, all calibration tokens) against a plain forward pass over the
+  same tokens in the same batches, same run; the ratio.
+
+CPU time on this 2-core machine, as tokens forwarded per model (L layers, T_c ~110k calibration tokens at
+seq_len 512, k grid 10..40% of L, greedy to the largest k), SmolLM2 (L = 30) figures:
+
+* calibration, all tokens, 5 folds: ~1 forward over T_c (110k) plus L x (5 + 3) float64 eighs of d x d;
+* ``overfit``: 2 x (8k + 32k + T_c) = 300k, 7 x 8k of measured held-out NMSE, 32 x 512 sampled tokens;
+* ``truth``: (L + 1) x 16 x 512 = 254k; ``criteria``: direct_nll (L + 1) x 8 x 512 = 127k, greedy
+  12 x T_c = 1.3M of re-fits plus sum_{s<12} (L - s + 1) = 306 direct passes = 1.25M (--greedy-samples and
+  --greedy-steps cut it);
+* ``ppl``: (1 + 7 x 4) points x 2 corpora x 16k = 0.93M; ``speed``: 2 x T_c = 220k;
+* ``accuracy``: 7 variants x 7 tasks x 300 items, ~200 tokens per item (GUIDE.md: ~4M tokens for the ~20k
+  items of the full splits): ~2.9M.
+
+About 4.6M tokens without accuracy, 7.5M with it. At the GUIDE's rate (~250 tokens/s for one sequence, a few
+times that batched: take ~600 tokens/s at batch 4) that is ~2 h + ~1.3 h for SmolLM2; Gemma 3 (L = 18, ~2x
+slower per token, greedy 7 steps) about 5 h. Measured here: the --smoke run (seq_len 64, 768 calibration
+tokens, SmolLM2) ran truth (31 x 256 tokens) in 231 s and direct_nll (31 x 128) in 159 s, i.e. ~35
+tokens/s unbatched at length 64 with one thread while the 2 cores carried a load of ~10: a busy machine is
+5-20x slower than the estimate. Run with ``OMP_NUM_THREADS=1`` when the cores are shared: a 576 x 576
+float64 eigh took 18 s with 2 OpenMP threads under that load and 0.9 s with one. Start the parts in the
+background (``nohup ... &``) and render when done.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import nbl_ext
+from nbl_ext.criteria import get_criterion
+from nbl_ext.crossval import DEFAULT_FOLDS, DEFAULT_RIDGES
+from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, split_documents
+from nbl_ext.evaluate import _bos_for, c4_heldout_ids, perplexity_stats, run_tasks, versions, wikitext2_ids
+from nbl_ext.selection import heldout_nll
+from nbl_ext.tasks import OFFLINE_TASKS, ZERO_SHOT_7
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_study import heldout_nmse, subset  # noqa: E402  (scripts/quality_study.py)
+from study_report import _spearman as spearman, paired_nll  # noqa: E402  (scripts/study_report.py)
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = (ROOT / ".." / "shared" / "data").resolve()
+C4 = SHARED / "calib" / "c4_demo.json"
+EVAL = SHARED / "eval"
+MODELS = ("smollm2-135m", "gemma3-270m")
+PARTS = ("truth", "criteria", "ppl", "overfit", "accuracy", "speed")
+SELECTION_FRACTION, SELECTION_SEED = 0.15, 1
+K_FRACTIONS = (0.1, 0.2, 0.3, 0.4)  # the k grid; 0.2 and 0.4 are the headline points
+#: Criteria that select layers for the NBL map in the ppl part (DROP is added beside them).
+PPL_CRITERIA = ("cca_bound", "cv_nmse", "residual_ratio", "cosine", "direct_nll", "greedy")
+STATISTICS = ("cca_bound", "nmse", "cosine", "cv_nmse", "residual_ratio")
+
+
+def ks(n_layers: int) -> list[int]:
+    return sorted({max(1, round(f * n_layers)) for f in K_FRACTIONS})
+
+
+def signed(crit: str, scores: list[float]) -> list[float]:
+    """Scores turned so that lower = more replaceable (the ground truth's direction)."""
+    return list(scores) if get_criterion(crit).direction == "lower" else [-s for s in scores]
+
+
+def paired_acc7(a: dict, b: dict) -> tuple[float, float]:
+    """7-task mean accuracy difference b - a and its paired s.e. sqrt(sum_t var_t(d) / n_t) / 7."""
+    diff, var = 0.0, 0.0
+    for t in ZERO_SHOT_7:
+        d = [cb - ca for ca, cb in zip(a["tasks"][t]["correct"], b["tasks"][t]["correct"])]
+        m = sum(d) / len(d)
+        diff += m / len(ZERO_SHOT_7)
+        var += (sum((x - m) ** 2 for x in d) / max(1, len(d) - 1)) / len(d)
+    return diff, math.sqrt(var) / len(ZERO_SHOT_7)
+
+
+class Study:
+    def __init__(self, args):
+        self.args = args
+        self.raw = Path(args.raw)
+        self.work = Path(args.work)
+        self.data = json.loads(self.raw.read_text()) if self.raw.is_file() and not args.fresh else {}
+        self.data.setdefault("models", {})
+
+    def save(self):
+        self.raw.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.raw.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+        tmp.replace(self.raw)
+
+    def setup(self):
+        a = self.args
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        self.data["setup"] = {
+            "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads), float32",
+            "versions": versions(), "commit": commit, "smoke": bool(a.smoke),
+            "sets": {
+                "test": f"C4 documents held out by split_documents({C4.name}, {HOLDOUT_FRACTION}, seed={HOLDOUT_SEED}); "
+                        "WikiText-2 test; the 7 zero-shot tasks",
+                "selection": f"{SELECTION_FRACTION} of the other C4 documents (split_documents seed {SELECTION_SEED}); "
+                             f"packed {a.seq_len}-token sequences: the first {a.direct_samples} for the direct score, "
+                             f"the next {a.truth_samples} for the ground truth",
+                "calibration": "the remaining C4 documents, packed (seed 0)",
+            },
+            "folds": DEFAULT_FOLDS, "ridges": list(DEFAULT_RIDGES), "seq_len": a.seq_len,
+            "perplexity": {"tokens": a.ppl_tokens, "context": a.context},
+            "accuracy": {"tasks": list(ZERO_SHOT_7), "items_per_task": a.acc_n,
+                         "items": "sha256(task:0:i) order, first N (scripts/quality_study.py subset)"},
+        }
+
+    # --- data -------------------------------------------------------------------------------
+    def sets(self, tok):
+        rest, _test = split_documents(C4, HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
+        calib_docs, sel_docs = split_documents(rest, SELECTION_FRACTION, seed=SELECTION_SEED)
+        a = self.args
+        sel = nbl_ext.load_calibration_tokens(sel_docs, tok, num_samples=a.direct_samples + a.truth_samples,
+                                              seq_len=a.seq_len, seed=0, progress=False)
+        return calib_docs, sel[: a.direct_samples], sel[a.direct_samples:]
+
+    def calib_tokens(self, tok, docs, samples: int | None):
+        """``samples`` packed sequences of the calibration documents (None: as many as they hold)."""
+        if samples is None:  # every sequence the documents fill (text + EOS per document, BOS per sequence)
+            total = sum(len(ids) + 1 for ids in tok([d for d in docs if d.strip()], add_special_tokens=False,
+                                                    verbose=False)["input_ids"])
+            samples = total // (self.args.seq_len - (1 if _bos_for(tok) is not None else 0))
+        return nbl_ext.load_calibration_tokens(docs, tok, num_samples=samples, seq_len=self.args.seq_len, seed=0,
+                                               progress=False)
+
+    def calibrate(self, model, tokens, tag, **kwargs):
+        t = time.perf_counter()
+        res = nbl_ext.calibrate(model, tokens, batch_size=self.args.batch_size, progress=False,
+                                output_dir=self.work / tag, **kwargs)
+        return res, time.perf_counter() - t
+
+    # --- one model ---------------------------------------------------------------------------
+    def run_model(self, name, parts):
+        a = self.args
+        rec = self.data["models"].setdefault(name, {})
+        torch.manual_seed(0)
+        model, tok = nbl_ext.load_model(name, progress=False)
+        adapter = nbl_ext.get_adapter(model)
+        n = adapter.num_layers
+        rec.update(num_layers=n, hidden_size=adapter.hidden_size, k_grid=ks(n))
+        bos = _bos_for(tok)
+        calib_docs, direct_ids, truth_ids = self.sets(tok)
+        full_tokens = self.calib_tokens(tok, calib_docs, a.calib_samples)
+        grid = dict(folds=DEFAULT_FOLDS, ridges=DEFAULT_RIDGES)
+        result, secs = self.calibrate(model, full_tokens, f"{name}/all", **grid)
+        if "calibration" not in rec:
+            rec["calibration"] = {"tokens": int(full_tokens.numel()), "seconds": secs, "layers": result.table()}
+            self.save()
+        log = lambda msg: print(f"[{name}] {msg}", flush=True)  # noqa: E731
+
+        if "truth" in parts and "truth" not in rec:
+            t = time.perf_counter()
+            base = heldout_nll(model, truth_ids, batch_size=a.batch_size)
+            delta = []
+            for i in range(n):
+                lin = nbl_ext.linearize(copy.deepcopy(model), result, [i])
+                delta.append(heldout_nll(lin, truth_ids, batch_size=a.batch_size) - base)
+                del lin
+            rec["truth"] = {"tokens": int(truth_ids.numel()), "nll_original": base, "delta": delta,
+                            "seconds": time.perf_counter() - t, "forward_passes": n + 1}
+            self.save()
+            log(f"ground truth in {rec['truth']['seconds']:.0f} s")
+
+        if "criteria" in parts:
+            crits = rec.setdefault("criteria", {})
+            for crit in STATISTICS:
+                if crit not in crits:
+                    crits[crit] = {"scores": [lc.score(crit) for lc in result.layers], "seconds": None,
+                                   "cost": "in the calibration pass"}
+            if "direct_nll" not in crits:
+                t = time.perf_counter()
+                s = nbl_ext.score_criteria(model, result, "direct_nll", heldout=direct_ids,
+                                           batch_size=a.batch_size)["direct_nll"]
+                crits["direct_nll"] = {"scores": s, "seconds": time.perf_counter() - t, "forward_passes": n + 1,
+                                       "tokens": int(direct_ids.numel())}
+                self.save()
+                log(f"direct_nll in {crits['direct_nll']['seconds']:.0f} s")
+            if "greedy" not in crits:
+                t = time.perf_counter()
+                g_tokens = full_tokens if a.greedy_samples is None else full_tokens[: a.greedy_samples]
+                g = nbl_ext.greedy_selection(model, g_tokens, steps=a.greedy_steps or max(ks(n)), heldout=direct_ids,
+                                             batch_size=a.batch_size, **grid)
+                crits["greedy"] = {"scores": [float(g.order.index(i)) for i in range(n)], "order": g.order,
+                                   "chosen": g.chosen, "seconds": time.perf_counter() - t,
+                                   "calibration_passes": g.calibration_passes, "heldout_passes": g.heldout_passes,
+                                   "calibration_tokens": int(g_tokens.numel())}
+                (self.work / name).mkdir(parents=True, exist_ok=True)
+                save_file({f"{i}.{part}": getattr(lc, part).contiguous() for i, lc in g.maps.items()
+                           for part in ("weight", "bias")}, self.work / name / "greedy_maps.safetensors")
+                self.save()
+                log(f"greedy in {crits['greedy']['seconds']:.0f} s: {g.chosen}")
+            if "truth" in rec:
+                for crit, c in crits.items():
+                    c["spearman"] = spearman(signed(crit, c["scores"]), rec["truth"]["delta"])
+                self.save()
+
+        if "ppl" in parts:
+            self.ppl(name, rec, model, tok, result, bos)
+        if "overfit" in parts:
+            self.overfit(name, rec, model, tok, calib_docs, bos)
+        if "accuracy" in parts:
+            self.accuracy(name, rec, model, tok, result)
+        if "speed" in parts and "speed" not in rec:
+            self.speed(rec, model, full_tokens, result, secs)
+
+    # --- variants ------------------------------------------------------------------------------
+    def variant(self, name, rec, model, result, crit, k):
+        """The model with k layers chosen by ``crit`` linearized (DROP: chosen by cosine, removed)."""
+        if crit == "drop":
+            return nbl_ext.linearize(copy.deepcopy(model), result, result.select(k, "cosine"), replacement="remove")
+        if crit == "greedy":
+            c = rec["criteria"]["greedy"]
+            if k > len(c["chosen"]):
+                raise SystemExit(f"greedy ran {len(c['chosen'])} steps; k = {k} needs more (--greedy-steps)")
+            layers = sorted(c["chosen"][:k])
+            maps = load_file(self.work / name / "greedy_maps.safetensors")
+            res = copy.deepcopy(result)
+            for i in layers:  # the maps greedy re-fitted on the partially linearized model
+                res.layers[i].weight, res.layers[i].bias = maps[f"{i}.weight"], maps[f"{i}.bias"]
+            return nbl_ext.linearize(copy.deepcopy(model), res, layers)
+        scores = rec["criteria"][crit]["scores"] if crit in rec.get("criteria", {}) else None
+        if scores is not None and crit not in result.layers[0].scores:
+            result.set_scores(crit, scores)
+        return nbl_ext.linearize(copy.deepcopy(model), result, result.select(k, crit))
+
+    def ppl(self, name, rec, model, tok, result, bos):
+        a = self.args
+        pts = rec.setdefault("ppl", {})
+        corpora = {"wikitext2": wikitext2_ids(tok, EVAL, a.ppl_tokens), "c4": c4_heldout_ids(tok, C4, a.ppl_tokens)[0]}
+
+        def measure(m):
+            out = {}
+            for corpus, ids in corpora.items():
+                s = perplexity_stats(m, ids, context=a.context, bos_id=bos, batch_size=a.batch_size)
+                out[corpus] = {key: s[key] for key in ("ppl", "ppl_stderr", "nll", "tokens", "window_nll")}
+            return out
+
+        if "original" not in pts:
+            pts["original"] = {"k": 0, **measure(model)}
+            self.save()
+        for k in ks(rec["num_layers"]):
+            for crit in (*PPL_CRITERIA, "drop"):
+                key = f"{crit}/k{k}"
+                if key in pts or (crit not in ("drop", *STATISTICS) and crit not in rec.get("criteria", {})):
+                    continue
+                if crit == "greedy" and k > len(rec["criteria"]["greedy"]["chosen"]):
+                    print(f"[{name}] {key}: skipped, greedy ran {len(rec['criteria']['greedy']['chosen'])} steps "
+                          "(--greedy-steps)", flush=True)
+                    continue
+                t = time.perf_counter()
+                m = self.variant(name, rec, model, result, crit, k)
+                layers = m.config.nbl["layers"]
+                pts[key] = {"k": k, "criterion": crit, "layers": layers, **measure(m),
+                            "seconds": time.perf_counter() - t}
+                del m
+                self.save()
+                print(f"[{name}] {key}: c4 {pts[key]['c4']['ppl']:.2f}, wikitext2 {pts[key]['wikitext2']['ppl']:.2f}",
+                      flush=True)
+            for crit in PPL_CRITERIA:  # NLL(crit) - NLL(DROP) over the same windows, and its paired s.e.
+                key = f"{crit}/k{k}"
+                if key in pts and f"drop/k{k}" in pts:
+                    for corpus in corpora:
+                        pts[key][corpus]["vs_drop"] = paired_nll(pts[f"drop/k{k}"], pts[key], corpus)
+            self.save()
+
+    def overfit(self, name, rec, model, tok, calib_docs, bos):
+        a = self.args
+        out = rec.setdefault("overfit", {})
+        test_c4 = c4_heldout_ids(tok, C4, a.nmse_tokens)[0]
+        sizes = {"8k": max(2, 8192 // a.seq_len), "32k": max(2, 32768 // a.seq_len), "all": a.calib_samples}
+        if a.smoke:
+            sizes = {"8k": 6, "all": a.calib_samples}
+        for label, samples in sizes.items():
+            tokens = self.calib_tokens(tok, calib_docs, samples)
+            for ridge in ("ridge0", "validated"):
+                key = f"c4/{label}/{ridge}"
+                if key in out:
+                    continue
+                kwargs = dict(folds=DEFAULT_FOLDS) if ridge == "ridge0" else dict(folds=DEFAULT_FOLDS,
+                                                                                  ridges=DEFAULT_RIDGES)
+                res, secs = self.calibrate(model, tokens, f"{name}/overfit-{label}-{ridge}", **kwargs)
+                held = heldout_nmse(model, nbl_ext.get_adapter(model), res, test_c4, a.context, bos)
+                out[key] = {"tokens": int(tokens.numel()), "seconds": secs, "in_sample": res.nmse,
+                            "cv": [lc.scores["cv_nmse"] for lc in res.layers], "heldout": held,
+                            "ridge": [lc.ridge for lc in res.layers]}
+                self.save()
+                print(f"[{name}] overfit {key}: median NMSE held out {_median(held):.3f}, in sample "
+                      f"{_median(res.nmse):.3f}", flush=True)
+        key = "self/validated"
+        if a.self_samples and key not in out:
+            t = time.perf_counter()
+            tokens = nbl_ext.load_calibration_tokens("self", tok, num_samples=a.self_samples, seq_len=a.seq_len,
+                                                     seed=0, model=model, progress=False)
+            t_data = time.perf_counter() - t
+            res, secs = self.calibrate(model, tokens, f"{name}/overfit-self", folds=DEFAULT_FOLDS,
+                                       ridges=DEFAULT_RIDGES)
+            held = heldout_nmse(model, nbl_ext.get_adapter(model), res, test_c4, a.context, bos)
+            out[key] = {"tokens": int(tokens.numel()), "sampling_seconds": t_data, "seconds": secs,
+                        "in_sample": res.nmse, "cv": [lc.scores["cv_nmse"] for lc in res.layers], "heldout": held,
+                        "ridge": [lc.ridge for lc in res.layers]}
+            self.save()
+
+    def best_criterion(self, rec) -> str:
+        """The criterion with the highest Spearman with the ground truth (selection tokens only)."""
+        crits = {c: v["spearman"] for c, v in rec.get("criteria", {}).items() if "spearman" in v and c != "nmse"}
+        if not crits:
+            raise SystemExit("accuracy needs the truth and criteria parts first (the best criterion is chosen on "
+                             "the selection set)")
+        return max(crits, key=crits.get)
+
+    def accuracy(self, name, rec, model, tok, result):
+        a = self.args
+        if a.acc_n <= 0:
+            return
+        acc = rec.setdefault("accuracy", {})
+        best = self.best_criterion(rec)
+        n = rec["num_layers"]
+        heads = sorted({max(1, round(0.2 * n)), max(1, round(0.4 * n))})
+        samples = {t: subset(t, a.acc_n, len(OFFLINE_TASKS[t].load(EVAL))) for t in ZERO_SHOT_7}
+        points = [("original", 0)] + [(c, k) for k in heads for c in dict.fromkeys((best, "cca_bound", "drop"))]
+        for crit, k in points:
+            key = "original" if crit == "original" else f"{crit}/k{k}"
+            if key in acc:
+                continue
+            t = time.perf_counter()
+            m = model if crit == "original" else self.variant(name, rec, model, result, crit, k)
+            out = run_tasks(m, tok, ZERO_SHOT_7, data_dir=EVAL, samples=samples, batch_size=8,
+                            max_length=a.context, log_samples=True)
+            acc[key] = {"k": k, "criterion": crit, "seconds": time.perf_counter() - t,
+                        "tasks": {tn: {"acc": r["metrics"].get("acc"), "n": r["n"],
+                                       "correct": [int(s["acc"]) for s in sorted(r["samples"], key=lambda s: s["doc_id"])]}
+                                  for tn, r in out.items()}}
+            self.save()
+            print(f"[{name}] accuracy {key} in {acc[key]['seconds']:.0f} s", flush=True)
+
+    def speed(self, rec, model, tokens, result, calib_seconds):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for chunk in tokens.split(self.args.batch_size):
+                model(input_ids=chunk, use_cache=False)
+        fwd = time.perf_counter() - t
+        # A fresh calibration in the same run (the cached one may come from another process or a resume).
+        t = time.perf_counter()
+        nbl_ext.calibrate(model, tokens, batch_size=self.args.batch_size, progress=False, folds=DEFAULT_FOLDS,
+                          ridges=DEFAULT_RIDGES)
+        cal = time.perf_counter() - t
+        rec["speed"] = {"tokens": int(tokens.numel()), "forward_seconds": fwd, "calibrate_seconds": cal,
+                        "ratio": cal / fwd, "batch_size": self.args.batch_size}
+        self.save()
+        print(f"calibration {cal:.0f} s vs forward {fwd:.0f} s: {cal / fwd:.2f}x", flush=True)
+
+
+# --- the page ----------------------------------------------------------------------------------
+
+
+def _median(v):
+    s = sorted(v)
+    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
+
+
+def render(data: dict, raw_name: str = "docs/results/selection_study.json") -> str:
+    """docs/selection.md from the raw JSON alone (every number below is computed here)."""
+    lines = ["# Layer selection and validated fits (issue 11)", "",
+             f"Generated by `scripts/selection_study.py --render` from `{raw_name}`; "
+             f"commit {data['setup']['commit']}, {data['setup']['device']}.", "",
+             "Sets (disjoint, fixed by seed): " + "; ".join(f"**{k}**: {v}" for k, v in data["setup"]["sets"].items()),
+             ""]
+    for name, rec in data["models"].items():
+        n = rec["num_layers"]
+        lines += [f"## {name} ({n} layers)", ""]
+        if "truth" in rec and "criteria" in rec:
+            lines += ["### Criteria against the ground truth", "",
+                      f"Ground truth: held-out NLL increase per layer alone linearized, {rec['truth']['tokens']} "
+                      f"selection tokens, {rec['truth']['seconds']:.0f} s.", "",
+                      "| criterion | Spearman with the truth | cost |", "|---|---:|---|"]
+            for crit, c in sorted(rec["criteria"].items(), key=lambda kv: -kv[1].get("spearman", -2)):
+                cost = c.get("cost") or f"{c['seconds']:.0f} s"
+                lines.append(f"| {crit} | {c.get('spearman', float('nan')):+.2f} | {cost} |")
+            lines.append("")
+        if "ppl" in rec:
+            lines += ["### Perplexity against k (NBL map; DROP removes)", "",
+                      "ΔNLL vs DROP: mean per-token NLL difference over the same windows ± paired s.e. "
+                      "(negative = better than DROP).", "",
+                      "| k | criterion | C4 ppl | ΔNLL vs DROP (C4) | WikiText-2 ppl | ΔNLL vs DROP (WT2) |",
+                      "|---:|---|---:|---:|---:|---:|"]
+            o = rec["ppl"]["original"]
+            lines.append(f"| 0 | original | {o['c4']['ppl']:.2f} | | {o['wikitext2']['ppl']:.2f} | |")
+            for key, p in sorted(rec["ppl"].items(), key=lambda kv: (kv[1]["k"], kv[0])):
+                if key == "original":
+                    continue
+                cells = []
+                for corpus in ("c4", "wikitext2"):
+                    vs = p[corpus].get("vs_drop")
+                    cells += [f"{p[corpus]['ppl']:.2f}", f"{vs[0]:+.4f} ± {vs[1]:.4f}" if vs else ""]
+                lines.append(f"| {p['k']} | {p['criterion']} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if "overfit" in rec:
+            lines += ["### Overfitting: NMSE against calibration size (median layer)", "",
+                      "| calibration | tokens | in sample | cross-validated | held out (test C4) | held out / in sample |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            for key, o in rec["overfit"].items():
+                ins, cv, ho = _median(o["in_sample"]), _median(o["cv"]), _median(o["heldout"])
+                ratio = f"{ho / ins:.2f}" if ins > 0 else "inf (the map interpolates: fewer tokens than parameters)"
+                lines.append(f"| {key} | {o['tokens']} | {ins:.3f} | {cv:.3f} | {ho:.3f} | {ratio} |")
+            lines.append("")
+        if rec.get("accuracy") and "original" in rec["accuracy"]:
+            orig = rec["accuracy"]["original"]
+            lines += ["### 7-task zero-shot accuracy (paired against the original)", "",
+                      "Items per task: " + ", ".join(f"{t} {orig['tasks'][t]['n']}" for t in ZERO_SHOT_7) + ".", "",
+                      "| point | 7-task mean | Δ vs original ± paired s.e. | kept |", "|---|---:|---:|---:|"]
+            mean0 = sum(orig["tasks"][t]["acc"] for t in ZERO_SHOT_7) / 7
+            for key, p in rec["accuracy"].items():
+                mean = sum(p["tasks"][t]["acc"] for t in ZERO_SHOT_7) / 7
+                d, se = paired_acc7(orig, p) if key != "original" else (0.0, 0.0)
+                lines.append(f"| {key} | {mean:.4f} | {d:+.4f} ± {se:.4f} | {mean / mean0:.1%} |")
+            lines.append("")
+        if "speed" in rec:
+            s = rec["speed"]
+            lines += ["### Calibration time", "",
+                      f"{s['tokens']} tokens, batch {s['batch_size']}: calibration (folds {data['setup']['folds']}, "
+                      f"{len(data['setup']['ridges'])} ridges) {s['calibrate_seconds']:.0f} s, plain forward "
+                      f"{s['forward_seconds']:.0f} s: **{s['ratio']:.2f}x** (target <= 1.3x).", ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: %(default)s)")
+    ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated (default: %(default)s)")
+    ap.add_argument("--raw", default=str(ROOT / "docs" / "results" / "selection_study.json"), help="the raw JSON")
+    ap.add_argument("--work", default=str(ROOT / ".selection_work"), help="cached calibrations (default: %(default)s)")
+    ap.add_argument("--page", default=str(ROOT / "docs" / "selection.md"), help="the rendered page")
+    ap.add_argument("--render", action="store_true", help="only render the page from the JSON")
+    ap.add_argument("--fresh", action="store_true", help="ignore the existing JSON")
+    ap.add_argument("--smoke", action="store_true", help="tiny budget to check the script; needs --out, no page")
+    ap.add_argument("--out", default=None, help="with --smoke: where the JSON, the work files and the page go")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default: all that fit)")
+    ap.add_argument("--greedy-samples", type=int, default=None, help="calibration sequences greedy re-fits on")
+    ap.add_argument("--greedy-steps", type=int, default=None, help="greedy steps (default: the largest k)")
+    ap.add_argument("--direct-samples", type=int, default=8, help="selection sequences for the direct score")
+    ap.add_argument("--truth-samples", type=int, default=16, help="selection sequences for the ground truth")
+    ap.add_argument("--self-samples", type=int, default=32, help="self-generated calibration sequences (0: skip)")
+    ap.add_argument("--ppl-tokens", type=int, default=16384, help="tokens per perplexity corpus")
+    ap.add_argument("--nmse-tokens", type=int, default=8192, help="test C4 tokens for the measured held-out NMSE")
+    ap.add_argument("--context", type=int, default=512, help="perplexity window and lm-eval max length")
+    ap.add_argument("--acc-n", type=int, default=300, help="items per zero-shot task (0: skip accuracy)")
+    ap.add_argument("--data", default=str(SHARED), help="the shared data directory (default: %(default)s)")
+    args = ap.parse_args(argv)
+    global C4, EVAL
+    C4, EVAL = Path(args.data) / "calib" / "c4_demo.json", Path(args.data) / "eval"
+    if args.smoke:
+        if not args.out:
+            sys.exit("--smoke needs --out DIR (a smoke run never writes into docs/)")
+        out = Path(args.out)
+        args.raw, args.work, args.page = str(out / "raw.json"), str(out / "work"), str(out / "selection.md")
+        args.seq_len, args.context, args.calib_samples, args.greedy_samples, args.greedy_steps = 64, 64, 12, 6, 1
+        args.direct_samples, args.truth_samples, args.self_samples = 2, 4, 6
+        args.ppl_tokens, args.nmse_tokens, args.acc_n = 512, 256, 0
+    names, parts = args.models.split(","), args.parts.split(",")
+    for bad, known, what in ((set(names) - set(MODELS), MODELS, "model"), (set(parts) - set(PARTS), PARTS, "part")):
+        if bad:
+            sys.exit(f"unknown {what} {sorted(bad)}; choose from {', '.join(known)}")
+    study = Study(args)
+    if not args.render:
+        study.setup()
+        study.save()
+        for name in names:
+            study.run_model(name, parts)
+    if study.data.get("setup", {}).get("smoke") and not args.smoke:
+        sys.exit(f"{study.raw} is from a smoke run; not rendering a page from it")
+    raw_name = str(study.raw.relative_to(ROOT)) if study.raw.is_relative_to(ROOT) else str(study.raw)
+    Path(args.page).write_text(render(study.data, raw_name))
+    print(f"wrote {args.page}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
