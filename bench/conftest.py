@@ -9,6 +9,7 @@
 bench/ is only collected when asked for (``pytest bench``, ``bash bench/run.sh``),
 so a bare ``pytest`` at the repository root does not start the benchmarks.
 """
+
 from __future__ import annotations
 
 import os
@@ -52,21 +53,26 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
         "cuda_version": torch.version.cuda,
         "nbl_ext": nbl_ext.extension_info(),
         "nbl_ext_version": nbl_ext.__version__,
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
-                                               "CUDA_VISIBLE_DEVICES") if k in os.environ},
+        "env": {
+            k: os.environ.get(k)
+            for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+            if k in os.environ
+        },
         "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "git_commit": git["commit"],
         "git_dirty": bool(git["dirty"]),
     }
     if torch.cuda.is_available():
         cuda = cuda_info(0)
-        info.update({
-            "cuda_device_name": cuda["name"],
-            "cuda_capability": cuda["capability"],
-            "cuda_total_memory_gib": round(cuda["total_memory_bytes"] / 2**30, 1),
-            "cuda_sm_count": cuda["sm_count"],
-            "cuda_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-        })
+        info.update(
+            {
+                "cuda_device_name": cuda["name"],
+                "cuda_capability": cuda["capability"],
+                "cuda_total_memory_gib": round(cuda["total_memory_bytes"] / 2**30, 1),
+                "cuda_sm_count": cuda["sm_count"],
+                "cuda_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            }
+        )
     machine_info["nbl"] = info
 
 
@@ -109,9 +115,21 @@ def gemm_rate():
 
 
 # --- extra_info ---------------------------------------------------------------------
-def compute_extra_info(*, variant: str, device: str, d_x: int, d_y: int, n: int, dtype: torch.dtype,
-                       chunk: int, times_s: list[float], timer: str, gemm: dict[str, float],
-                       memory: dict[str, Any], check_rel_err: float | None) -> dict[str, Any]:
+def compute_extra_info(
+    *,
+    variant: str,
+    device: str,
+    d_x: int,
+    d_y: int,
+    n: int,
+    dtype: torch.dtype,
+    chunk: int,
+    times_s: list[float],
+    timer: str,
+    gemm: dict[str, float],
+    memory: dict[str, Any],
+    check_rel_err: float | None,
+) -> dict[str, Any]:
     """The numbers a benchmark reports (all rates from the median of ``times_s``)."""
     from workloads import gram_flops, input_bytes, state_bytes
 
@@ -120,11 +138,20 @@ def compute_extra_info(*, variant: str, device: str, d_x: int, d_y: int, n: int,
     gflops = flops / med / 1e9
     ref = gemm.get("float32")
     info: dict[str, Any] = {
-        "variant": variant, "device": device, "d_x": d_x, "d_y": d_y, "tokens": n,
-        "dtype": str(dtype).removeprefix("torch."), "chunk": chunk,
-        "median_s": med, "min_s": min(times_s), "n_timed": len(times_s), "timer": timer,
+        "variant": variant,
+        "device": device,
+        "d_x": d_x,
+        "d_y": d_y,
+        "tokens": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "chunk": chunk,
+        "median_s": med,
+        "min_s": min(times_s),
+        "n_timed": len(times_s),
+        "timer": timer,
         "tokens_per_s": n / med,
-        "gram_flops": flops, "gflops": gflops,
+        "gram_flops": flops,
+        "gflops": gflops,
         "flops_per_token": flops // n,
         "input_bytes_per_token": input_bytes(1, d_x, d_y, dtype),
         "state_bytes": state_bytes(d_x, d_y),

@@ -4,6 +4,7 @@
 lower case, runs of other characters as one ``-``: e.g. ``cuda-nvidia-h200``,
 ``cpu-amd-epyc-2t``.
 """
+
 import re
 
 import torch
@@ -13,7 +14,7 @@ if torch.cuda.is_available():
 else:
     model = ""
     try:
-        model = next(l.split(":", 1)[1] for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        model = next(line.split(":", 1)[1] for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     name = f"cpu-{model}-{torch.get_num_threads()}t"

@@ -9,6 +9,7 @@ fused linearized-attention forward (test_bench_affine.py, ratios within each cas
 are nbl_ext.benchmark.report's, the same as on docs/performance.md (scripts/performance_report.py);
 this adds the notes of one run.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,12 @@ def summarize(path: Path) -> str:
     nbl = data["machine_info"].get("nbl", {})
     commit = data.get("commit_info", {})
     device = nbl.get("cuda_device_name") or f"CPU {data['machine_info'].get('cpu', {}).get('brand_raw', '')}".strip()
-    header = (f"`{path.name}`: {device}, {nbl.get('torch_num_threads', '?')} threads, "
-              f"torch {nbl.get('torch_version', '?')}, "
-              f"commit {str(commit.get('id', '?'))[:10]}{' (dirty)' if commit.get('dirty') else ''}, "
-              f"{data.get('datetime', '')[:19]}")
+    header = (
+        f"`{path.name}`: {device}, {nbl.get('torch_num_threads', '?')} threads, "
+        f"torch {nbl.get('torch_version', '?')}, "
+        f"commit {str(commit.get('id', '?'))[:10]}{' (dirty)' if commit.get('dirty') else ''}, "
+        f"{data.get('datetime', '')[:19]}"
+    )
     suites: dict[str, list[dict]] = {}
     for b in data["benchmarks"]:
         suites.setdefault(report.suite_of(b), []).append(b)
@@ -43,24 +46,40 @@ def summarize(path: Path) -> str:
 
 def _affine(benches: list[dict], data: dict) -> list[str]:
     """nbl::affine_residual (test_bench_affine.py): kernel vs reference, bare GEMM and attention branch."""
-    return ["Fused linearized-attention forward (nbl::affine_residual; ratios within each case)", "",
-            *report.affine_table(benches)]
+    return [
+        "Fused linearized-attention forward (nbl::affine_residual; ratios within each case)",
+        "",
+        *report.affine_table(benches),
+    ]
 
 
 def _accumulator(benches: list[dict], data: dict) -> list[str]:
     rows = report.accumulator_rows(benches)
     out = report.accumulator_table(benches)
-    gemm = sorted({(e["d_x"], k.removeprefix("gemm_").removesuffix("_gflops"), round(v))
-                   for e in rows for k, v in e.items() if k.startswith("gemm_")})
+    gemm = sorted(
+        {
+            (e["d_x"], k.removeprefix("gemm_").removesuffix("_gflops"), round(v))
+            for e in rows
+            for k, v in e.items()
+            if k.startswith("gemm_")
+        }
+    )
     if gemm:
-        out += ["", "Same-run GEMM rate, (d x 2048) @ (2048 x d), GFLOP/s (range over cases): " + "; ".join(
-            f"d={d} {dt} {min(r for dd, t, r in gemm if (dd, t) == (d, dt))}-"
-            f"{max(r for dd, t, r in gemm if (dd, t) == (d, dt))}"
-            for d, dt in sorted({(d, dt) for d, dt, _ in gemm}))]
+        out += [
+            "",
+            "Same-run GEMM rate, (d x 2048) @ (2048 x d), GFLOP/s (range over cases): "
+            + "; ".join(
+                f"d={d} {dt} {min(r for dd, t, r in gemm if (dd, t) == (d, dt))}-"
+                f"{max(r for dd, t, r in gemm if (dd, t) == (d, dt))}"
+                for d, dt in sorted({(d, dt) for d, dt, _ in gemm})
+            ),
+        ]
     load = [e["loadavg_1m"] for e in rows if "loadavg_1m" in e]
     if load:
-        out.append(f"1-min load average during the run: {min(load):.1f}-{max(load):.1f} "
-                   f"(on {data['machine_info'].get('cpu', {}).get('count', '?')} CPUs).")
+        out.append(
+            f"1-min load average during the run: {min(load):.1f}-{max(load):.1f} "
+            f"(on {data['machine_info'].get('cpu', {}).get('count', '?')} CPUs)."
+        )
     return out
 
 
@@ -74,11 +93,19 @@ def _generate(benches: list[dict], data: dict) -> list[str]:
         "",
         *report.generation_table(benches),
     ]
-    ceil = sorted({(e["device"], e["dtype"], round(e["bandwidth_bytes_per_s"] / 1e9),
-                    round(e["matmul_flops_per_s"] / 1e9)) for e in rows if e.get("bandwidth_bytes_per_s")})
+    ceil = sorted(
+        {
+            (e["device"], e["dtype"], round(e["bandwidth_bytes_per_s"] / 1e9), round(e["matmul_flops_per_s"] / 1e9))
+            for e in rows
+            if e.get("bandwidth_bytes_per_s")
+        }
+    )
     if ceil:
-        out += ["", "Same-run ceilings (copy GB/s, matmul GFLOP/s): " + "; ".join(
-            f"{d} {dt}: {bw} GB/s, {mm} GFLOP/s" for d, dt, bw, mm in ceil)]
+        out += [
+            "",
+            "Same-run ceilings (copy GB/s, matmul GFLOP/s): "
+            + "; ".join(f"{d} {dt}: {bw} GB/s, {mm} GFLOP/s" for d, dt, bw, mm in ceil),
+        ]
     peaks = {e.get("peak_memory_method") for e in rows if e.get("peak_memory_method")}
     if peaks:
         out.append("Peak memory: " + " | ".join(sorted(peaks)))
@@ -98,12 +125,25 @@ def _calibration(benches: list[dict], data: dict) -> list[str]:
         "",
         *report.calibration_table(benches),
     ]
-    ceil = sorted({(e["device"], e["dtype"], round(c["matmul_flops_per_s"] / 1e9),
-                    round(c.get("gram_flops_per_s", c["matmul_flops_per_s"]) / 1e9),
-                    round(c["bandwidth_bytes_per_s"] / 1e9)) for e in rows if (c := e.get("ceilings"))})
+    ceil = sorted(
+        {
+            (
+                e["device"],
+                e["dtype"],
+                round(c["matmul_flops_per_s"] / 1e9),
+                round(c.get("gram_flops_per_s", c["matmul_flops_per_s"]) / 1e9),
+                round(c["bandwidth_bytes_per_s"] / 1e9),
+            )
+            for e in rows
+            if (c := e.get("ceilings"))
+        }
+    )
     if ceil:
-        out += ["", "Same-run ceilings (matmul GFLOP/s in the model dtype, float32 GFLOP/s, copy GB/s): " + "; ".join(
-            f"{d} {dt}: {mm}, {g}, {bw}" for d, dt, mm, g, bw in ceil)]
+        out += [
+            "",
+            "Same-run ceilings (matmul GFLOP/s in the model dtype, float32 GFLOP/s, copy GB/s): "
+            + "; ".join(f"{d} {dt}: {mm}, {g}, {bw}" for d, dt, mm, g, bw in ceil),
+        ]
     meth = {e.get("peak_memory_method") for e in rows if e.get("peak_memory_method")}
     if meth:
         out.append("Peak memory: " + " | ".join(sorted(meth)))

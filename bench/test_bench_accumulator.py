@@ -9,6 +9,7 @@ dtype), checks its result against a float64 oracle (so a broken kernel cannot
 report a fast number), measures its peak memory, and records throughput
 against the same-run GEMM rate in ``benchmark.extra_info``. See bench/README.md.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ import torch
 import nbl_ext
 from nbl_ext import ops
 from nbl_ext.benchmark import time_call
-from workloads import CHUNK, RUNNERS, VARIANTS, gram_flops, iter_chunks, make_oracle, check
+from workloads import CHUNK, RUNNERS, VARIANTS, check, gram_flops, iter_chunks, make_oracle
 
 HAS_CUDA = torch.cuda.is_available()
 WORKLOADS = Path(__file__).resolve().parent / "workloads.py"
@@ -34,14 +35,20 @@ F32, BF16 = torch.float32, torch.bfloat16
 
 # (d, tokens, dtype). CPU is trimmed so the whole suite stays under ~10 min on 2 cores.
 CPU_CASES = [
-    (576, 1024, F32), (576, 4096, F32), (576, 16384, F32),
-    (2048, 1024, F32), (2048, 4096, F32), (2048, 16384, F32),
-    (4096, 1024, F32), (4096, 4096, F32),
+    (576, 1024, F32),
+    (576, 4096, F32),
+    (576, 16384, F32),
+    (2048, 1024, F32),
+    (2048, 4096, F32),
+    (2048, 16384, F32),
+    (4096, 1024, F32),
+    (4096, 4096, F32),
     (2048, 4096, BF16),
 ]
 CUDA_CASES = [
     *[(d, n, F32) for d in (576, 2048, 4096) for n in (1024, 4096, 16384, 65536)],
-    (2048, 16384, BF16), (4096, 16384, BF16),
+    (2048, 16384, BF16),
+    (4096, 16384, BF16),
 ]
 #: Target timed seconds per test (rounds = target / estimated round time, clamped).
 TARGET_S = {"cpu": 2.0, "cuda": 1.0}
@@ -80,8 +87,21 @@ _PEAK_SOURCE: set[str] = set()
 
 
 def _probe_cpu(variant: str, d: int, n: int, dtype: torch.dtype) -> int:
-    cmd = [sys.executable, str(WORKLOADS), "mem", "--variant", variant, "--d", str(d), "--n", str(n),
-           "--dtype", str(dtype).removeprefix("torch."), "--chunk", str(CHUNK)]
+    cmd = [
+        sys.executable,
+        str(WORKLOADS),
+        "mem",
+        "--variant",
+        variant,
+        "--d",
+        str(d),
+        "--n",
+        str(n),
+        "--dtype",
+        str(dtype).removeprefix("torch."),
+        "--chunk",
+        str(CHUNK),
+    ]
     # A fixed glibc mmap threshold: buffers >= 64 KiB are mmapped and go back to the OS
     # when freed, so RSS tracks live memory instead of heap retention/fragmentation
     # (with glibc's dynamic threshold the streaming peaks wobbled by ~40 MB).
@@ -127,8 +147,9 @@ def measure_memory(device: str, variant: str, d: int, n: int, dtype: torch.dtype
         "peak_mem_raw_mb": raw / 2**20,
         "peak_mem_baseline_mb": base / 2**20,
         "peak_mem_method": f"peak RSS ({'; '.join(sorted(_PEAK_SOURCE))}, MALLOC_MMAP_THRESHOLD_=65536) "
-                           "of a fresh process - baseline"
-        if device == "cpu" else "cuda.max_memory_allocated - baseline",
+        "of a fresh process - baseline"
+        if device == "cpu"
+        else "cuda.max_memory_allocated - baseline",
     }
 
 
@@ -136,8 +157,7 @@ def measure_memory(device: str, variant: str, d: int, n: int, dtype: torch.dtype
 @pytest.mark.parametrize("device,d,n,dtype,variant", _params())
 def test_accumulator(benchmark, record_extra_info, gemm_rate, device, d, n, dtype, variant):
     if variant.startswith("compiled") and not ops.has_compiled_kernel("cov_update_", device):
-        pytest.skip(f"no compiled nbl::cov_update_ kernel for {device} "
-                    f"(extension_info: {nbl_ext.extension_info()})")
+        pytest.skip(f"no compiled nbl::cov_update_ kernel for {device} (extension_info: {nbl_ext.extension_info()})")
     benchmark.group = f"{device} d={d} n={n} {str(dtype).removeprefix('torch.')}"
     chunks, oracle = _case_data(device, d, n, dtype)
     run = RUNNERS[variant]
@@ -173,15 +193,27 @@ def test_accumulator(benchmark, record_extra_info, gemm_rate, device, d, n, dtyp
         timed = times[warmup:] if len(times) > warmup else times
         mem = measure_memory(device, variant, d, n, dtype)
         mem["loadavg_1m"] = os.getloadavg()[0]  # >> core count: the numbers are contended
-        record_extra_info(variant=variant, device=device, d_x=d, d_y=d, n=n, dtype=dtype, chunk=CHUNK,
-                          times_s=timed, timer="cuda_events" if device == "cuda" else "perf_counter",
-                          gemm=gemm, memory=mem, check_rel_err=rel)
+        record_extra_info(
+            variant=variant,
+            device=device,
+            d_x=d,
+            d_y=d,
+            n=n,
+            dtype=dtype,
+            chunk=CHUNK,
+            times_s=timed,
+            timer="cuda_events" if device == "cuda" else "perf_counter",
+            gemm=gemm,
+            memory=mem,
+            check_rel_err=rel,
+        )
         if variant == "compiled_bf16" and "bfloat16" in gemm:
             # Its attainable rate is the bf16 GEMM's (CUDA: tensor cores), measured in this run.
             flops = gram_flops(n, d, d)
             benchmark.extra_info.update(
                 pct_of_gemm_bf16=100.0 * flops / statistics.median(timed) / 1e9 / gemm["bfloat16"],
-                floor_s_bf16=flops / (gemm["bfloat16"] * 1e9))
+                floor_s_bf16=flops / (gemm["bfloat16"] * 1e9),
+            )
     except BaseException:
         benchmark.has_error = True  # pytest-benchmark then leaves it out of the JSON
         raise

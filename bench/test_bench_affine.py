@@ -20,11 +20,13 @@ the kernel is not slower), ``kernel_vs_gemm`` (kernel / GEMM time),
 rate and copy bandwidth (``nbl_ext.benchmark.measure_ceilings``). Every timed
 result is checked against a float64 evaluation first.
 """
+
 from __future__ import annotations
 
 import os
 import statistics
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -72,8 +74,9 @@ def _attention_branch(shape: str, device: str, dtype: torch.dtype) -> tuple[Call
     if key not in _LAYER:
         _LAYER.clear()
         model = random_model(shape, dtype=dtype, device=device, num_layers=1)
-        ids = torch.randint(0, model.config.vocab_size, (1, PROMPT), device=device,
-                            generator=torch.Generator(device).manual_seed(0))
+        ids = torch.randint(
+            0, model.config.vocab_size, (1, PROMPT), device=device, generator=torch.Generator(device).manual_seed(0)
+        )
         adapter = get_adapter(model)
         with torch.no_grad():
             args, kwargs = record_layer_call(model, adapter, ids, 0)
@@ -162,19 +165,28 @@ def test_affine_residual(benchmark, device, shape, n, dtype):
     ceil = _ceilings(device, dtype)
     floor_s = max(flops / ceil["matmul_flops_per_s"], bytes_moved / ceil["bandwidth_bytes_per_s"])
     info: dict[str, Any] = {
-        "suite": "affine", "device": device, "shape": shape, "d": d, "rows": n,
-        "dtype": str(dtype).removeprefix("torch."), "check_err_eps": err,
+        "suite": "affine",
+        "device": device,
+        "shape": shape,
+        "d": d,
+        "rows": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "check_err_eps": err,
         **{f"{k}_median_s": v for k, v in med.items()},
         "median_s": med["kernel"],
         "kernel_vs_reference": med["reference"] / med["kernel"],
         "kernel_vs_gemm": med["kernel"] / med["gemm"],
-        "flops": flops, "bytes": bytes_moved,
+        "flops": flops,
+        "bytes": bytes_moved,
         "gflops": flops / med["kernel"] / 1e9,
         "achieved_bandwidth_bytes_per_s": bytes_moved / med["kernel"],
         "pct_of_bandwidth": 100.0 * bytes_moved / med["kernel"] / ceil["bandwidth_bytes_per_s"],
         "pct_of_matmul_rate": 100.0 * flops / med["kernel"] / ceil["matmul_flops_per_s"],
-        "floor_s": floor_s, "pct_of_floor": 100.0 * floor_s / med["kernel"],
-        "ceilings": ceil, "rounds": rounds, "loadavg_1m": os.getloadavg()[0],
+        "floor_s": floor_s,
+        "pct_of_floor": 100.0 * floor_s / med["kernel"],
+        "ceilings": ceil,
+        "rounds": rounds,
+        "loadavg_1m": os.getloadavg()[0],
     }
     if "attention" in med:
         info["kernel_vs_attention"] = med["kernel"] / med["attention"]

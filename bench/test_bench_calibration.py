@@ -25,6 +25,7 @@ to show its flat memory; store_all where its activations fit in host memory
 (skipped beyond, with the estimate; it grows linearly, so the larger counts
 are an extrapolation from the measured ones).
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,19 @@ def _params() -> list:
         marks = [pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")] if device == "cuda" else []
         for n in counts:
             for m in methods:
-                out.append(pytest.param(device, model, weights, dtype, seq_len, n, m, marks=marks,
-                                        id=f"{device}-{model}-{n}x{seq_len}-{dtype}-{m}"))
+                out.append(
+                    pytest.param(
+                        device,
+                        model,
+                        weights,
+                        dtype,
+                        seq_len,
+                        n,
+                        m,
+                        marks=marks,
+                        id=f"{device}-{model}-{n}x{seq_len}-{dtype}-{m}",
+                    )
+                )
     return out
 
 
@@ -91,17 +103,38 @@ def _store_all_fits(model: str, dtype: str, samples: int, seq_len: int) -> tuple
     s = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     need = nb.calibration_cost(sh, num_samples=samples, seq_len=seq_len, dtype=dtype)["stored_activation_bytes"]
     avail = available_host_bytes()
-    msg = (f"store_all needs ~{need / 2**30:.1f} GiB of host memory ({sh.layers} layers x 2 x {samples * seq_len} "
-           f"tokens x {sh.hidden} x {s} B) of {'?' if avail is None else f'{avail / 2**30:.1f}'} GiB available; "
-           "it grows linearly with the tokens (extrapolate from the smaller counts)")
+    msg = (
+        f"store_all needs ~{need / 2**30:.1f} GiB of host memory ({sh.layers} layers x 2 x {samples * seq_len} "
+        f"tokens x {sh.hidden} x {s} B) of {'?' if avail is None else f'{avail / 2**30:.1f}'} GiB available; "
+        "it grows linearly with the tokens (extrapolate from the smaller counts)"
+    )
     return avail is None or need < 0.8 * avail, msg
 
 
-def _probe(device: str, model: str, weights: str, dtype: str, seq_len: int, samples: int, method: str,
-           ceilings: dict[str, Any]) -> dict[str, Any]:
-    cmd = [sys.executable, str(WORKLOADS), "calib", "--model", model, "--weights", weights, "--device", device,
-           "--dtype", dtype, "--method", method, "--samples", str(samples), "--seq-len", str(seq_len),
-           "--ceilings", json.dumps(ceilings)]
+def _probe(
+    device: str, model: str, weights: str, dtype: str, seq_len: int, samples: int, method: str, ceilings: dict[str, Any]
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        str(WORKLOADS),
+        "calib",
+        "--model",
+        model,
+        "--weights",
+        weights,
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--method",
+        method,
+        "--samples",
+        str(samples),
+        "--seq-len",
+        str(seq_len),
+        "--ceilings",
+        json.dumps(ceilings),
+    ]
     # Fixed glibc mmap threshold: freed buffers go back to the OS, RSS follows live memory (as the accumulator
     # suite's memory probes do).
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -141,26 +174,36 @@ def test_calibration(benchmark, calib_ceilings, device, model_name, weights, dty
             ref = _STREAMING[case]
             for key in ("bounds", "nmse"):
                 for i, (a, b) in enumerate(zip(out[key], ref[key])):
-                    assert abs(a - b) <= BOUND_RTOL * max(abs(b), 1e-3), \
+                    assert abs(a - b) <= BOUND_RTOL * max(abs(b), 1e-3), (
                         f"store_all {key}[{i}] = {a} but streaming gives {b} on the same tokens"
+                    )
             for i, (a, b) in enumerate(zip(out["cosines"], ref["cosines"])):
                 assert abs(a - b) <= COSINE_ATOL, f"store_all cosine[{i}] = {a}, streaming {b}"
             out["vs_streaming"] = {
                 "time_ratio": out["total_s"] / ref["total_s"],
                 "peak_host_ratio": out["peak_host_bytes"] / ref["peak_host_bytes"]
-                if out["peak_host_bytes"] and ref["peak_host_bytes"] else None,
+                if out["peak_host_bytes"] and ref["peak_host_bytes"]
+                else None,
                 "peak_cuda_ratio": out["peak_cuda_bytes"] / ref["peak_cuda_bytes"]
-                if out["peak_cuda_bytes"] and ref["peak_cuda_bytes"] else None,
+                if out["peak_cuda_bytes"] and ref["peak_cuda_bytes"]
+                else None,
                 "max_bound_rel_diff": max(abs(a - b) / max(abs(b), 1e-3) for a, b in zip(out["bounds"], ref["bounds"])),
             }
-        benchmark.extra_info.update({
-            "suite": "calibration", "model": model_name, "weights": weights, **out,
-            "floor_s": out["floor"]["floor_s"], "floor_bound": out["floor"]["bound"],
-            "target_s": TARGET.get((device, model_name, samples * seq_len, method)),
-            "meets_target": (out["total_s"] < TARGET[(device, model_name, samples * seq_len, method)])
-            if (device, model_name, samples * seq_len, method) in TARGET else None,
-            "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        })
+        benchmark.extra_info.update(
+            {
+                "suite": "calibration",
+                "model": model_name,
+                "weights": weights,
+                **out,
+                "floor_s": out["floor"]["floor_s"],
+                "floor_bound": out["floor"]["bound"],
+                "target_s": TARGET.get((device, model_name, samples * seq_len, method)),
+                "meets_target": (out["total_s"] < TARGET[(device, model_name, samples * seq_len, method)])
+                if (device, model_name, samples * seq_len, method) in TARGET
+                else None,
+                "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            }
+        )
     except BaseException:
         benchmark.has_error = True  # pytest-benchmark then leaves it out of the JSON
         raise

@@ -15,6 +15,7 @@ Guard: a variant's KV cache must hold exactly the remaining attention layers'
 keys and values, and every run must have produced all its tokens, or the
 benchmark fails (and is left out of the JSON).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,11 +40,16 @@ def _variants(ks: tuple[int, ...]) -> list[tuple[str | None, int]]:
 # (device, model, weights, batch, prompt_len, new_tokens, dtype, ks, modes, tag)
 CASES = [
     ("cpu", "smollm2-135m", "real", 1, 256, 32, F32, (6, 12), ("eager", "static"), ""),
-    *[("cuda", shape, "random", 1, 2048, 2048, BF16, (4, 8, 12), ("eager", "static"), "")
-      for shape in ("llama-3.1-8b", "mistral-7b")],
+    *[
+        ("cuda", shape, "random", 1, 2048, 2048, BF16, (4, 8, 12), ("eager", "static"), "")
+        for shape in ("llama-3.1-8b", "mistral-7b")
+    ],
     # batch x context sweep (context = prompt + 128 new tokens), static mode, guarded by free GPU memory
-    *[("cuda", "llama-3.1-8b", "random", b, ctx - 128, 128, BF16, (8,), ("static",), "sweep")
-      for b in (16, 32, 64) for ctx in (8192, 16384, 32768)],
+    *[
+        ("cuda", "llama-3.1-8b", "random", b, ctx - 128, 128, BF16, (8,), ("static",), "sweep")
+        for b in (16, 32, 64)
+        for ctx in (8192, 16384, 32768)
+    ],
 ]
 PREFILL_CHUNK = 2048  # sweep only: bounds the prefill's activations at large batch x context
 
@@ -55,9 +61,14 @@ def _params() -> list:
         for mode in modes:
             for method, k in _variants(ks):
                 variant = f"{method}-k{k}" if method else "original"
-                case_id = f"{device}-{model}-b{batch}-p{prompt}-n{new}-{dtype}-{mode}-{variant}" + (f"-{tag}" if tag else "")
-                out.append(pytest.param(device, model, weights, batch, prompt, new, dtype, mode, method, k, tag,
-                                        marks=marks, id=case_id))
+                case_id = f"{device}-{model}-b{batch}-p{prompt}-n{new}-{dtype}-{mode}-{variant}" + (
+                    f"-{tag}" if tag else ""
+                )
+                out.append(
+                    pytest.param(
+                        device, model, weights, batch, prompt, new, dtype, mode, method, k, tag, marks=marks, id=case_id
+                    )
+                )
     return out
 
 
@@ -82,8 +93,10 @@ def _fits(shape: nb.Shape, batch: int, context: int, dtype: str, chunk: int | No
     acts = tokens * (3 * shape.intermediate + 6 * shape.hidden) * s + batch * shape.vocab * 4
     need = weights + kv + acts
     free = torch.cuda.mem_get_info()[0]
-    msg = (f"needs ~{need / 2**30:.1f} GiB (weights {weights / 2**30:.1f}, KV {kv / 2**30:.1f}, "
-           f"prefill activations {acts / 2**30:.1f}) of {free / 2**30:.1f} GiB free")
+    msg = (
+        f"needs ~{need / 2**30:.1f} GiB (weights {weights / 2**30:.1f}, KV {kv / 2**30:.1f}, "
+        f"prefill activations {acts / 2**30:.1f}) of {free / 2**30:.1f} GiB free"
+    )
     return need < 0.9 * free, msg
 
 
@@ -102,8 +115,9 @@ def ceilings():
 
 # --- the benchmark --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device,model_name,weights,batch,prompt_len,new_tokens,dtype,mode,method,k,tag", _params())
-def test_generate(benchmark, ceilings, device, model_name, weights, batch, prompt_len, new_tokens, dtype, mode,
-                  method, k, tag):
+def test_generate(
+    benchmark, ceilings, device, model_name, weights, batch, prompt_len, new_tokens, dtype, mode, method, k, tag
+):
     variant = f"{method}-k{k}" if method else "original"
     benchmark.group = f"generate {device} {model_name} b{batch} p{prompt_len} n{new_tokens} {dtype} {mode}"
     chunk = PREFILL_CHUNK if tag == "sweep" else None
@@ -123,8 +137,18 @@ def test_generate(benchmark, ceilings, device, model_name, weights, batch, promp
     out: dict[str, Any] = {}
 
     def target():
-        out.update(nb.time_generation(model, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, mode=mode,
-                                      warmup=1, repeats=repeats, prefill_chunk=chunk))
+        out.update(
+            nb.time_generation(
+                model,  # noqa: F821 (runs before the `del model` below; ruff sees the later del)
+                batch=batch,
+                prompt_len=prompt_len,
+                new_tokens=new_tokens,
+                mode=mode,
+                warmup=1,
+                repeats=repeats,
+                prefill_chunk=chunk,
+            )
+        )
 
     try:
         benchmark.pedantic(target, rounds=1, iterations=1, warmup_rounds=0)
@@ -135,24 +159,47 @@ def test_generate(benchmark, ceilings, device, model_name, weights, batch, promp
         assert out["decode_steps"] == repeats * (new_tokens - 1), out["decode_steps"]
         assert out["kv_cache_bytes"] == kv_expected, (out["kv_cache_bytes"], kv_expected)
         context = prompt_len + new_tokens // 2
-        fl = nb.floors(shape, k=k, method=method or "nbl", batch=batch, context=context, dtype=dtype,
-                       bandwidth=ceil["bandwidth_bytes_per_s"], peak_flops=ceil["matmul_flops_per_s"])
+        fl = nb.floors(
+            shape,
+            k=k,
+            method=method or "nbl",
+            batch=batch,
+            context=context,
+            dtype=dtype,
+            bandwidth=ceil["bandwidth_bytes_per_s"],
+            peak_flops=ceil["matmul_flops_per_s"],
+        )
         lin = fl["linearized"]
-        benchmark.extra_info.update({
-            "suite": "generate", "model": model_name, "weights": weights, "variant": variant, "method": method,
-            "k": k, "layers": layers, "num_layers": n, "sweep": tag == "sweep", **out,
-            "floor_context": context, "bytes_per_step": lin["bytes"], "flops_per_step": lin["flops"],
-            "floor_s": lin["floor_s"], "floor_bound": lin["bound"], "ideal_decode_speedup": fl["ideal_speedup"],
-            "achieved_bandwidth_bytes_per_s": lin["bytes"] / out["decode_step_s"],
-            "pct_of_floor": 100.0 * lin["floor_s"] / out["decode_step_s"],
-            "bandwidth_bytes_per_s": ceil["bandwidth_bytes_per_s"], "matmul_flops_per_s": ceil["matmul_flops_per_s"],
-            "ceilings_method": ceil["method"], "kv_expected_bytes": kv_expected,
-            "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        })
+        benchmark.extra_info.update(
+            {
+                "suite": "generate",
+                "model": model_name,
+                "weights": weights,
+                "variant": variant,
+                "method": method,
+                "k": k,
+                "layers": layers,
+                "num_layers": n,
+                "sweep": tag == "sweep",
+                **out,
+                "floor_context": context,
+                "bytes_per_step": lin["bytes"],
+                "flops_per_step": lin["flops"],
+                "floor_s": lin["floor_s"],
+                "floor_bound": lin["bound"],
+                "ideal_decode_speedup": fl["ideal_speedup"],
+                "achieved_bandwidth_bytes_per_s": lin["bytes"] / out["decode_step_s"],
+                "pct_of_floor": 100.0 * lin["floor_s"] / out["decode_step_s"],
+                "bandwidth_bytes_per_s": ceil["bandwidth_bytes_per_s"],
+                "matmul_flops_per_s": ceil["matmul_flops_per_s"],
+                "ceilings_method": ceil["method"],
+                "kv_expected_bytes": kv_expected,
+                "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            }
+        )
     except BaseException:
         benchmark.has_error = True  # pytest-benchmark then leaves it out of the JSON
         raise
     finally:
         del model
         free_memory(torch.device("cuda" if HAS_CUDA else "cpu"))
-

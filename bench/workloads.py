@@ -31,6 +31,7 @@ Variants (all consume the same chunks and return float64
     of the other two variants; it computes the full (dx+dy)^2 covariance,
     i.e. also the redundant x-y block.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,8 +81,9 @@ def massive_channels(d: int) -> list[int]:
     return sorted({(k * d) // N_MASSIVE + 7 for k in range(N_MASSIVE)})
 
 
-def make_chunk(d: int, rows: int, dtype: torch.dtype, index: int, *, seed: int = SEED,
-               device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def make_chunk(
+    d: int, rows: int, dtype: torch.dtype, index: int, *, seed: int = SEED, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic LLM-like (x, y) chunk: x = residual stream, y = x + block output.
 
     Chunk ``index`` is the same tensor whichever process or order generates it.
@@ -95,16 +97,22 @@ def make_chunk(d: int, rows: int, dtype: torch.dtype, index: int, *, seed: int =
     return x.to(dtype), y.to(dtype)
 
 
-def iter_chunks(d: int, n: int, dtype: torch.dtype, *, chunk: int = CHUNK, seed: int = SEED,
-                device: str | torch.device = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_chunks(
+    d: int, n: int, dtype: torch.dtype, *, chunk: int = CHUNK, seed: int = SEED, device: str | torch.device = "cpu"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Chunks of ``chunk`` tokens (the last one shorter) totalling n tokens, generated lazily."""
     for i, r0 in enumerate(range(0, n, chunk)):
         yield make_chunk(d, min(chunk, n - r0), dtype, i, seed=seed, device=device)
 
 
 # --- the three variants -------------------------------------------------------
-def run_compiled(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], d_x: int, d_y: int,
-                 device: str | torch.device = "cpu", precision: str = "float32") -> Moments:
+def run_compiled(
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    d_x: int,
+    d_y: int,
+    device: str | torch.device = "cpu",
+    precision: str = "float32",
+) -> Moments:
     import nbl_ext
 
     acc = nbl_ext.CovarianceAccumulator(d_x, d_y, device=device, precision=precision)
@@ -113,8 +121,9 @@ def run_compiled(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], d_x: int, 
     return Moments(acc.mean_x, acc.mean_y, acc.cov_xx, acc.cov_yx, acc.cov_yy)
 
 
-def run_reference(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], d_x: int, d_y: int,
-                  device: str | torch.device = "cpu") -> Moments:
+def run_reference(
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], d_x: int, d_y: int, device: str | torch.device = "cpu"
+) -> Moments:
     from nbl_ext.reference import cov_update_reference
 
     kw = dict(dtype=torch.float64, device=device)
@@ -127,8 +136,9 @@ def run_reference(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], d_x: int,
     return Moments(mean_x, mean_y, m_xx / (count - 1), m_yx / (count - 1), m_yy / (count - 1))
 
 
-def run_store_all(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], d_x: int, d_y: int,
-                  device: str | torch.device = "cpu") -> Moments:
+def run_store_all(
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], d_x: int, d_y: int, device: str | torch.device = "cpu"
+) -> Moments:
     xs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []
     for x, y in chunks:  # what an activation hook does: keep everything
@@ -204,8 +214,10 @@ def check(result: Moments, oracle: Oracle, variant: str) -> float:
     mean_err = float((mean - oracle.mean).abs().max() / oracle.mean.abs().max().clamp_min(1.0))
     rtol = CHECK_RTOL_BY_VARIANT.get(variant, CHECK_RTOL)
     ok = math.isfinite(rel) and rel <= rtol and mean_err <= 1e-9
-    assert ok, (f"{variant}: covariance does not match the float64 oracle: relative error of cov @ probes "
-                f"{rel:.3e} (tolerance {rtol:.0e}), relative mean error {mean_err:.3e}")
+    assert ok, (
+        f"{variant}: covariance does not match the float64 oracle: relative error of cov @ probes "
+        f"{rel:.3e} (tolerance {rtol:.0e}), relative mean error {mean_err:.3e}"
+    )
     return rel
 
 
@@ -241,13 +253,31 @@ def _probe(variant: str, d: int, n: int, dtype: torch.dtype, chunk: int) -> dict
         res = RUNNERS[variant](chunks, d, d)
         assert all(bool(torch.isfinite(t).all()) for t in res)
     peak, source = _peak_rss_bytes()
-    return {"variant": variant, "d": d, "n": n, "dtype": str(dtype).removeprefix("torch."),
-            "chunk": chunk, "maxrss_bytes": peak, "peak_source": source, "peak_reset": reset,
-            "threads": torch.get_num_threads()}
+    return {
+        "variant": variant,
+        "d": d,
+        "n": n,
+        "dtype": str(dtype).removeprefix("torch."),
+        "chunk": chunk,
+        "maxrss_bytes": peak,
+        "peak_source": source,
+        "peak_reset": reset,
+        "threads": torch.get_num_threads(),
+    }
 
 
-def _calib_probe(model_name: str, weights: str, device: str, dtype: str | None, method: str, samples: int,
-                 seq_len: int, batch_size: int, seed: int, ceilings: dict | None) -> dict:
+def _calib_probe(
+    model_name: str,
+    weights: str,
+    device: str,
+    dtype: str | None,
+    method: str,
+    samples: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    ceilings: dict | None,
+) -> dict:
     """One calibration-cost measurement in this (fresh) process: load, warm up, time_calibration."""
     from nbl_ext import benchmark as nb
 
@@ -288,8 +318,13 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.cmd == "calib":
         ceil = json.loads(a.ceilings) if a.ceilings else None
-        print(json.dumps(_calib_probe(a.model, a.weights, a.device, a.dtype, a.method, a.samples, a.seq_len,
-                                      a.batch_size, a.seed, ceil)))
+        print(
+            json.dumps(
+                _calib_probe(
+                    a.model, a.weights, a.device, a.dtype, a.method, a.samples, a.seq_len, a.batch_size, a.seed, ceil
+                )
+            )
+        )
         return
     print(json.dumps(_probe(a.variant, a.d, a.n, DTYPES[a.dtype], a.chunk)))
 

@@ -21,9 +21,20 @@ or, in one call driven by a config object (the same three steps)::
 
 Selection criteria are a registry (``nbl_ext.register_criterion``; see :mod:`nbl_ext.criteria`).
 """
-from nbl_ext._extension import extension_info
+
 from nbl_ext import ops  # noqa: F401  (defines the nbl:: ops)
-from nbl_ext.ops import reference_kernels_enabled, use_reference_kernels
+from nbl_ext._extension import extension_info
+from nbl_ext.adapters import get_adapter
+from nbl_ext.api import compress
+from nbl_ext.calibrate import calibrate
+from nbl_ext.config import NBLConfig
+from nbl_ext.criteria import LayerContext, criterion_names, get_criterion, register_criterion
+from nbl_ext.crossval import CrossValidation, choose_ridge, cross_validate, cross_validated_nmse
+from nbl_ext.data import load_calibration_tokens, read_documents, split_documents
+from nbl_ext.heal import HealConfig, HealResult, OriginalBranches, heal
+from nbl_ext.hf import register_auto_classes
+from nbl_ext.linearize import linearize
+from nbl_ext.models import load_model
 from nbl_ext.numerics import (
     Moments,
     SingularWarning,
@@ -32,21 +43,11 @@ from nbl_ext.numerics import (
     fit_linear,
     lmmse_nmse,
 )
-from nbl_ext.stats import CovarianceAccumulator
-from nbl_ext.crossval import CrossValidation, choose_ridge, cross_validate, cross_validated_nmse
-from nbl_ext.data import load_calibration_tokens, read_documents, split_documents
-from nbl_ext.models import load_model
-from nbl_ext.adapters import get_adapter
+from nbl_ext.ops import reference_kernels_enabled, use_reference_kernels
 from nbl_ext.result import CalibrationResult
-from nbl_ext.calibrate import calibrate
-from nbl_ext.linearize import linearize
 from nbl_ext.selection import greedy_selection, score_criteria
 from nbl_ext.serialization import load_pretrained, save_pretrained
-from nbl_ext.criteria import LayerContext, criterion_names, get_criterion, register_criterion
-from nbl_ext.config import NBLConfig
-from nbl_ext.api import compress
-from nbl_ext.heal import HealConfig, HealResult, OriginalBranches, heal
-from nbl_ext.hf import register_auto_classes
+from nbl_ext.stats import CovarianceAccumulator
 
 register_auto_classes()  # AutoModelForCausalLM.from_pretrained(checkpoint) works from here on
 

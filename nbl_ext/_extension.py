@@ -5,13 +5,14 @@ Importing ``_C`` registers its CPU (and, when built, CUDA) kernels for the
 pure-PyTorch reference kernels registered in :mod:`nbl_ext.ops` take over, and
 one warning says so.
 """
+
 from __future__ import annotations
 
 import importlib
 import warnings
 from typing import Any
 
-import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
+import torch
 
 _C: Any = None
 _LOAD_ERROR: str | None = None

@@ -1,4 +1,5 @@
 """Atomic file and directory writes (temp + ``os.replace``), safetensors/JSON only."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,8 +8,9 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -60,8 +62,9 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
-                        metadata: dict[str, str] | None = None) -> None:
+def atomic_save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
     """``safetensors.torch.save_file`` to a temp file in the same directory, then rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -20,17 +20,19 @@ The contract, for decoder layer ``i`` computing ``out = X + A + MLP-half``:
 * :attr:`Adapter.branch_modules` are the submodules that exist only for the
   attention branch: linearization deletes them.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-_REGISTRY: dict[str, type["Adapter"]] = {}
+_REGISTRY: dict[str, type[Adapter]] = {}
 
 
-def register_adapter(*model_types: str) -> Callable[[type["Adapter"]], type["Adapter"]]:
+def register_adapter(*model_types: str) -> Callable[[type[Adapter]], type[Adapter]]:
     """Class decorator: register an adapter for the given ``config.model_type`` values."""
 
     def wrap(cls: type[Adapter]) -> type[Adapter]:

@@ -6,12 +6,15 @@ runs :func:`nbl_ext.calibrate` -> :meth:`CalibrationResult.select` -> :func:`nbl
 the settings of one :class:`~nbl_ext.config.NBLConfig`, and records that config in ``config.nbl``.
 The three steps stay public for finer control.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,12 +39,17 @@ def holdout_split(source: Any, holdout: float | None) -> tuple[Any, float | None
     the same ones ``nbl eval --c4`` scores); other sources ("self", "hf:NAME", a list of texts) are used
     whole, and a non-zero ``holdout`` for them is an error.
     """
-    is_file = isinstance(source, (str, os.PathLike)) and str(source) != "self" \
-        and not str(source).startswith("hf:") and Path(source).is_file()
+    is_file = (
+        isinstance(source, (str, os.PathLike))
+        and str(source) != "self"
+        and not str(source).startswith("hf:")
+        and Path(source).is_file()
+    )
     if not is_file:
         if holdout:
-            raise ValueError(f"holdout {holdout} applies to a document file; the calibration source {source!r} "
-                             "is not one")
+            raise ValueError(
+                f"holdout {holdout} applies to a document file; the calibration source {source!r} is not one"
+            )
         return source, None
     fraction = HOLDOUT_FRACTION if holdout is None else holdout
     if fraction == 0:
@@ -49,28 +57,46 @@ def holdout_split(source: Any, holdout: float | None) -> tuple[Any, float | None
     return split_documents(Path(source), fraction, seed=HOLDOUT_SEED)[0], fraction
 
 
-def calibration_tokens(model: nn.Module, data: Any, config: NBLConfig, *, tokenizer: Any = None,
-                       progress: bool = False) -> torch.Tensor:
+def calibration_tokens(
+    model: nn.Module, data: Any, config: NBLConfig, *, tokenizer: Any = None, progress: bool = False
+) -> torch.Tensor:
     """The token ids ``config`` calibrates on: ``data`` itself when it is a tensor (its shape must be
     num_samples x seq_len), else ``data`` as a calibration source (see :func:`nbl_ext.load_calibration_tokens`)."""
     if isinstance(data, torch.Tensor):
         shape = (config.num_samples, config.seq_len)
         if tuple(data.shape) != shape:
-            raise ValueError(f"compress: the token ids have shape {tuple(data.shape)} but the config says "
-                             f"num_samples x seq_len = {shape}; pass NBLConfig(num_samples={data.shape[0]}, "
-                             f"seq_len={data.shape[-1]}) or matching tokens")
+            raise ValueError(
+                f"compress: the token ids have shape {tuple(data.shape)} but the config says "
+                f"num_samples x seq_len = {shape}; pass NBLConfig(num_samples={data.shape[0]}, "
+                f"seq_len={data.shape[-1]}) or matching tokens"
+            )
         return data
     if tokenizer is None:
-        raise TypeError("compress: a calibration source (file, 'self', hf:NAME, texts) needs tokenizer=; "
-                        "or pass token ids (a LongTensor)")
+        raise TypeError(
+            "compress: a calibration source (file, 'self', hf:NAME, texts) needs tokenizer=; "
+            "or pass token ids (a LongTensor)"
+        )
     source, _ = holdout_split(data, config.holdout)
-    return load_calibration_tokens(source, tokenizer, num_samples=config.num_samples, seq_len=config.seq_len,
-                                   seed=config.seed, model=model, progress=progress)
+    return load_calibration_tokens(
+        source,
+        tokenizer,
+        num_samples=config.num_samples,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        model=model,
+        progress=progress,
+    )
 
 
-def compress(model: nn.Module, data: torch.Tensor | str | os.PathLike | Sequence[str],
-             config: NBLConfig | None = None, *, tokenizer: Any = None, progress: bool = False,
-             timer: Callable[[str], ContextManager[Any]] | None = None) -> tuple[nn.Module, CalibrationResult]:
+def compress(
+    model: nn.Module,
+    data: torch.Tensor | str | os.PathLike | Sequence[str],
+    config: NBLConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    progress: bool = False,
+    timer: Callable[[str], AbstractContextManager[Any]] | None = None,
+) -> tuple[nn.Module, CalibrationResult]:
     """Calibrate ``model`` on ``data``, select layers and linearize them in place, as ``config`` says.
 
     ``data``: token ids (num_samples, seq_len), or a calibration source with ``tokenizer``.
@@ -92,14 +118,32 @@ def compress(model: nn.Module, data: torch.Tensor | str | os.PathLike | Sequence
         raise ValueError(f"compress: layer {config.layers[-1]} is out of range for the model's {n} layers")
     tokens = calibration_tokens(model, data, config, tokenizer=tokenizer, progress=progress)
     with phase("calibrate"):
-        result = calibrate(model, tokens, batch_size=config.batch_size, progress=progress, ridge=config.ridge,
-                           gram_precision=config.gram_precision, activations=config.activations,
-                           folds=config.calibration_folds, ridges=config.calibration_ridges)
+        result = calibrate(
+            model,
+            tokens,
+            batch_size=config.batch_size,
+            progress=progress,
+            ridge=config.ridge,
+            gram_precision=config.gram_precision,
+            activations=config.activations,
+            folds=config.calibration_folds,
+            ridges=config.calibration_ridges,
+        )
     with phase("select"):
         layers = list(config.layers) if config.layers is not None else result.select(config.k, config.criterion)
     with phase("linearize"):
-        linearize(model, result, layers, replacement=config.replacement, refit=config.refit,
-                  data=tokens if config.refit else None, batch_size=config.batch_size, progress=progress,
-                  ridge=config.ridge, folds=config.calibration_folds, ridges=config.calibration_ridges)
+        linearize(
+            model,
+            result,
+            layers,
+            replacement=config.replacement,
+            refit=config.refit,
+            data=tokens if config.refit else None,
+            batch_size=config.batch_size,
+            progress=progress,
+            ridge=config.ridge,
+            folds=config.calibration_folds,
+            ridges=config.calibration_ridges,
+        )
     adapter.config.nbl["config"] = config.to_dict()
     return model, result

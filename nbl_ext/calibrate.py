@@ -19,14 +19,15 @@ next layer are saved (atomically), so a killed run restarts where it stopped.
 Under ``torch.distributed`` each rank calibrates a shard of the samples and
 the accumulators (each fold's on its own) are all-reduced before scoring.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -36,12 +37,21 @@ from nbl_ext.adapters import Adapter, get_adapter
 from nbl_ext.criteria import token_statistics
 from nbl_ext.crossval import check_fold_settings
 from nbl_ext.engine import (
-    AccumulatorFactory, LayerwiseRunner, PhaseTimer, all_reduce_stats, barrier, check_token_data, dist_info,
-    eval_mode, progress_bar, score_layer, shard,
+    AccumulatorFactory,
+    LayerwiseRunner,
+    PhaseTimer,
+    all_reduce_stats,
+    barrier,
+    check_token_data,
+    dist_info,
+    eval_mode,
+    progress_bar,
+    score_layer,
+    shard,
 )
 from nbl_ext.linearize import is_linearized
-from nbl_ext.result import CalibrationResult, LayerCalibration, layers_from_records
 from nbl_ext.reference import GRAM_PRECISIONS
+from nbl_ext.result import CalibrationResult, LayerCalibration, layers_from_records
 from nbl_ext.stats import CovarianceAccumulator
 from nbl_ext.validation import check_choice, check_count
 
@@ -151,8 +161,10 @@ def calibrate(
     check_choice(gram_precision, GRAM_PRECISIONS, "gram_precision", what="calibrate")
     check_choice(activations, ACTIVATIONS, "activations", what="calibrate")
     if activations == "memory" and output_dir is not None:
-        raise ValueError("calibrate: activations='memory' cannot be resumed; with output_dir the layer outputs "
-                         "are spilled to disk (use activations='auto' or 'disk', or drop output_dir)")
+        raise ValueError(
+            "calibrate: activations='memory' cannot be resumed; with output_dir the layer outputs "
+            "are spilled to disk (use activations='auto' or 'disk', or drop output_dir)"
+        )
     data = check_token_data(data, adapter.vocab_size, "calibrate")
     folds, grid = check_fold_settings(folds, ridges, ridge, int(data.shape[0]), "calibrate")
     rank, world = dist_info()
@@ -185,8 +197,7 @@ def calibrate(
     done: list[LayerCalibration] = []
     with contextlib.ExitStack() as stack:
         if out is None:
-            in_memory = activations == "memory" or (
-                activations == "auto" and boundaries_fit(model, adapter, local))
+            in_memory = activations == "memory" or (activations == "auto" and boundaries_fit(model, adapter, local))
             spill = None if in_memory else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nbl-spill-")))
         else:
             out.mkdir(parents=True, exist_ok=True)
@@ -195,15 +206,26 @@ def calibrate(
             if isinstance(finished, CalibrationResult):
                 return finished
             done = finished
-        runner_pbar = progress_bar((n_layers - len(done)) * -(-local.shape[0] // batch_size),
-                                    progress and rank == 0, "NBL calibration")
+        runner_pbar = progress_bar(
+            (n_layers - len(done)) * -(-local.shape[0] // batch_size), progress and rank == 0, "NBL calibration"
+        )
         if runner_pbar is not None:
             stack.callback(runner_pbar.close)
         # looked up here, not bound at import, so the module attribute can be swapped (tests spy on it)
         factory = accumulator_factory if accumulator_factory is not None else CovarianceAccumulator
-        runner = LayerwiseRunner(model, adapter, local, batch_size=batch_size, spill_dir=spill,
-                                 sample_offset=offset, pbar=runner_pbar, gram_precision=gram_precision,
-                                 accumulator_factory=factory, timer=timer, folds=folds)
+        runner = LayerwiseRunner(
+            model,
+            adapter,
+            local,
+            batch_size=batch_size,
+            spill_dir=spill,
+            sample_offset=offset,
+            pbar=runner_pbar,
+            gram_precision=gram_precision,
+            accumulator_factory=factory,
+            timer=timer,
+            folds=folds,
+        )
         phase = runner.timer
         stream = token_statistics()
         start = len(done)
@@ -254,8 +276,9 @@ def _save_layer(out: Path, lc: LayerCalibration) -> None:
     atomic_write_json(jpath, lc.summary())
 
 
-def _resume_state(out: Path, metadata: dict, resume: bool, n_layers: int, rank: int
-                  ) -> list[LayerCalibration] | CalibrationResult:
+def _resume_state(
+    out: Path, metadata: dict, resume: bool, n_layers: int, rank: int
+) -> list[LayerCalibration] | CalibrationResult:
     """Finished layers to keep (or the complete result) from a previous run in ``out``."""
     progress_path = out / _PROGRESS
     if resume and progress_path.exists():
@@ -291,4 +314,3 @@ def _resume_state(out: Path, metadata: dict, resume: bool, n_layers: int, rank: 
         progress_path.unlink(missing_ok=True)
     barrier()
     return []
-

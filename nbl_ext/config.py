@@ -7,12 +7,14 @@
 the ``config`` entry of a compressed model's ``config.nbl`` section and ``nbl_run.json`` (the CLI's
 record of a run) both hold its output.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from nbl_ext.calibrate import ACTIVATIONS
 from nbl_ext.criteria import get_criterion
@@ -78,29 +80,40 @@ class NBLConfig:
         check_choice(self.refit, REFIT_MODES, "refit", what=_WHAT)
         if self.refit is not None and self.replacement != "affine":
             raise ValueError(f"{_WHAT}: refit={self.refit!r} applies to replacement='affine' only")
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not math.isfinite(self.ridge) \
-                or self.ridge < 0:
+        if (
+            isinstance(self.ridge, bool)
+            or not isinstance(self.ridge, (int, float))
+            or not math.isfinite(self.ridge)
+            or self.ridge < 0
+        ):
             raise ValueError(f"{_WHAT}: ridge must be a finite number >= 0, got {self.ridge!r}")
         set_(self, "ridge", float(self.ridge))
         check_int(self.num_samples, "num_samples", 1, what=_WHAT)
         if self.folds is not None:
             check_int(self.folds, "folds", 1, what=_WHAT)
             if self.folds > self.num_samples:
-                raise ValueError(f"{_WHAT}: folds={self.folds} is more than num_samples={self.num_samples} (folds are "
-                                 "made of whole samples)")
+                raise ValueError(
+                    f"{_WHAT}: folds={self.folds} is more than num_samples={self.num_samples} (folds are "
+                    "made of whole samples)"
+                )
         if self.ridges is not None:
             set_(self, "ridges", tuple(float(v) for v in check_ridges(self.ridges, _WHAT).tolist()))
             if self.ridge != 0:
-                raise ValueError(f"{_WHAT}: ridge={self.ridge} fixes the ridge, but the ridges= grid chooses it by "
-                                 "cross-validation; pass ridges=None with a fixed ridge")
+                raise ValueError(
+                    f"{_WHAT}: ridge={self.ridge} fixes the ridge, but the ridges= grid chooses it by "
+                    "cross-validation; pass ridges=None with a fixed ridge"
+                )
         check_int(self.seq_len, "seq_len", 2, what=_WHAT)
         check_int(self.batch_size, "batch_size", 1, what=_WHAT)
         check_int(self.seed, "seed", 0, what=_WHAT)
         check_choice(self.gram_precision, GRAM_PRECISIONS, "gram_precision", what=_WHAT)
         check_choice(self.activations, ACTIVATIONS, "activations", what=_WHAT)
         if self.holdout is not None:
-            if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) \
-                    or not 0.0 <= self.holdout < 1.0:
+            if (
+                isinstance(self.holdout, bool)
+                or not isinstance(self.holdout, (int, float))
+                or not 0.0 <= self.holdout < 1.0
+            ):
                 raise ValueError(f"{_WHAT}: holdout must be None or a fraction in [0, 1), got {self.holdout!r}")
             set_(self, "holdout", float(self.holdout))
 
@@ -114,7 +127,7 @@ class NBLConfig:
         """The ridge grid calibration chooses from (None without folds: the fixed ``ridge``)."""
         return self.ridges if self.calibration_folds > 1 else None
 
-    def replace(self, **changes: Any) -> "NBLConfig":
+    def replace(self, **changes: Any) -> NBLConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
@@ -127,15 +140,16 @@ class NBLConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = True) -> "NBLConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, strict: bool = True) -> NBLConfig:
         """The config :meth:`to_dict` wrote (validated). ``strict=False`` skips keys that are not fields
         (a record such as nbl_run.json that holds the config among other facts)."""
         if not isinstance(data, Mapping):
             raise TypeError(f"{_WHAT}.from_dict: expected a dict, got {type(data).__name__}")
         version = data.get("config_version", CONFIG_VERSION)
         if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
-            raise ValueError(f"{_WHAT}.from_dict: unsupported config_version {version!r} (this nbl_ext reads "
-                             f"1..{CONFIG_VERSION})")
+            raise ValueError(
+                f"{_WHAT}.from_dict: unsupported config_version {version!r} (this nbl_ext reads 1..{CONFIG_VERSION})"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names - {"config_version"})
         if unknown and strict:

@@ -36,10 +36,12 @@ over all calibration tokens the layer-by-layer engine streams and hands over as
 statistics (the model, held-out tokens) names those :class:`LayerContext` fields in ``needs``; the
 statistics pass, where they are None, leaves it out, and whoever provides them scores it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -118,9 +120,16 @@ _REGISTRY: dict[str, Criterion] = {}
 _ALIASES: dict[str, str] = {}
 
 
-def register_criterion(name: str, score: Callable[[LayerContext], float], *, direction: str,
-                       token_statistic: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                       needs: Sequence[str] = (), aliases: Sequence[str] = (), description: str = "") -> Criterion:
+def register_criterion(
+    name: str,
+    score: Callable[[LayerContext], float],
+    *,
+    direction: str,
+    token_statistic: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    needs: Sequence[str] = (),
+    aliases: Sequence[str] = (),
+    description: str = "",
+) -> Criterion:
     """Register a selection criterion under ``name`` (and ``aliases``); returns it.
 
     ``direction``: "lower" (lowest scores replaced first) or "higher". ``token_statistic(x, a)``: per-token
@@ -215,14 +224,34 @@ def _residual_ratio(ctx: LayerContext) -> float:
     return float(ctx.cv.residual_ratio[ctx.cv_index])
 
 
-register_criterion("cca_bound", _cca_bound, direction="lower", aliases=("nbl",),
-                   description="NBL's CCA bound sum(1 - rho^2) between X and X + A (lower = more linear)")
-register_criterion("nmse", _nmse, direction="lower",
-                   description="in-sample NMSE of the fitted affine map A ~ W X + b")
-register_criterion("cosine", _cosine, direction="higher", token_statistic=_token_cosine, aliases=("drop",),
-                   description="mean cosine(X, X + A), DROP's score (higher = the branch changes less)")
-register_criterion("cv_nmse", _cv_nmse, direction="lower", needs=("cv",),
-                   description="cross-validated NMSE of the fitted map at the chosen ridge (calibrate with folds)")
-register_criterion("residual_ratio", _residual_ratio, direction="lower", needs=("cv",),
-                   description="held-out error energy of the map / energy of X + A, the residual stream after "
-                               "the block (calibrate with folds)")
+register_criterion(
+    "cca_bound",
+    _cca_bound,
+    direction="lower",
+    aliases=("nbl",),
+    description="NBL's CCA bound sum(1 - rho^2) between X and X + A (lower = more linear)",
+)
+register_criterion("nmse", _nmse, direction="lower", description="in-sample NMSE of the fitted affine map A ~ W X + b")
+register_criterion(
+    "cosine",
+    _cosine,
+    direction="higher",
+    token_statistic=_token_cosine,
+    aliases=("drop",),
+    description="mean cosine(X, X + A), DROP's score (higher = the branch changes less)",
+)
+register_criterion(
+    "cv_nmse",
+    _cv_nmse,
+    direction="lower",
+    needs=("cv",),
+    description="cross-validated NMSE of the fitted map at the chosen ridge (calibrate with folds)",
+)
+register_criterion(
+    "residual_ratio",
+    _residual_ratio,
+    direction="lower",
+    needs=("cv",),
+    description="held-out error energy of the map / energy of X + A, the residual stream after "
+    "the block (calibrate with folds)",
+)

@@ -22,11 +22,13 @@ folds, each fold's target centered on that fold's own mean::
 so every sample weighs the same (a pooled held-out NMSE, comparable to the
 in-sample :func:`nbl_ext.lmmse_nmse`).
 """
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -36,8 +38,8 @@ from nbl_ext.numerics import (
     Moments,
     MomentsLike,
     SingularWarning,
-    nonconstant_channels,
     as_moments,
+    nonconstant_channels,
 )
 
 _F64 = torch.float64
@@ -114,9 +116,7 @@ def check_ridges(ridges: Sequence[float] | torch.Tensor, what: str = "cross_vali
     if not bool(torch.isfinite(r).all()) or float(r.min()) < 0:
         raise ValueError(f"{what}: every ridge must be a finite number >= 0, got {r.tolist()}")
     if r.numel() > 1 and not bool((r[1:] > r[:-1]).all()):
-        raise ValueError(
-            f"{what}: ridges must be strictly increasing (sorted, no duplicates), got {r.tolist()}"
-        )
+        raise ValueError(f"{what}: ridges must be strictly increasing (sorted, no duplicates), got {r.tolist()}")
     return r
 
 
@@ -141,36 +141,45 @@ def _check_folds(folds: Sequence[MomentsLike]) -> list[Moments]:
             "(use fewer folds than calibration samples)"
         )
     dev = ms[0].device
-    return [m if m.device == dev else Moments(m.count, *(t.to(dev) for t in (m.mean_x, m.mean_y, m.m_xx, m.m_yx,
-                                                                              m.m_yy))) for m in ms]
+    return [
+        m if m.device == dev else Moments(m.count, *(t.to(dev) for t in (m.mean_x, m.mean_y, m.m_xx, m.m_yx, m.m_yy)))
+        for m in ms
+    ]
 
 
-def check_fold_settings(folds: Any, ridges: Any, ridge: Any, num_samples: int,
-                        what: str) -> tuple[int, list[float] | None]:
+def check_fold_settings(
+    folds: Any, ridges: Any, ridge: Any, num_samples: int, what: str
+) -> tuple[int, list[float] | None]:
     """Validated (folds, ridge grid or None) of a calibration over ``num_samples`` samples (see nbl_ext.calibrate)."""
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
         raise ValueError(f"{what}: folds must be a positive int (1: no cross-validation), got {folds!r}")
     if folds > num_samples:
-        raise ValueError(f"{what}: folds={folds} is more than the {num_samples} calibration samples (folds are "
-                         "made of whole samples); use folds <= num_samples or more samples")
+        raise ValueError(
+            f"{what}: folds={folds} is more than the {num_samples} calibration samples (folds are "
+            "made of whole samples); use folds <= num_samples or more samples"
+        )
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not ridge >= 0 or ridge == float("inf"):
         raise ValueError(f"{what}: ridge must be a finite number >= 0, got {ridge!r}")
     if ridges is None:
         return folds, None
     if folds < 2:
-        raise ValueError(f"{what}: choosing the ridge from a grid needs cross-validation folds; pass folds >= 2 "
-                         f"(e.g. {DEFAULT_FOLDS}) with ridges=")
+        raise ValueError(
+            f"{what}: choosing the ridge from a grid needs cross-validation folds; pass folds >= 2 "
+            f"(e.g. {DEFAULT_FOLDS}) with ridges="
+        )
     if ridge != 0:
-        raise ValueError(f"{what}: pass either ridge={ridge!r} (one fixed ridge) or a ridges= grid to choose from, "
-                         "not both")
+        raise ValueError(
+            f"{what}: pass either ridge={ridge!r} (one fixed ridge) or a ridges= grid to choose from, not both"
+        )
     return folds, [float(v) for v in check_ridges(ridges, what).tolist()]
 
 
 def merge_folds(folds: Sequence[MomentsLike]) -> Moments:
     """The moments of all folds together (the full statistics), e.g. for the final fit with the chosen ridge."""
     if isinstance(folds, (Moments, torch.Tensor)) or not isinstance(folds, Sequence):
-        raise TypeError(f"merge_folds: expected a list of per-fold Moments or CovarianceAccumulators, got "
-                        f"{type(folds).__name__}")
+        raise TypeError(
+            f"merge_folds: expected a list of per-fold Moments or CovarianceAccumulators, got {type(folds).__name__}"
+        )
     if not folds:
         raise ValueError("merge_folds: expected a non-empty list of per-fold Moments or CovarianceAccumulators")
     ms = [as_moments(f, "merge_folds") for f in folds]
@@ -274,12 +283,22 @@ def cross_validate(folds: Sequence[MomentsLike], ridges: Sequence[float] | torch
     stream = None
     if ms[0].dim_x == ms[0].dim_y:
         # sum_n ||x_n + y_n||^2 = tr(M_hh) + n ||mean_h||^2 with h = x + y.
-        stream = torch.tensor([
-            float((m.m_xx + m.m_yx + m.m_yx.T + m.m_yy).trace()) + m.count * float((m.mean_x + m.mean_y).square().sum())
-            for m in ms
-        ], dtype=_F64, device=dev)
-    return CrossValidation(ridges=grid.to(dev), fold_error=torch.stack(errors), fold_target=target,
-                           fold_stream=stream, effective_ridges=eff)
+        stream = torch.tensor(
+            [
+                float((m.m_xx + m.m_yx + m.m_yx.T + m.m_yy).trace())
+                + m.count * float((m.mean_x + m.mean_y).square().sum())
+                for m in ms
+            ],
+            dtype=_F64,
+            device=dev,
+        )
+    return CrossValidation(
+        ridges=grid.to(dev),
+        fold_error=torch.stack(errors),
+        fold_target=target,
+        fold_stream=stream,
+        effective_ridges=eff,
+    )
 
 
 def cross_validated_nmse(folds: Sequence[MomentsLike], ridges: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -293,5 +312,14 @@ def choose_ridge(folds: Sequence[MomentsLike], ridges: Sequence[float] | torch.T
     return cv.best_ridge, cv.nmse
 
 
-__all__ = ["DEFAULT_FOLDS", "DEFAULT_RIDGES", "CrossValidation", "check_fold_settings", "check_ridges", "choose_ridge", "cross_validate",
-           "cross_validated_nmse", "merge_folds"]
+__all__ = [
+    "DEFAULT_FOLDS",
+    "DEFAULT_RIDGES",
+    "CrossValidation",
+    "check_fold_settings",
+    "check_ridges",
+    "choose_ridge",
+    "cross_validate",
+    "cross_validated_nmse",
+    "merge_folds",
+]

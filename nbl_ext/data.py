@@ -43,6 +43,7 @@ Holding out documents
 a held-out part (deterministic for a seed); pass the first to
 :func:`load_calibration_tokens` and keep the second for evaluation.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,16 +51,23 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from nbl_ext.validation import check_int
 
-__all__ = ["HOLDOUT_FRACTION", "HOLDOUT_SEED", "SUFFIXES", "load_calibration_tokens", "read_documents",
-           "split_documents"]
+__all__ = [
+    "HOLDOUT_FRACTION",
+    "HOLDOUT_SEED",
+    "SUFFIXES",
+    "load_calibration_tokens",
+    "read_documents",
+    "split_documents",
+]
 
 #: The one held-out convention shared by ``nbl compress`` (calibrates on the rest of a document
 #: file) and ``nbl eval`` / the quality study (C4 perplexity on the held-out part): a fixed
@@ -87,7 +95,7 @@ def read_documents(path: str | os.PathLike, *, text_field: str = "text") -> list
     if suffix not in SUFFIXES:
         raise ValueError(
             f"calibration file {p}: unknown file type {suffix or '(no suffix)'!r}; supported are "
-            f"{', '.join(SUFFIXES)} (JSON array of {{\"{text_field}\": ...}} objects or strings, JSON lines, "
+            f'{", ".join(SUFFIXES)} (JSON array of {{"{text_field}": ...}} objects or strings, JSON lines, '
             "plain text with documents separated by blank lines)"
         )
     if not p.is_file():
@@ -102,7 +110,7 @@ def read_documents(path: str | os.PathLike, *, text_field: str = "text") -> list
             raise ValueError(f"calibration file {p}: invalid JSON ({e})") from e
         if not isinstance(records, list):
             raise ValueError(
-                f"calibration file {p}: expected a JSON array of {{\"{text_field}\": ...}} objects or strings, "
+                f'calibration file {p}: expected a JSON array of {{"{text_field}": ...}} objects or strings, '
                 f"got a JSON {type(records).__name__}"
             )
         docs = [_record_text(r, text_field, f"{p}: item {i}") for i, r in enumerate(records)]
@@ -165,8 +173,11 @@ def split_documents(
         docs = read_documents(documents, text_field=text_field)
     else:
         docs = _check_documents(documents)
-    if isinstance(holdout_fraction, bool) or not isinstance(holdout_fraction, (int, float)) \
-            or not 0.0 <= float(holdout_fraction) < 1.0:
+    if (
+        isinstance(holdout_fraction, bool)
+        or not isinstance(holdout_fraction, (int, float))
+        or not 0.0 <= float(holdout_fraction) < 1.0
+    ):
         raise ValueError(f"split_documents: holdout_fraction must be a number in [0, 1), got {holdout_fraction!r}")
     n_hold = int(round(float(holdout_fraction) * len(docs)))
     if holdout_fraction > 0 and n_hold == 0:
@@ -180,9 +191,7 @@ def split_documents(
 
 def _check_documents(documents: Any) -> list[str]:
     if isinstance(documents, (bytes, dict)) or not isinstance(documents, Sequence):
-        raise TypeError(
-            f"documents must be a list of strings or a file path, got {type(documents).__name__}"
-        )
+        raise TypeError(f"documents must be a list of strings or a file path, got {type(documents).__name__}")
     bad = [i for i, d in enumerate(documents) if not isinstance(d, str)]
     if bad:
         raise TypeError(f"documents must all be strings; item {bad[0]} is a {type(documents[bad[0]]).__name__}")
@@ -224,8 +233,7 @@ def _token_lists(tokenizer: Any, texts: Iterable[str]) -> Iterator[list[int]]:
         yield from (ids + tail for ids in _tokenize(tokenizer, batch))
 
 
-def _pack(token_lists: Iterable[list[int]], num_samples: int, seq_len: int, bos: int | None,
-          what: str) -> torch.Tensor:
+def _pack(token_lists: Iterable[list[int]], num_samples: int, seq_len: int, bos: int | None, what: str) -> torch.Tensor:
     body = seq_len - (1 if bos is not None else 0)
     need = num_samples * body
     stream: list[int] = []
@@ -283,8 +291,7 @@ def _hf_texts(spec: str, text_field: str) -> tuple[Iterator[str], str]:
     parts = spec.split(":")
     if not parts[0] or len(parts) > 3:
         raise ValueError(
-            f"calibration source 'hf:{spec}': expected 'hf:NAME[:CONFIG][:SPLIT]', "
-            "e.g. 'hf:allenai/c4:en:validation'"
+            f"calibration source 'hf:{spec}': expected 'hf:NAME[:CONFIG][:SPLIT]', e.g. 'hf:allenai/c4:en:validation'"
         )
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None
@@ -362,8 +369,17 @@ def load_calibration_tokens(
         raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
     kind, arg = _classify(source)
     if kind == "self":
-        return _sample_from_model(model, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed,
-                                  batch_size=batch_size, temperature=temperature, top_k=top_k, progress=progress)
+        return _sample_from_model(
+            model,
+            tokenizer,
+            num_samples=num_samples,
+            seq_len=seq_len,
+            seed=seed,
+            batch_size=batch_size,
+            temperature=temperature,
+            top_k=top_k,
+            progress=progress,
+        )
     bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
     if kind == "hf":
         texts, what = _hf_texts(arg, text_field)
@@ -388,16 +404,30 @@ def load_calibration_tokens(
 
 
 @torch.inference_mode()
-def _sample_from_model(model: Any, tokenizer: Any, *, num_samples: int, seq_len: int, seed: int,
-                       batch_size: int, temperature: float, top_k: int | None, progress: bool) -> torch.Tensor:
+def _sample_from_model(
+    model: Any,
+    tokenizer: Any,
+    *,
+    num_samples: int,
+    seq_len: int,
+    seed: int,
+    batch_size: int,
+    temperature: float,
+    top_k: int | None,
+    progress: bool,
+) -> torch.Tensor:
     if model is None:
         raise ValueError(
             "calibration source 'self' samples text from the model itself: pass model= (the causal LM "
             "being calibrated), or use a text source (a .json/.jsonl/.txt file)"
         )
     batch_size = check_int(batch_size, "batch_size", 1)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
     if top_k is not None:
         top_k = check_int(top_k, "top_k", 1)

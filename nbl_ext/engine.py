@@ -18,14 +18,17 @@ Used by :func:`nbl_ext.calibrate` and by the sequential refit of :func:`nbl_ext.
 Under ``torch.distributed`` each rank runs its :func:`shard` of the samples; :func:`all_reduce_stats`
 merges what the ranks collected before a layer is scored.
 """
+
 from __future__ import annotations
 
 import contextlib
 import shutil
 import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,12 +45,12 @@ from nbl_ext.stats import CovarianceAccumulator
 AccumulatorFactory = Callable[..., Any]
 #: ``phase -> context manager`` wrapped around each "accumulate" (accumulator update) and "score" (fit and
 #: scores of a layer) step, e.g. to time them.
-PhaseTimer = Callable[[str], ContextManager[Any]]
+PhaseTimer = Callable[[str], AbstractContextManager[Any]]
 #: ``(x, a) -> per-token values`` (a tensor of any shape, one value per token) whose mean the runner streams.
 TokenStatistic = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _no_timer(_phase: str) -> ContextManager[Any]:
+def _no_timer(_phase: str) -> AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
@@ -130,7 +133,9 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def check_token_data(data: Any, vocab_size: int, what: str) -> torch.Tensor:
     """Validate calibration token ids: a 2-D integer tensor (num_samples, seq_len) within the vocabulary."""
     if not isinstance(data, torch.Tensor):
-        raise TypeError(f"{what}: data must be a LongTensor of token ids (num_samples, seq_len), got {type(data).__name__}")
+        raise TypeError(
+            f"{what}: data must be a LongTensor of token ids (num_samples, seq_len), got {type(data).__name__}"
+        )
     if data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool:
         raise TypeError(f"{what}: data must hold integer token ids, got dtype {data.dtype}")
     if data.dim() != 2 or data.shape[0] < 1 or data.shape[1] < 1:
@@ -138,7 +143,9 @@ def check_token_data(data: Any, vocab_size: int, what: str) -> torch.Tensor:
     data = data.to(torch.long)
     lo, hi = int(data.min()), int(data.max())
     if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{what}: token ids must lie in [0, {vocab_size}) (the model's vocabulary); found [{lo}, {hi}]")
+        raise ValueError(
+            f"{what}: token ids must lie in [0, {vocab_size}) (the model's vocabulary); found [{lo}, {hi}]"
+        )
     return data
 
 
@@ -227,8 +234,7 @@ class LayerStats:
 
     def token_means(self) -> dict[str, float]:
         """Mean of every token statistic (NaN when no token was seen)."""
-        return {name: float(s[0]) / float(s[1]) if float(s[1]) else float("nan")
-                for name, s in self.token_sums.items()}
+        return {name: float(s[0]) / float(s[1]) if float(s[1]) else float("nan") for name, s in self.token_sums.items()}
 
 
 def all_reduce_stats(stats: LayerStats) -> None:
@@ -245,7 +251,8 @@ def all_reduce_stats(stats: LayerStats) -> None:
             for acc in stats.folds:
                 acc.all_reduce()
         stats.accumulator = CovarianceAccumulator.from_moments(
-            merge_folds(stats.folds), precision=getattr(stats.folds[0], "precision", "float32"))
+            merge_folds(stats.folds), precision=getattr(stats.folds[0], "precision", "float32")
+        )
     if distributed:
         if stats.folds is None:
             stats.accumulator.all_reduce()
@@ -270,10 +277,21 @@ class LayerwiseRunner:
     ``(sample_offset + n) % K`` (one accumulator per fold; their merge is the full statistics).
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, samples: torch.Tensor, *, batch_size: int,
-                 spill_dir: Path | None, sample_offset: int = 0, pbar: Any = None,
-                 gram_precision: str = "float32", accumulator_factory: AccumulatorFactory | None = None,
-                 timer: PhaseTimer | None = None, folds: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        samples: torch.Tensor,
+        *,
+        batch_size: int,
+        spill_dir: Path | None,
+        sample_offset: int = 0,
+        pbar: Any = None,
+        gram_precision: str = "float32",
+        accumulator_factory: AccumulatorFactory | None = None,
+        timer: PhaseTimer | None = None,
+        folds: int = 1,
+    ) -> None:
         self.model, self.adapter = model, adapter
         self.gram_precision = gram_precision
         self.accumulator_factory = accumulator_factory if accumulator_factory is not None else CovarianceAccumulator
@@ -312,8 +330,9 @@ class LayerwiseRunner:
     def _read(self, i: int, b: int, device: torch.device) -> torch.Tensor:
         if self.spill_dir is None:
             return self._memory[i][b].to(device)
-        return read_tensors(self.boundary(i) / f"batch_{b:06d}.safetensors", "calibrate",
-                            device=str(device))["hidden_states"]
+        return read_tensors(self.boundary(i) / f"batch_{b:06d}.safetensors", "calibrate", device=str(device))[
+            "hidden_states"
+        ]
 
     def _where(self, i: int, b: int) -> str:
         lo = self.sample_offset + b * self.batch_size
@@ -330,8 +349,9 @@ class LayerwiseRunner:
             rows = (fold_of == j).nonzero().squeeze(1).to(x.device)
             stats.folds[j].update(x.index_select(0, rows), a.index_select(0, rows))
 
-    def run(self, i: int, *, score: bool, write: bool,
-            token_stats: Mapping[str, TokenStatistic] | None = None) -> LayerStats | None:
+    def run(
+        self, i: int, *, score: bool, write: bool, token_stats: Mapping[str, TokenStatistic] | None = None
+    ) -> LayerStats | None:
         """Run layer i on every batch; optionally collect its branch statistics and write its outputs.
 
         With ``score``: returns the :class:`LayerStats` of layer i, the accumulator of (X, A) and, for
@@ -344,12 +364,19 @@ class LayerwiseRunner:
         if score:
             sums = {name: torch.zeros(2, dtype=torch.float64, device=device) for name in (token_stats or {})}
             if self.folds > 1:
-                stats = LayerStats(i, None, sums, [self.accumulator_factory(d, d, device=device,
-                                                                            precision=self.gram_precision)
-                                                   for _ in range(self.folds)])
+                stats = LayerStats(
+                    i,
+                    None,
+                    sums,
+                    [
+                        self.accumulator_factory(d, d, device=device, precision=self.gram_precision)
+                        for _ in range(self.folds)
+                    ],
+                )
             else:
-                stats = LayerStats(i, self.accumulator_factory(d, d, device=device, precision=self.gram_precision),
-                                   sums)
+                stats = LayerStats(
+                    i, self.accumulator_factory(d, d, device=device, precision=self.gram_precision), sums
+                )
             module, pick = self.adapter.branch_output(layer)
             captured = []
             handle = module.register_forward_hook(lambda _m, _a, out: captured.append(pick(out)))
@@ -373,10 +400,14 @@ class LayerwiseRunner:
                 out = run_layer(layer, x, args, kwargs)
                 if score:
                     if len(captured) != 1:
-                        raise RuntimeError(f"{self._where(i, b)}: the branch-output hook fired {len(captured)} times (expected 1)")
+                        raise RuntimeError(
+                            f"{self._where(i, b)}: the branch-output hook fired {len(captured)} times (expected 1)"
+                        )
                     a = captured[0]
                     if a.shape != x.shape:
-                        raise RuntimeError(f"{self._where(i, b)}: branch output shape {tuple(a.shape)} != input shape {tuple(x.shape)}")
+                        raise RuntimeError(
+                            f"{self._where(i, b)}: branch output shape {tuple(a.shape)} != input shape {tuple(x.shape)}"
+                        )
                     try:
                         with self.timer("accumulate"):
                             self._accumulate(stats, b, x, a)
@@ -408,8 +439,7 @@ class LayerwiseRunner:
 # --- one layer's fit and scores ---------------------------------------------------------
 
 
-def score_layer(stats: LayerStats, ridge: float, criteria: Any = None, *,
-                ridges: Any = None) -> LayerCalibration:
+def score_layer(stats: LayerStats, ridge: float, criteria: Any = None, *, ridges: Any = None) -> LayerCalibration:
     """LMMSE map and criterion scores of a layer from its (all-reduced) statistics.
 
     ``criteria``: names of registered criteria to score (default: every one computable from the
@@ -430,13 +460,24 @@ def score_layer(stats: LayerStats, ridge: float, criteria: Any = None, *,
             cv = cross_validate(stats.folds, list(ridges) if ridges is not None else [chosen])
             chosen = cv.best_ridge
         w, b = fit_linear(acc, chosen)
-        scores = compute_scores(LayerContext(layer=i, accumulator=acc, weight=w, bias=b, ridge=chosen,
-                                             token_means=stats.token_means(), cv=cv), criteria)
+        scores = compute_scores(
+            LayerContext(
+                layer=i, accumulator=acc, weight=w, bias=b, ridge=chosen, token_means=stats.token_means(), cv=cv
+            ),
+            criteria,
+        )
     for wmsg in caught:  # re-emit with the layer named
-        warnings.warn(f"decoder layer {i}: {wmsg.message}", wmsg.category if issubclass(wmsg.category, Warning)
-                      else SingularWarning, stacklevel=3)
-    return LayerCalibration(layer=i, scores=scores, tokens=int(acc.count),
-                            weight=w.detach().to("cpu", torch.float64).contiguous(),
-                            bias=b.detach().to("cpu", torch.float64).contiguous(),
-                            ridge=chosen if cv is not None else None,
-                            cv_curve=[float(v) for v in cv.nmse] if cv is not None and cv.ridges.numel() > 1 else None)
+        warnings.warn(
+            f"decoder layer {i}: {wmsg.message}",
+            wmsg.category if issubclass(wmsg.category, Warning) else SingularWarning,
+            stacklevel=3,
+        )
+    return LayerCalibration(
+        layer=i,
+        scores=scores,
+        tokens=int(acc.count),
+        weight=w.detach().to("cpu", torch.float64).contiguous(),
+        bias=b.detach().to("cpu", torch.float64).contiguous(),
+        ridge=chosen if cv is not None else None,
+        cv_curve=[float(v) for v in cv.nmse] if cv is not None and cv.ridges.numel() > 1 else None,
+    )

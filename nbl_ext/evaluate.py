@@ -10,13 +10,15 @@
   :mod:`nbl_ext.tasks`.
 * :func:`evaluate` does all of it and returns one JSON-able report; :func:`format_report` prints it.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import platform
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -36,8 +38,16 @@ def _windows(n: int, context: int, stride: int) -> list[tuple[int, int]]:
     return out
 
 
-def perplexity_stats(model, token_ids: torch.Tensor, *, context: int, stride: int | None = None,
-                     bos_id: int | None = None, batch_size: int = 1, progress: bool = False) -> dict:
+def perplexity_stats(
+    model,
+    token_ids: torch.Tensor,
+    *,
+    context: int,
+    stride: int | None = None,
+    bos_id: int | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> dict:
     """Perplexity of the 1-D ``token_ids`` in sliding windows; a dict with the details.
 
     Windows hold ``context`` tokens and start every ``stride`` tokens (default: non-overlapping).
@@ -55,14 +65,18 @@ def perplexity_stats(model, token_ids: torch.Tensor, *, context: int, stride: in
     comparisons between models on the same windows).
     """
     if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 1:
-        raise ValueError(f"perplexity: token_ids must be a 1-D tensor, got "
-                         f"{tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__}")
+        raise ValueError(
+            f"perplexity: token_ids must be a 1-D tensor, got "
+            f"{tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__}"
+        )
     body = context - (1 if bos_id is not None else 0)
     stride = body if stride is None else stride
     if body < 2 or not 1 <= stride <= body:
-        raise ValueError(f"perplexity: need context >= {2 + (bos_id is not None)} and 1 <= stride <= "
-                         f"{'context - 1 (one slot is the BOS)' if bos_id is not None else 'context'}; "
-                         f"got context={context}, stride={stride}")
+        raise ValueError(
+            f"perplexity: need context >= {2 + (bos_id is not None)} and 1 <= stride <= "
+            f"{'context - 1 (one slot is the BOS)' if bos_id is not None else 'context'}; "
+            f"got context={context}, stride={stride}"
+        )
     if token_ids.numel() < body:
         raise ValueError(f"perplexity: need at least one full window ({body} tokens), got {token_ids.numel()}")
     device = next(model.parameters()).device
@@ -93,9 +107,17 @@ def perplexity_stats(model, token_ids: torch.Tensor, *, context: int, stride: in
         se = math.exp(nll) * math.sqrt(var / len(means))
     else:
         se = None  # one window: no spread to estimate from
-    return {"ppl": math.exp(nll), "ppl_stderr": se, "nll": nll, "tokens": n, "windows": len(wins),
-            "context": context, "stride": stride, "bos": bos_id is not None,
-            "window_nll": [[s, c] for s, c in zip(sums, counts)]}
+    return {
+        "ppl": math.exp(nll),
+        "ppl_stderr": se,
+        "nll": nll,
+        "tokens": n,
+        "windows": len(wins),
+        "context": context,
+        "stride": stride,
+        "bos": bos_id is not None,
+        "window_nll": [[s, c] for s, c in zip(sums, counts)],
+    }
 
 
 def perplexity(model, token_ids: torch.Tensor, window: int, stride: int | None = None) -> float:
@@ -126,8 +148,10 @@ def wikitext2_ids(tokenizer, data_dir: str | os.PathLike, max_tokens: int | None
     """
     path = Path(data_dir) / "wikitext2" / "wiki.test.raw"
     if not path.is_file():
-        raise FileNotFoundError(f"WikiText-2 test file not found at {path}; pass the ../shared/data/eval "
-                                "directory (the one holding wikitext2/wiki.test.raw) as the data directory")
+        raise FileNotFoundError(
+            f"WikiText-2 test file not found at {path}; pass the ../shared/data/eval "
+            "directory (the one holding wikitext2/wiki.test.raw) as the data directory"
+        )
     rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
     return _stream(tokenizer, "\n\n".join(rows), max_tokens)
 
@@ -141,8 +165,10 @@ def c4_heldout_ids(tokenizer, c4_path: str | os.PathLike, max_tokens: int | None
 
     path = Path(c4_path)
     if not path.is_file():
-        raise FileNotFoundError(f"C4 sample not found at {path}; pass --c4 with the calibration document file "
-                                "(e.g. ../shared/data/calib/c4_demo.json)")
+        raise FileNotFoundError(
+            f"C4 sample not found at {path}; pass --c4 with the calibration document file "
+            "(e.g. ../shared/data/calib/c4_demo.json)"
+        )
     _, held = split_documents(path, HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
@@ -161,14 +187,26 @@ def _lm_eval():
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ImportError as exc:  # pragma: no cover - lm-eval is a dependency
-        raise ImportError(f"accuracy evaluation needs lm-evaluation-harness: pip install 'lm-eval==0.4.13' ({exc})") from None
+        raise ImportError(
+            f"accuracy evaluation needs lm-evaluation-harness: pip install 'lm-eval==0.4.13' ({exc})"
+        ) from None
     return lm_eval, HFLM
 
 
-def run_tasks(model, tokenizer, tasks: Sequence[str], *, data_dir: str | os.PathLike | None = None,
-              limit: int | None = None, samples: dict[str, list[int]] | None = None, batch_size: int = 8,
-              max_length: int | None = None, seed: int = 0, log_samples: bool = False,
-              bootstrap_iters: int = 1000) -> dict:
+def run_tasks(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    data_dir: str | os.PathLike | None = None,
+    limit: int | None = None,
+    samples: dict[str, list[int]] | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    seed: int = 0,
+    log_samples: bool = False,
+    bootstrap_iters: int = 1000,
+) -> dict:
     """Zero-shot lm-eval on the in-memory ``model`` (wrapped in lm-eval's ``HFLM``).
 
     ``data_dir``: a directory in the ``../shared/data/eval`` layout; its tasks run offline from
@@ -193,18 +231,26 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], *, data_dir: str | os.Path
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
     task_specs: list[Any] = offline_task_configs(tasks, data_dir) if data_dir is not None else tasks
     device = next(model.parameters()).device
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
-              max_length=max_length)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), max_length=max_length)
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=task_specs, limit=limit, samples=samples,
-                                      task_manager=task_manager() if data_dir is not None else None,
-                                      log_samples=log_samples, bootstrap_iters=bootstrap_iters,
-                                      random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                      fewshot_random_seed=seed)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=task_specs,
+            limit=limit,
+            samples=samples,
+            task_manager=task_manager() if data_dir is not None else None,
+            log_samples=log_samples,
+            bootstrap_iters=bootstrap_iters,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     except (ConnectionError, OSError) as exc:
         if data_dir is None:
-            raise RuntimeError(f"could not fetch the hub tasks ({exc}); offline, pass --data-dir with the "
-                               "../shared/data/eval layout") from exc
+            raise RuntimeError(
+                f"could not fetch the hub tasks ({exc}); offline, pass --data-dir with the ../shared/data/eval layout"
+            ) from exc
         raise
     report: dict[str, Any] = {}
     for name in tasks:
@@ -219,14 +265,23 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], *, data_dir: str | os.Path
             else:
                 metrics[metric] = value
         n = out["n-samples"][name]
-        report[name] = {"metrics": metrics, "stderr": stderr, "n": n["effective"], "n_total": n["original"],
-                        "source": "offline" if data_dir is not None else "hub",
-                        "note": OFFLINE_TASKS[name].note if data_dir is not None else ""}
+        report[name] = {
+            "metrics": metrics,
+            "stderr": stderr,
+            "n": n["effective"],
+            "n_total": n["original"],
+            "source": "offline" if data_dir is not None else "hub",
+            "note": OFFLINE_TASKS[name].note if data_dir is not None else "",
+        }
         if log_samples:
             report[name]["samples"] = [
-                {"doc_id": s["doc_id"], **{m: s[m] for m in ("acc", "acc_norm") if m in s},
-                 "loglikelihoods": [float(r[0]) for r in s["filtered_resps"]]
-                 if all(isinstance(r, (list, tuple)) for r in s["filtered_resps"]) else None}
+                {
+                    "doc_id": s["doc_id"],
+                    **{m: s[m] for m in ("acc", "acc_norm") if m in s},
+                    "loglikelihoods": [float(r[0]) for r in s["filtered_resps"]]
+                    if all(isinstance(r, (list, tuple)) for r in s["filtered_resps"])
+                    else None,
+                }
                 for s in out["samples"][name]
             ]
     return report
@@ -251,19 +306,33 @@ def model_summary(model) -> dict:
     """What was evaluated: the source, the linearized layers and how they were chosen."""
     cfg = model.config
     nbl = getattr(cfg, "nbl", None)
-    return {"source": getattr(cfg, "nbl_source", None) or getattr(cfg, "_name_or_path", None),
-            "architecture": getattr(cfg, "model_type", None),
-            "layers": getattr(cfg, "num_hidden_layers", None),
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "nbl": nbl}
+    return {
+        "source": getattr(cfg, "nbl_source", None) or getattr(cfg, "_name_or_path", None),
+        "architecture": getattr(cfg, "model_type", None),
+        "layers": getattr(cfg, "num_hidden_layers", None),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "nbl": nbl,
+    }
 
 
-def evaluate(model, tokenizer, *, tasks: Sequence[str] = (), data_dir: str | os.PathLike | None = None,
-             perplexity_on: Sequence[str] = (), c4_path: str | os.PathLike | None = None,
-             context: int = 2048, stride: int | None = None, ppl_tokens: int | None = None,
-             limit: int | None = None, batch_size: int = 8, max_length: int | None = None, seed: int = 0,
-             progress: bool = True) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    *,
+    tasks: Sequence[str] = (),
+    data_dir: str | os.PathLike | None = None,
+    perplexity_on: Sequence[str] = (),
+    c4_path: str | os.PathLike | None = None,
+    context: int = 2048,
+    stride: int | None = None,
+    ppl_tokens: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Accuracy on lm-eval ``tasks`` and perplexity on ``perplexity_on`` (``"wikitext2"``, ``"c4"``).
 
     Perplexity windows hold ``context`` tokens and move by ``stride`` (default ``context``);
@@ -273,29 +342,55 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str] = (), data_dir: str | os.
     unknown = [c for c in perplexity_on if c not in PERPLEXITY_CORPORA]
     if unknown:
         raise ValueError(f"unknown perplexity corpus {unknown}; choose from {', '.join(PERPLEXITY_CORPORA)}")
-    report: dict[str, Any] = {"model": model_summary(model), "versions": versions(),
-                              "device": str(next(model.parameters()).device), "tasks": {}, "perplexity": {}}
+    report: dict[str, Any] = {
+        "model": model_summary(model),
+        "versions": versions(),
+        "device": str(next(model.parameters()).device),
+        "tasks": {},
+        "perplexity": {},
+    }
     bos = _bos_for(tokenizer)
     for corpus in perplexity_on:
         if corpus == "wikitext2":
             if data_dir is None:
                 raise ValueError("WikiText-2 perplexity reads the local test file: pass --data-dir")
-            ids, what = wikitext2_ids(tokenizer, data_dir, ppl_tokens), "WikiText-2 raw test, rows joined by blank lines"
+            ids, what = (
+                wikitext2_ids(tokenizer, data_dir, ppl_tokens),
+                "WikiText-2 raw test, rows joined by blank lines",
+            )
         else:
             if c4_path is None:
-                raise ValueError("C4 perplexity needs the C4 document file: pass --c4 (e.g. ../shared/data/calib/c4_demo.json)")
+                raise ValueError(
+                    "C4 perplexity needs the C4 document file: pass --c4 (e.g. ../shared/data/calib/c4_demo.json)"
+                )
             ids, n_docs = c4_heldout_ids(tokenizer, c4_path, ppl_tokens)
             what = f"{n_docs} held-out documents of {Path(c4_path).name}, EOS-separated"
-        stats = perplexity_stats(model, ids, context=context, stride=stride, bos_id=bos, batch_size=1,
-                                 progress=progress)
+        stats = perplexity_stats(
+            model, ids, context=context, stride=stride, bos_id=bos, batch_size=1, progress=progress
+        )
         report["perplexity"][corpus] = {"text": what, **stats}
     if tasks:
-        report["tasks"] = run_tasks(model, tokenizer, tasks, data_dir=data_dir, limit=limit, batch_size=batch_size,
-                                    max_length=max_length, seed=seed)
-    report["settings"] = {"limit": limit, "batch_size": batch_size, "max_length": max_length, "seed": seed,
-                          "context": context, "stride": stride, "ppl_tokens": ppl_tokens,
-                          "data_dir": str(data_dir) if data_dir is not None else None,
-                          "c4": str(c4_path) if c4_path is not None else None}
+        report["tasks"] = run_tasks(
+            model,
+            tokenizer,
+            tasks,
+            data_dir=data_dir,
+            limit=limit,
+            batch_size=batch_size,
+            max_length=max_length,
+            seed=seed,
+        )
+    report["settings"] = {
+        "limit": limit,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "seed": seed,
+        "context": context,
+        "stride": stride,
+        "ppl_tokens": ppl_tokens,
+        "data_dir": str(data_dir) if data_dir is not None else None,
+        "c4": str(c4_path) if c4_path is not None else None,
+    }
     return report
 
 
@@ -339,6 +434,8 @@ def format_report(report: dict) -> str:
             lines += notes
     for corpus, p in report["perplexity"].items():
         se = f" ± {p['ppl_stderr']:.3f}" if p["ppl_stderr"] is not None else ""
-        lines.append(f"perplexity {corpus}: {p['ppl']:.3f}{se} over {p['tokens']} tokens "
-                     f"(context {p['context']}, stride {p['stride']}{', BOS per window' if p['bos'] else ''}; {p['text']})")
+        lines.append(
+            f"perplexity {corpus}: {p['ppl']:.3f}{se} over {p['tokens']} tokens "
+            f"(context {p['context']}, stride {p['stride']}{', BOS per window' if p['bos'] else ''}; {p['text']})"
+        )
     return "\n".join(lines)

@@ -58,6 +58,7 @@ At most about 34 GB in all (distill with "kl"), 28 GB for LoRA: one 40/80 GB GPU
 ``micro_batch_size`` scales the last two items linearly. These are estimates from the shapes,
 not measurements.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,9 +69,10 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -125,16 +127,32 @@ class HealConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"HealConfig: {name} {why}, got {getattr(self, name)!r}")
 
-        for name, choices in (("method", METHODS), ("distill_loss", DISTILL_LOSSES), ("lora_targets", LORA_TARGETS),
-                              ("lr_schedule", SCHEDULES)):
+        for name, choices in (
+            ("method", METHODS),
+            ("distill_loss", DISTILL_LOSSES),
+            ("lora_targets", LORA_TARGETS),
+            ("lr_schedule", SCHEDULES),
+        ):
             check_choice(getattr(self, name), choices, name, what="HealConfig")
-        for name, lo, optional in (("steps", 1, True), ("batch_size", 1, False), ("micro_batch_size", 1, True),
-                                   ("lora_rank", 1, False), ("lora_radius", 0, False), ("patience", 0, False),
-                                   ("eval_every", 1, True), ("save_every", 1, True), ("seed", 0, False)):
+        for name, lo, optional in (
+            ("steps", 1, True),
+            ("batch_size", 1, False),
+            ("micro_batch_size", 1, True),
+            ("lora_rank", 1, False),
+            ("lora_radius", 0, False),
+            ("patience", 0, False),
+            ("eval_every", 1, True),
+            ("save_every", 1, True),
+            ("seed", 0, False),
+        ):
             if not (optional and getattr(self, name) is None):
                 check_count(getattr(self, name), name, lo, what="HealConfig")
-        for name, lo, hi in (("epochs", 0.0, math.inf), ("lr", 0.0, math.inf), ("lora_alpha", 0.0, math.inf),
-                             ("max_grad_norm", 0.0, math.inf)):
+        for name, lo, hi in (
+            ("epochs", 0.0, math.inf),
+            ("lr", 0.0, math.inf),
+            ("lora_alpha", 0.0, math.inf),
+            ("max_grad_norm", 0.0, math.inf),
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v < hi:
                 raise bad(name, "must be a positive number")
@@ -190,33 +208,44 @@ class OriginalBranches:
 
     def __init__(self, original: nn.Module, layers: list[int]) -> None:
         adapter = get_adapter(original)
-        if getattr(adapter.config, "nbl", None) or any(is_linearized(l) for l in adapter.layers()):
+        if getattr(adapter.config, "nbl", None) or any(is_linearized(layer) for layer in adapter.layers()):
             raise ValueError("OriginalBranches: the teacher must be the original model, not a linearized one")
         self.model_type, self.num_layers, self.hidden_size = adapter.model_type, adapter.num_layers, adapter.hidden_size
         bad = [i for i in layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"OriginalBranches: layers {bad} out of range for {self.num_layers} layers")
-        self.branches = {i: {name: getattr(adapter.layers()[i], name) for name in adapter.branch_modules}
-                         for i in layers}
+        self.branches = {
+            i: {name: getattr(adapter.layers()[i], name) for name in adapter.branch_modules} for i in layers
+        }
         branch_ids = {id(p) for mods in self.branches.values() for m in mods.values() for p in m.parameters()}
-        self.probe = {n: p.detach().reshape(-1)[: p.shape[-1]].to("cpu", torch.float32, copy=True)
-                      for n, p in original.named_parameters() if id(p) not in branch_ids}
+        self.probe = {
+            n: p.detach().reshape(-1)[: p.shape[-1]].to("cpu", torch.float32, copy=True)
+            for n, p in original.named_parameters()
+            if id(p) not in branch_ids
+        }
 
     def check(self, model: nn.Module, adapter: Adapter, replaced: list[int]) -> None:
         shape = (adapter.model_type, adapter.num_layers, adapter.hidden_size)
         if shape != (self.model_type, self.num_layers, self.hidden_size):
-            raise ValueError(f"heal: the teacher is a {self.model_type} with {self.num_layers} layers of width "
-                             f"{self.hidden_size}; the model is a {shape[0]} with {shape[1]} x {shape[2]}")
+            raise ValueError(
+                f"heal: the teacher is a {self.model_type} with {self.num_layers} layers of width "
+                f"{self.hidden_size}; the model is a {shape[0]} with {shape[1]} x {shape[2]}"
+            )
         missing = [i for i in replaced if i not in self.branches]
         if missing:
             raise ValueError(f"heal: the teacher's branches lack replaced layers {missing}")
         own = dict(model.named_parameters())
-        differ = [n for n, v in self.probe.items()
-                  if n in own and not torch.equal(own[n].detach().reshape(-1)[: v.numel()].to("cpu", torch.float32), v)]
+        differ = [
+            n
+            for n, v in self.probe.items()
+            if n in own and not torch.equal(own[n].detach().reshape(-1)[: v.numel()].to("cpu", torch.float32), v)
+        ]
         if differ:
-            raise ValueError(f"heal: the teacher differs from the linearized model outside the replaced blocks "
-                             f"({differ[0]}{' ...' if len(differ) > 1 else ''}); pass the original model this one "
-                             "was compressed from")
+            raise ValueError(
+                f"heal: the teacher differs from the linearized model outside the replaced blocks "
+                f"({differ[0]}{' ...' if len(differ) > 1 else ''}); pass the original model this one "
+                "was compressed from"
+            )
 
 
 # --- the teacher and the shared prefix ---------------------------------------------------------
@@ -283,12 +312,14 @@ class _Objective:
 
 
 class _Distill(_Objective):
-    def __init__(self, model: nn.Module, adapter: Adapter, replaced: list[int], teacher: OriginalBranches,
-                 loss: str) -> None:
+    def __init__(
+        self, model: nn.Module, adapter: Adapter, replaced: list[int], teacher: OriginalBranches, loss: str
+    ) -> None:
         super().__init__(model, adapter, replaced)
         layers = adapter.layers()
         dtype, device = layers[replaced[0]].nbl_affine.weight.dtype, layers[replaced[0]].nbl_affine.weight.device
         self.teacher_layers = {}
+
         def placed(m: nn.Module) -> nn.Module:  # a copy only where the device or dtype differs
             if all(p.device == device and p.dtype == dtype for p in m.parameters()):
                 return m
@@ -359,19 +390,26 @@ def _sha(t: torch.Tensor) -> str:
     return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()
 
 
-def _lora_targets(model: nn.Module, adapter: Adapter, replaced: list[int], method: str,
-                  cfg: HealConfig) -> list[str]:
+def _lora_targets(model: nn.Module, adapter: Adapter, replaced: list[int], method: str, cfg: HealConfig) -> list[str]:
     names = {id(m): n for n, m in model.named_modules()}
     layers = adapter.layers()
     maps = [names[id(layers[i].nbl_affine)] for i in replaced if method == "nbl"]
     mode = cfg.lora_targets if cfg.lora_targets != "auto" else ("maps" if method == "nbl" else "around")
     if mode == "maps":
         if not maps:
-            raise ValueError("heal: lora_targets='maps' but the model's blocks were dropped (no maps); use "
-                             "lora_targets='around' (LoRA on the layers around the dropped blocks)")
+            raise ValueError(
+                "heal: lora_targets='maps' but the model's blocks were dropped (no maps); use "
+                "lora_targets='around' (LoRA on the layers around the dropped blocks)"
+            )
         return maps
-    near = sorted({j for i in replaced for j in range(i - cfg.lora_radius, i + cfg.lora_radius + 1)
-                   if 0 <= j < adapter.num_layers})
+    near = sorted(
+        {
+            j
+            for i in replaced
+            for j in range(i - cfg.lora_radius, i + cfg.lora_radius + 1)
+            if 0 <= j < adapter.num_layers
+        }
+    )
     extra = []
     for j in near:
         for path in cfg.lora_modules:
@@ -382,13 +420,16 @@ def _lora_targets(model: nn.Module, adapter: Adapter, replaced: list[int], metho
             if isinstance(mod, nn.Linear) and not isinstance(mod, AffineResidual):
                 extra.append(f"{names[id(layers[j])]}.{path}")
     if not maps and not extra:
-        raise ValueError(f"heal: no module matches lora_modules {list(cfg.lora_modules)} within {cfg.lora_radius} "
-                         f"layers of the replaced blocks {replaced}")
+        raise ValueError(
+            f"heal: no module matches lora_modules {list(cfg.lora_modules)} within {cfg.lora_radius} "
+            f"layers of the replaced blocks {replaced}"
+        )
     return maps + extra
 
 
-def _split(data: torch.Tensor, heldout: torch.Tensor | None, cfg: HealConfig, vocab: int
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(
+    data: torch.Tensor, heldout: torch.Tensor | None, cfg: HealConfig, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     data = check_token_data(data, vocab, "heal")
     if data.shape[1] < 2:
         raise ValueError(f"heal: sequences need at least 2 tokens (next-token targets), got seq_len {data.shape[1]}")
@@ -402,7 +443,8 @@ def _split(data: torch.Tensor, heldout: torch.Tensor | None, cfg: HealConfig, vo
         raise ValueError(
             f"heal: no held-out tokens: heldout_fraction={cfg.heldout_fraction} of {data.shape[0]} sequences holds "
             f"out {n_hold}; early stopping needs held-out sequences and training needs the rest. Pass heldout= "
-            "(token ids never trained on), more sequences, or another heldout_fraction")
+            "(token ids never trained on), more sequences, or another heldout_fraction"
+        )
     order = torch.randperm(data.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
     return data[order[n_hold:].sort().values], data[order[:n_hold].sort().values]
 
@@ -410,9 +452,16 @@ def _split(data: torch.Tensor, heldout: torch.Tensor | None, cfg: HealConfig, vo
 # --- the entry point --------------------------------------------------------------------------
 
 
-def heal(model: nn.Module, data: torch.Tensor, config: HealConfig | None = None, *,
-         heldout: torch.Tensor | None = None, teacher: nn.Module | OriginalBranches | None = None,
-         adapter_dir: str | os.PathLike | None = None, progress: bool = False) -> HealResult:
+def heal(
+    model: nn.Module,
+    data: torch.Tensor,
+    config: HealConfig | None = None,
+    *,
+    heldout: torch.Tensor | None = None,
+    teacher: nn.Module | OriginalBranches | None = None,
+    adapter_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> HealResult:
     """Heal a linearized model in place (see the module docstring); returns a :class:`HealResult`.
 
     Args:
@@ -434,14 +483,18 @@ def heal(model: nn.Module, data: torch.Tensor, config: HealConfig | None = None,
         raise TypeError(f"heal: config must be a HealConfig, got {type(cfg).__name__}")
     adapter = get_adapter(model)
     layers = adapter.layers()
-    replaced = [i for i, l in enumerate(layers) if is_linearized(l)]
+    replaced = [i for i, layer in enumerate(layers) if is_linearized(layer)]
     if not replaced:
-        raise ValueError("heal: the model has no replaced blocks (nothing was linearized or dropped); heal a model "
-                         "from nbl_ext.linearize / `nbl compress`")
+        raise ValueError(
+            "heal: the model has no replaced blocks (nothing was linearized or dropped); heal a model "
+            "from nbl_ext.linearize / `nbl compress`"
+        )
     method = layers[replaced[0]].nbl_method
     if cfg.method == "distill" and method != "nbl":
-        raise ValueError("heal: method='distill' trains the replaced blocks' W and b, but this model's blocks were "
-                         "dropped (no maps); use method='lora' (LoRA on the layers around them)")
+        raise ValueError(
+            "heal: method='distill' trains the replaced blocks' W and b, but this model's blocks were "
+            "dropped (no maps); use method='lora' (LoRA on the layers around them)"
+        )
     if cfg.method == "distill" and teacher is None:
         raise ValueError("heal: method='distill' needs the original model: heal(..., teacher=original_model)")
     if cfg.method == "lora" and teacher is not None:
@@ -452,13 +505,24 @@ def heal(model: nn.Module, data: torch.Tensor, config: HealConfig | None = None,
     steps_per_epoch = math.ceil(train.shape[0] / cfg.batch_size)
     total = cfg.steps if cfg.steps is not None else int(round(cfg.epochs * steps_per_epoch))
     if total < 1:
-        raise ValueError(f"heal: zero training steps ({cfg.epochs} epochs of {train.shape[0]} sequences in batches "
-                         f"of {cfg.batch_size}); give steps >= 1, more epochs or more data")
+        raise ValueError(
+            f"heal: zero training steps ({cfg.epochs} epochs of {train.shape[0]} sequences in batches "
+            f"of {cfg.batch_size}); give steps >= 1, more epochs or more data"
+        )
     eval_every = cfg.eval_every or max(1, total // 10)
     save_every = cfg.save_every or eval_every
     device = next(model.parameters()).device
-    run = json.loads(json.dumps({"config": cfg.training_fields(), "data": _sha(train), "heldout": _sha(held),
-                                 "model": weights_fingerprint(model), "replaced": replaced}))  # as stored
+    run = json.loads(
+        json.dumps(
+            {
+                "config": cfg.training_fields(),
+                "data": _sha(train),
+                "heldout": _sha(held),
+                "model": weights_fingerprint(model),
+                "replaced": replaced,
+            }
+        )
+    )  # as stored
 
     trainable = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
@@ -477,9 +541,16 @@ def heal(model: nn.Module, data: torch.Tensor, config: HealConfig | None = None,
                     raise ImportError("heal(method='lora') needs peft: pip install 'peft>=0.17,<0.22'") from None
 
                 targets = _lora_targets(model, adapter, replaced, method, cfg)
-                peft_model = get_peft_model(model, LoraConfig(
-                    r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                    target_modules=targets, bias="none"))
+                peft_model = get_peft_model(
+                    model,
+                    LoraConfig(
+                        r=cfg.lora_rank,
+                        lora_alpha=cfg.lora_alpha,
+                        lora_dropout=cfg.lora_dropout,
+                        target_modules=targets,
+                        bias="none",
+                    ),
+                )
                 params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
                 objective = _Objective(model, adapter, replaced)
             else:
@@ -541,9 +612,20 @@ def heal(model: nn.Module, data: torch.Tensor, config: HealConfig | None = None,
             p.requires_grad_(trainable.get(n, False))
         model.train(was_training)
     return HealResult(
-        method=cfg.method, objective="causal_lm" if cfg.method == "lora" else f"distill_{cfg.distill_loss}",
-        targets=targets, trainable_parameters=sum(p.numel() for _, p in params), steps=tr.step, planned_steps=total,
-        best_step=tr.best_step, stopped_early=tr.stopped, heldout_loss_before=tr.history[0]["heldout_loss"],
-        heldout_loss_after=tr.best_loss, train_tokens=tr.step * cfg.batch_size * train.shape[1],
-        heldout_tokens=int(held.numel()), seconds=round(time.perf_counter() - t0, 3), resumed_from=start,
-        history=tr.history, config=asdict(cfg))
+        method=cfg.method,
+        objective="causal_lm" if cfg.method == "lora" else f"distill_{cfg.distill_loss}",
+        targets=targets,
+        trainable_parameters=sum(p.numel() for _, p in params),
+        steps=tr.step,
+        planned_steps=total,
+        best_step=tr.best_step,
+        stopped_early=tr.stopped,
+        heldout_loss_before=tr.history[0]["heldout_loss"],
+        heldout_loss_after=tr.best_loss,
+        train_tokens=tr.step * cfg.batch_size * train.shape[1],
+        heldout_tokens=int(held.numel()),
+        seconds=round(time.perf_counter() - t0, 3),
+        resumed_from=start,
+        history=tr.history,
+        config=asdict(cfg),
+    )

@@ -11,9 +11,11 @@ config (``DynamicCache()``) is patched on the fly: a linearized layer turns its 
 at all, slot 0 stays an ordinary (never written, so never allocated) layer (:func:`keeps_kv_slot`):
 nothing depends on positions any more, and generation keeps working.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 #: The text-config attribute Hugging Face reads to build dummy (storage-free) cache slots.
 KV_SHARING_ATTR = "kv_sharing_modes"
@@ -29,8 +31,7 @@ def keeps_kv_slot(index: int, layers: Sequence[int], num_layers: int) -> bool:
 def kv_sharing_modes(layers: Sequence[int], num_layers: int) -> list[str | None]:
     """The ``kv_sharing_modes`` list of a model whose ``layers`` are linearized ("reuse" = no KV storage)."""
     removed = set(layers)
-    return ["reuse" if i in removed and not keeps_kv_slot(i, layers, num_layers) else None
-            for i in range(num_layers)]
+    return ["reuse" if i in removed and not keeps_kv_slot(i, layers, num_layers) else None for i in range(num_layers)]
 
 
 def release_kv_slot(cache: Any, index: int) -> None:

@@ -15,6 +15,7 @@ Which layers to replace is chosen by a criterion (:meth:`CalibrationResult.selec
 them is this module's ``replacement``. The older ``method`` names still work: "nbl" is the affine
 map, "drop" the removal; ``config.nbl["method"]`` records the replacement under those names.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -29,7 +30,14 @@ from nbl_ext.adapters import Adapter, get_adapter
 from nbl_ext.criteria import token_statistics
 from nbl_ext.crossval import check_fold_settings
 from nbl_ext.engine import (
-    LayerwiseRunner, all_reduce_stats, check_token_data, dist_info, eval_mode, progress_bar, score_layer, shard,
+    LayerwiseRunner,
+    all_reduce_stats,
+    check_token_data,
+    dist_info,
+    eval_mode,
+    progress_bar,
+    score_layer,
+    shard,
 )
 from nbl_ext.kvcache import KV_CACHE_NOTE, KV_SHARING_ATTR, keeps_kv_slot, kv_sharing_modes, release_kv_slot
 from nbl_ext.result import METHODS, CalibrationResult, LayerCalibration, check_layer_list
@@ -76,8 +84,10 @@ def resolve_replacement(replacement: str | None, method: str | None, what: str) 
     if replacement is not None:
         check_choice(replacement, REPLACEMENTS, "replacement", what=what)
     if method is not None and replacement is not None and _REPLACEMENT_OF[method] != replacement:
-        raise ValueError(f"{what}: method={method!r} means replacement={_REPLACEMENT_OF[method]!r}, "
-                         f"but replacement={replacement!r} was given; pass one of them")
+        raise ValueError(
+            f"{what}: method={method!r} means replacement={_REPLACEMENT_OF[method]!r}, "
+            f"but replacement={replacement!r} was given; pass one of them"
+        )
     if replacement is not None:
         return replacement
     return _REPLACEMENT_OF[method] if method is not None else "affine"
@@ -112,8 +122,9 @@ _CLASSES: dict[tuple[type, type], type] = {}
 def _linearized_class(base: type, adapter_cls: type[Adapter]) -> type:
     key = (base, adapter_cls)
     if key not in _CLASSES:
-        _CLASSES[key] = type(f"NBL{base.__name__}", (LinearizedLayerMixin, base),
-                             {"_nbl_adapter": adapter_cls, "__module__": __name__})
+        _CLASSES[key] = type(
+            f"NBL{base.__name__}", (LinearizedLayerMixin, base), {"_nbl_adapter": adapter_cls, "__module__": __name__}
+        )
     return _CLASSES[key]
 
 
@@ -129,9 +140,16 @@ def _layer_dtype_device(layer: nn.Module, adapter: Adapter) -> tuple[torch.dtype
     raise ValueError("cannot determine the dtype/device of a decoder layer's MLP (no float parameters)")
 
 
-def convert_layer(adapter: Adapter, index: int, replacement: str, weight: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None, *, release_kv: bool = True,
-                  structure_only: bool = False) -> nn.Module:
+def convert_layer(
+    adapter: Adapter,
+    index: int,
+    replacement: str,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    release_kv: bool = True,
+    structure_only: bool = False,
+) -> nn.Module:
     """Replace the attention branch of decoder layer ``index`` by its affine map, or remove it, in place.
 
     ``structure_only``: give the layer a zero map (W = 0, b = 0) of the model's dtype on the layer's device
@@ -144,8 +162,9 @@ def convert_layer(adapter: Adapter, index: int, replacement: str, weight: torch.
     affine = None
     if replacement == "affine" and structure_only:
         d = adapter.hidden_size
-        affine = AffineResidual(torch.zeros(d, d, dtype=dtype, device=device),
-                                torch.zeros(d, dtype=dtype, device=device))
+        affine = AffineResidual(
+            torch.zeros(d, d, dtype=dtype, device=device), torch.zeros(d, dtype=dtype, device=device)
+        )
     elif replacement == "affine":
         d = adapter.hidden_size
         if weight is None or bias is None or tuple(weight.shape) != (d, d) or tuple(bias.shape) != (d,):
@@ -153,8 +172,10 @@ def convert_layer(adapter: Adapter, index: int, replacement: str, weight: torch.
         if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
             raise ValueError(f"decoder layer {index}: W or b contains NaN or inf")
         # Own copies: never alias the caller's tensors (or one placeholder across layers).
-        affine = AffineResidual(weight.detach().to(device=device, dtype=dtype, copy=True).contiguous(),
-                                bias.detach().to(device=device, dtype=dtype, copy=True).contiguous())
+        affine = AffineResidual(
+            weight.detach().to(device=device, dtype=dtype, copy=True).contiguous(),
+            bias.detach().to(device=device, dtype=dtype, copy=True).contiguous(),
+        )
     for name in adapter.branch_modules:
         delattr(layer, name)  # the attention weights are freed here
     layer.__class__ = _linearized_class(type(layer), type(adapter))
@@ -168,11 +189,16 @@ def convert_layer(adapter: Adapter, index: int, replacement: str, weight: torch.
 
 def _check_result(result: Any, adapter: Adapter) -> CalibrationResult:
     if not isinstance(result, CalibrationResult):
-        raise TypeError(f"linearize: result must be a CalibrationResult (from nbl_ext.calibrate), got {type(result).__name__}")
+        raise TypeError(
+            f"linearize: result must be a CalibrationResult (from nbl_ext.calibrate), got {type(result).__name__}"
+        )
     mismatch = [
         f"{k}: result {result.metadata.get(k)!r} vs model {v!r}"
-        for k, v in (("model_type", adapter.model_type), ("num_layers", adapter.num_layers),
-                     ("hidden_size", adapter.hidden_size))
+        for k, v in (
+            ("model_type", adapter.model_type),
+            ("num_layers", adapter.num_layers),
+            ("hidden_size", adapter.hidden_size),
+        )
         if result.metadata.get(k) != v
     ]
     if mismatch:
@@ -192,16 +218,24 @@ def nbl_config(replacement: str, layers: list[int], refit: str | None, adapter: 
         "hidden_size": adapter.hidden_size,
         "removed_modules": list(adapter.branch_modules),
         "replacement": (
-            "out = mlp_half(h + h @ nbl_affine.weight.T + nbl_affine.bias)" if replacement == "affine"
+            "out = mlp_half(h + h @ nbl_affine.weight.T + nbl_affine.bias)"
+            if replacement == "affine"
             else "out = mlp_half(h)"
         ),
         "kv_cache": KV_CACHE_NOTE,
     }
 
 
-def apply_structure(model: nn.Module, adapter: Adapter, replacement: str, layers: list[int],
-                    weights: dict[int, tuple[torch.Tensor, torch.Tensor]] | None, refit: str | None,
-                    *, structure_only: bool = False) -> None:
+def apply_structure(
+    model: nn.Module,
+    adapter: Adapter,
+    replacement: str,
+    layers: list[int],
+    weights: dict[int, tuple[torch.Tensor, torch.Tensor]] | None,
+    refit: str | None,
+    *,
+    structure_only: bool = False,
+) -> None:
     """Convert ``layers`` and record the linearization on the config (shared with load_pretrained).
 
     ``replacement``: "affine" or "remove" (or the older names "nbl", "drop"). ``structure_only``: zero maps
@@ -220,8 +254,9 @@ def apply_structure(model: nn.Module, adapter: Adapter, replacement: str, layers
     for i in layers:
         w, b = weights[i] if weights is not None and i in weights else (None, None)
         if not is_linearized(adapter.layers()[i]):
-            convert_layer(adapter, i, replacement, w, b, release_kv=not keeps_kv_slot(i, layers, n),
-                          structure_only=structure_only)
+            convert_layer(
+                adapter, i, replacement, w, b, release_kv=not keeps_kv_slot(i, layers, n), structure_only=structure_only
+            )
     finalize_config(adapter, replacement, layers, refit)
 
 
@@ -272,7 +307,7 @@ def linearize(
     adapter = get_adapter(model)
     replacement = resolve_replacement(replacement, method, "linearize")
     check_choice(refit, REFIT_MODES, "refit", what="linearize")
-    if getattr(adapter.config, "nbl", None) or any(is_linearized(l) for l in adapter.layers()):
+    if getattr(adapter.config, "nbl", None) or any(is_linearized(layer) for layer in adapter.layers()):
         raise ValueError(
             "linearize: this model is already linearized (config.nbl is set); linearize the original model, "
             "choosing all layers in one call"
@@ -283,12 +318,17 @@ def linearize(
         summary["calibration"] = _check_result(result, adapter).summary()
     if refit is not None:
         if replacement != "affine":
-            raise ValueError("linearize: refit applies to method='nbl' only (replacement='affine'; removed layers "
-                             "have no map)")
+            raise ValueError(
+                "linearize: refit applies to method='nbl' only (replacement='affine'; removed layers have no map)"
+            )
         if data is None:
-            raise ValueError("linearize: refit='sequential' needs calibration token ids: linearize(..., data=token_ids)")
-        summary["refit"] = [lc.summary() for lc in _refit_sequential(model, adapter, chosen, data, batch_size,
-                                                                     progress, ridge, folds, ridges)]
+            raise ValueError(
+                "linearize: refit='sequential' needs calibration token ids: linearize(..., data=token_ids)"
+            )
+        summary["refit"] = [
+            lc.summary()
+            for lc in _refit_sequential(model, adapter, chosen, data, batch_size, progress, ridge, folds, ridges)
+        ]
         finalize_config(adapter, replacement, chosen, refit)
     else:
         weights = None
@@ -301,9 +341,17 @@ def linearize(
     return model
 
 
-def _refit_sequential(model: nn.Module, adapter: Adapter, chosen: list[int], data: torch.Tensor,
-                      batch_size: int, progress: bool, ridge: float, folds: int = 1,
-                      ridges: Any = None) -> list[LayerCalibration]:
+def _refit_sequential(
+    model: nn.Module,
+    adapter: Adapter,
+    chosen: list[int],
+    data: torch.Tensor,
+    batch_size: int,
+    progress: bool,
+    ridge: float,
+    folds: int = 1,
+    ridges: Any = None,
+) -> list[LayerCalibration]:
     """Fit chosen layers in order, each on the model with the earlier ones already linearized."""
     check_count(batch_size, "batch_size", what="linearize")
     data = check_token_data(data, adapter.vocab_size, "linearize(refit)")
@@ -319,8 +367,16 @@ def _refit_sequential(model: nn.Module, adapter: Adapter, chosen: list[int], dat
     pbar = progress_bar(steps, progress and rank == 0, "NBL sequential refit")
     try:
         with tempfile.TemporaryDirectory(prefix="nbl-refit-") as spill, eval_mode(model):
-            runner = LayerwiseRunner(model, adapter, local, batch_size=batch_size, spill_dir=Path(spill),
-                                     sample_offset=offset, pbar=pbar, folds=folds)
+            runner = LayerwiseRunner(
+                model,
+                adapter,
+                local,
+                batch_size=batch_size,
+                spill_dir=Path(spill),
+                sample_offset=offset,
+                pbar=pbar,
+                folds=folds,
+            )
             stream = token_statistics()
             for i in range(last + 1):
                 if i in chosen:
@@ -358,8 +414,9 @@ def parse_nbl_section(nbl: Any, num_layers: int, hidden_size: int, what: str) ->
     if not isinstance(nbl, dict):
         raise ValueError(f"{what}: config.json's 'nbl' section must be an object, got {type(nbl).__name__}")
     if nbl.get("version") != NBL_CONFIG_VERSION:
-        raise ValueError(f"{what}: unsupported nbl section version {nbl.get('version')!r} "
-                         f"(expected {NBL_CONFIG_VERSION})")
+        raise ValueError(
+            f"{what}: unsupported nbl section version {nbl.get('version')!r} (expected {NBL_CONFIG_VERSION})"
+        )
     method = check_choice(nbl.get("method"), METHODS, "nbl.method", what=what)
     refit = check_choice(nbl.get("refit"), REFIT_MODES, "nbl.refit", what=what)
     for key, expected in (("num_hidden_layers", num_layers), ("hidden_size", hidden_size)):
@@ -372,8 +429,9 @@ def parse_nbl_section(nbl: Any, num_layers: int, hidden_size: int, what: str) ->
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError(f"{what}: nbl.layers must hold ints, got {v!r}")
         if not 0 <= v < num_layers:
-            raise ValueError(f"{what}: nbl.layers has index {v}, out of range for {num_layers} layers "
-                             f"(0..{num_layers - 1})")
+            raise ValueError(
+                f"{what}: nbl.layers has index {v}, out of range for {num_layers} layers (0..{num_layers - 1})"
+            )
     if len(set(layers)) != len(layers):
         raise ValueError(f"{what}: nbl.layers has repeated indices: {layers}")
     return method, sorted(layers), refit
@@ -384,12 +442,16 @@ def nbl_config_class(base: type) -> type:
     if getattr(base, "nbl_base_model_type", None):
         return base
     if base not in _CONFIG_CLASSES:
-        _CONFIG_CLASSES[base] = type(f"NBL{base.__name__}", (base,), {
-            "__module__": __name__,
-            "__doc__": f"{base.__name__} of a model linearized by nbl_ext (layers listed in ``nbl``).",
-            "model_type": NBL_MODEL_TYPE_PREFIX + base.model_type,
-            "nbl_base_model_type": base.model_type,
-        })
+        _CONFIG_CLASSES[base] = type(
+            f"NBL{base.__name__}",
+            (base,),
+            {
+                "__module__": __name__,
+                "__doc__": f"{base.__name__} of a model linearized by nbl_ext (layers listed in ``nbl``).",
+                "model_type": NBL_MODEL_TYPE_PREFIX + base.model_type,
+                "nbl_base_model_type": base.model_type,
+            },
+        )
     return _CONFIG_CLASSES[base]
 
 
@@ -407,15 +469,18 @@ class NBLModelMixin:
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
         """transformers' from_pretrained, strict: every tensor of the structure in config.json must be in the file."""
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
-                                              **kwargs)
-        problems = [f"{key.replace('_', ' ')} {sorted(map(str, info[key]))[:8]}"
-                    for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)]
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        problems = [
+            f"{key.replace('_', ' ')} {sorted(map(str, info[key]))[:8]}"
+            for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+            if info.get(key)
+        ]
         if problems:
             raise ValueError(
                 f"{cls.__name__}.from_pretrained({str(pretrained_model_name_or_path)!r}): the weights do not match "
                 f"the linearized structure in config.json ({'; '.join(problems)}); the checkpoint is damaged or "
-                "was edited. Re-save it with nbl_ext.save_pretrained")
+                "was edited. Re-save it with nbl_ext.save_pretrained"
+            )
         return (model, info) if want_info else model
 
 
@@ -425,13 +490,17 @@ def nbl_model_class(base: type) -> type:
         return base
     if base not in _MODEL_CLASSES:
         layer_names = list(getattr(base, "_no_split_modules", None) or [])
-        _MODEL_CLASSES[base] = type(f"NBL{base.__name__}", (NBLModelMixin, base), {
-            "__module__": __name__,
-            "__doc__": f"{base.__name__} with the attention of the layers in ``config.nbl`` linearized (nbl_ext).",
-            "config_class": nbl_config_class(base.config_class),
-            # accelerate's device_map="auto" keeps a linearized layer (class NBL<Layer>) on one device too
-            "_no_split_modules": layer_names + [f"NBL{name}" for name in layer_names],
-        })
+        _MODEL_CLASSES[base] = type(
+            f"NBL{base.__name__}",
+            (NBLModelMixin, base),
+            {
+                "__module__": __name__,
+                "__doc__": f"{base.__name__} with the attention of the layers in ``config.nbl`` linearized (nbl_ext).",
+                "config_class": nbl_config_class(base.config_class),
+                # accelerate's device_map="auto" keeps a linearized layer (class NBL<Layer>) on one device too
+                "_no_split_modules": layer_names + [f"NBL{name}" for name in layer_names],
+            },
+        )
     return _MODEL_CLASSES[base]
 
 
@@ -457,8 +526,10 @@ def build_structure(model: nn.Module) -> None:
     what = f"{type(model).__name__}({str(getattr(config, '_name_or_path', '') or 'config')!r})"
     nbl = getattr(config, "nbl", None)
     if nbl is None:
-        raise ValueError(f"{what}: the config has no 'nbl' section (which layers are linearized); "
-                         "linearize a model with nbl_ext.linearize or load a checkpoint written by nbl_ext")
+        raise ValueError(
+            f"{what}: the config has no 'nbl' section (which layers are linearized); "
+            "linearize a model with nbl_ext.linearize or load a checkpoint written by nbl_ext"
+        )
     method, layers, refit = parse_nbl_section(nbl, adapter.num_layers, adapter.hidden_size, what)
     setattr(adapter.text_config, KV_SHARING_ATTR, None)  # re-derived from the nbl section, not trusted from the file
     apply_structure(model, adapter, method, layers, None, refit, structure_only=True)

@@ -27,6 +27,7 @@ leaves a half-written entry behind.
 The returned model's ``config.nbl_source`` (a JSON-able dict) says where the
 weights came from; it is saved with the model, so a later checkpoint can tell.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,10 +43,11 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -163,8 +165,9 @@ def load_model(
             st = path.stat()
             fields = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
             source = {"kind": "gguf", "path": str(path), "description": f"GGUF file {path}"}
-            lm, tok, source = _load_gguf(_slug(path.stem), fields, lambda _tmp: path, source, root,
-                                         torch_dtype, dev, progress)
+            lm, tok, source = _load_gguf(
+                _slug(path.stem), fields, lambda _tmp: path, source, root, torch_dtype, dev, progress
+            )
         elif kind == "hf_dir":
             lm, tok = _from_pretrained(str(target), torch_dtype, dev)
             source = {"kind": "hf_dir", "path": str(target), "description": f"Hugging Face model directory {target}"}
@@ -185,7 +188,9 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"load_model: device must be a torch device string such as 'cpu' or 'cuda:0', got {device!r}") from e
+        raise ValueError(
+            f"load_model: device must be a torch device string such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"load_model: device={str(device)!r} but CUDA is not available here (torch {torch.__version__}); "
@@ -197,8 +202,12 @@ def _resolve_device(device: str | torch.device) -> torch.device:
 def _resolve_dtype(dtype: str | torch.dtype | None, dev: torch.device) -> torch.dtype | str:
     if dtype is None:
         return torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return parse_dtype(dtype, what="load_model", allow_auto=True,
-                       hint="None (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16', 'float16', 'auto'")
+    return parse_dtype(
+        dtype,
+        what="load_model",
+        allow_auto=True,
+        hint="None (float32 on CPU, bfloat16 on CUDA), 'float32', 'bfloat16', 'float16', 'auto'",
+    )
 
 
 def _looks_like_path(s: str) -> bool:
@@ -297,15 +306,25 @@ def _bundled_source(spec: _Bundled) -> tuple[dict, Callable[[Path], Path], dict]
     if pkg_dir is None:
         raise _missing_package(spec, f"the package {spec.distribution} is not installed")
     version = _dist_version(spec.distribution)
-    source = {"kind": "bundled", "name": spec.alias, "package": f"{spec.distribution}=={version}",
-              "gguf_file": spec.gguf_name, "description": spec.description}
+    source = {
+        "kind": "bundled",
+        "name": spec.alias,
+        "package": f"{spec.distribution}=={version}",
+        "gguf_file": spec.gguf_name,
+        "description": spec.description,
+    }
     if spec is _SMOLLM2:
         path = pkg_dir / spec.gguf_name
         if not path.is_file():
             raise _missing_package(spec, f"{path} is missing from the installed package (a broken install?)")
         st = path.stat()
-        fields = {"package": spec.distribution, "version": version, "file": spec.gguf_name,
-                  "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        fields = {
+            "package": spec.distribution,
+            "version": version,
+            "file": spec.gguf_name,
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+        }
         return fields, lambda _tmp: path, source
     # Gemma 3: the file is split over four chunk packages; assemble() joins them. The package
     # publishes the file's sha256, which keys the cache without reading 250 MB.
@@ -334,8 +353,7 @@ def _bundled_source(spec: _Bundled) -> tuple[dict, Callable[[Path], Path], dict]
 def _cache_key(fields: dict) -> str:
     import transformers
 
-    blob = json.dumps({**fields, "transformers": transformers.__version__, "format": _CACHE_FORMAT},
-                      sort_keys=True)
+    blob = json.dumps({**fields, "transformers": transformers.__version__, "format": _CACHE_FORMAT}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -362,7 +380,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     # the weights in GGUF blocks when the `kernels` package is installed, and marks the model
     # as quantized, which save_pretrained refuses to serialize.
     lm = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32,
+        folder,
+        gguf_file=name,
+        dtype=torch.float32,
         quantization_config=GgufConfig(gguf_file=name, dequantize=True),
     )
     if getattr(lm, "hf_quantizer", None) is not None:  # defensive: other transformers versions
@@ -371,8 +391,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tok.save_pretrained(out_dir)
 
 
-def _cache_entry(slug: str, fields: dict, provide: Callable[[Path], Path], root: Path,
-                 progress: bool) -> tuple[Path | None, Path | None]:
+def _cache_entry(
+    slug: str, fields: dict, provide: Callable[[Path], Path], root: Path, progress: bool
+) -> tuple[Path | None, Path | None]:
     """(entry dir, None) from the cache, converting first if needed; (None, tmp dir) when unwritable.
 
     In the second case the caller loads from the GGUF file that ``provide`` puts
@@ -402,10 +423,19 @@ def _cache_entry(slug: str, fields: dict, provide: Callable[[Path], Path], root:
             print(msg + " ...", file=sys.stderr, flush=True)
         logger.info(msg)
         _convert_gguf(gguf_path, out)
-        (out / "nbl_cache.json").write_text(json.dumps(
-            {**fields, "key": key, "format": _CACHE_FORMAT, "gguf_file": gguf_path.name,
-             "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "convert_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
+        (out / "nbl_cache.json").write_text(
+            json.dumps(
+                {
+                    **fields,
+                    "key": key,
+                    "format": _CACHE_FORMAT,
+                    "gguf_file": gguf_path.name,
+                    "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "convert_seconds": round(time.perf_counter() - t0, 1),
+                },
+                indent=2,
+            )
+        )
         try:
             out.rename(entry)  # atomic; fails if another process got there first
         except OSError:
@@ -434,7 +464,9 @@ def _load_gguf(slug, fields, provide, source, root, torch_dtype, dev, progress):
         folder, name = str(gguf_path.parent), gguf_path.name
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         lm = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32,
+            folder,
+            gguf_file=name,
+            dtype=torch.float32,
             quantization_config=GgufConfig(gguf_file=name, dequantize=True),
         )
         if torch_dtype != "auto":
@@ -540,8 +572,10 @@ def _load_nbl_checkpoint(path: Path, torch_dtype, dev: torch.device):
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
-        raise FileNotFoundError(f"load_model: the nbl checkpoint {path} has no tokenizer files ({exc}); save it "
-                                "with nbl_ext.save_pretrained(model, path, tokenizer)") from None
+        raise FileNotFoundError(
+            f"load_model: the nbl checkpoint {path} has no tokenizer files ({exc}); save it "
+            "with nbl_ext.save_pretrained(model, path, tokenizer)"
+        ) from None
     return lm, tok
 
 
@@ -600,8 +634,10 @@ def _gguf_summary(path: Path) -> dict | None:
 
         fields = gguf.GGUFReader(path).fields
         arch = fields["general.architecture"].contents()
-        values = {key: int(fields[f"{arch}.{name}"].contents()) if f"{arch}.{name}" in fields else None
-                  for key, name in zip(_PEEK_KEYS, ("block_count", "context_length", "embedding_length"))}
+        values = {
+            key: int(fields[f"{arch}.{name}"].contents()) if f"{arch}.{name}" in fields else None
+            for key, name in zip(_PEEK_KEYS, ("block_count", "context_length", "embedding_length"))
+        }
     except (ImportError, KeyError, ValueError, OSError):
         return None
     return values | {"nbl": None, "path": None}

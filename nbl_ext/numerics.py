@@ -12,12 +12,13 @@ Rules kept here and nowhere else:
   * constant channels (zero variance) take no part in a solve: their weight is
     zero and their value is absorbed by the bias.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -135,7 +136,7 @@ class Moments:
     def device(self) -> torch.device:
         return self.mean_x.device
 
-    def moments(self) -> "Moments":
+    def moments(self) -> Moments:
         """Itself: a Moments is accepted wherever an accumulator is."""
         return self
 
@@ -159,7 +160,7 @@ class Moments:
         """Unbiased covariance of y."""
         return self._cov(self.m_yy, "cov_yy")
 
-    def merge(self, other: "Moments") -> "Moments":
+    def merge(self, other: Moments) -> Moments:
         """The moments of both sets of samples together (a new object, on this one's device)."""
         if not isinstance(other, Moments):
             raise TypeError(f"Moments.merge: expected Moments, got {type(other).__name__}")
@@ -170,8 +171,12 @@ class Moments:
             )
         mv = lambda t: t.to(self.device)  # noqa: E731
         n, (mean_x, mean_y), (m_xx, m_yx, m_yy) = merge_moments(
-            self.count, (self.mean_x, self.mean_y), (self.m_xx, self.m_yx, self.m_yy),
-            other.count, (mv(other.mean_x), mv(other.mean_y)), (mv(other.m_xx), mv(other.m_yx), mv(other.m_yy)),
+            self.count,
+            (self.mean_x, self.mean_y),
+            (self.m_xx, self.m_yx, self.m_yy),
+            other.count,
+            (mv(other.mean_x), mv(other.mean_y)),
+            (mv(other.m_xx), mv(other.m_yx), mv(other.m_yy)),
             MOMENT_PAIRS,
         )
         return Moments(n, mean_x, mean_y, m_xx, m_yx, m_yy)
@@ -189,7 +194,7 @@ class SupportsMoments(Protocol):
     def moments(self) -> Moments: ...
 
 
-MomentsLike = Union[Moments, SupportsMoments]
+MomentsLike = Moments | SupportsMoments
 
 
 def as_moments(obj: MomentsLike, what: str) -> Moments:
@@ -198,9 +203,7 @@ def as_moments(obj: MomentsLike, what: str) -> Moments:
         return obj
     get = getattr(obj, "moments", None)
     if not callable(get):
-        raise TypeError(
-            f"{what}: expected a CovarianceAccumulator or nbl_ext.Moments, got {type(obj).__name__}"
-        )
+        raise TypeError(f"{what}: expected a CovarianceAccumulator or nbl_ext.Moments, got {type(obj).__name__}")
     m = get()
     if not isinstance(m, Moments):
         raise TypeError(f"{what}: {type(obj).__name__}.moments() returned {type(m).__name__}, not Moments")
@@ -256,8 +259,9 @@ def solve_psd(c: torch.Tensor, rhs: torch.Tensor, ridge: float = 0.0, what: str 
     keep = nonconstant_channels(var)
     out = torch.zeros_like(rhs)
     if not bool(keep.any()):
-        warnings.warn(f"{what}: every input channel is constant; the fit is the mean alone",
-                      SingularWarning, stacklevel=3)
+        warnings.warn(
+            f"{what}: every input channel is constant; the fit is the mean alone", SingularWarning, stacklevel=3
+        )
         return out
     idx = keep.nonzero().squeeze(1)
     s = var[idx].sqrt()
@@ -382,10 +386,5 @@ def lmmse_nmse(acc: MomentsLike, w: torch.Tensor, b: torch.Tensor) -> float:
     if total <= 0.0:
         raise ValueError("lmmse_nmse: y has zero variance on the accumulated data; the NMSE is undefined")
     bias = acc.mean_y - w @ acc.mean_x - b
-    err = (
-        total
-        - 2.0 * float((w * acc.m_yx).sum())
-        + float(((w @ acc.m_xx) * w).sum())
-        + acc.count * float(bias @ bias)
-    )
+    err = total - 2.0 * float((w * acc.m_yx).sum()) + float(((w @ acc.m_xx) * w).sum()) + acc.count * float(bias @ bias)
     return max(err, 0.0) / total

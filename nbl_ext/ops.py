@@ -18,6 +18,7 @@ fails on your hardware.
 
 Every op passes ``torch.library.opcheck`` (python_tests/test_ops.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,10 @@ import warnings
 
 import torch
 
-from nbl_ext import _extension  # noqa: F401  (loads _C: registers the compiled kernels)
-from nbl_ext import reference
+from nbl_ext import (
+    _extension,  # noqa: F401  (loads _C: registers the compiled kernels)
+    reference,
+)
 
 _lib = torch.library.Library("nbl", "DEF")
 
@@ -39,7 +42,7 @@ _lib = torch.library.Library("nbl", "DEF")
 # nbl_ext.stats.CovarianceAccumulator). See reference.GRAM_PRECISIONS.
 _lib.define(
     "cov_update_(Tensor(a!) mean_x, Tensor(b!) mean_y, Tensor(c!) m_xx, Tensor(d!) m_yx, "
-    "Tensor(e!) m_yy, Tensor x, Tensor y, int count, str precision=\"float32\") -> ()"
+    'Tensor(e!) m_yy, Tensor x, Tensor y, int count, str precision="float32") -> ()'
 )
 torch.library.register_kernel("nbl::cov_update_", None, reference.cov_update_reference, lib=_lib)
 
@@ -209,7 +212,7 @@ class use_reference_kernels:
         self._previous = reference_kernels_enabled()
         _set_reference_kernels(enabled)
 
-    def __enter__(self) -> "use_reference_kernels":
+    def __enter__(self) -> use_reference_kernels:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,6 +6,7 @@ run wherever no compiled kernel exists (no ``_C``, or a device without a
 compiled kernel), and the tests use them as the oracle for the C++/CUDA
 kernels. Same math, same error messages, same numerics contract.
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,7 +70,9 @@ def cov_update_reference(
     if x.dim() != 2 or y.dim() != 2:
         raise ValueError(f"nbl::cov_update_: x and y must be 2-D (samples, features); got {x.dim()}-D and {y.dim()}-D")
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"nbl::cov_update_: x and y must hold the same number of samples; got {x.shape[0]} and {y.shape[0]}")
+        raise ValueError(
+            f"nbl::cov_update_: x and y must hold the same number of samples; got {x.shape[0]} and {y.shape[0]}"
+        )
     if count < 0:
         raise ValueError(f"nbl::cov_update_: count must be >= 0, got {count}")
     n = x.shape[0]

@@ -1,4 +1,5 @@
 """The outcome of a calibration: per-layer NBL scores and LMMSE maps, saved as safetensors + JSON."""
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,10 @@ class LayerCalibration:
             needs = f" (it needs {', '.join(hint.get(n, n) for n in crit.needs)})" if crit.needs else ""
             if "model" in crit.needs:
                 needs += f"; score it with nbl_ext.score_criteria(model, result, {crit.name!r}, heldout=..., data=...)"
-            raise ValueError(f"criterion {crit.name!r} was not scored for decoder layer {self.layer}{needs}; "
-                             f"scored: {', '.join(sorted(self.scores))}")
+            raise ValueError(
+                f"criterion {crit.name!r} was not scored for decoder layer {self.layer}{needs}; "
+                f"scored: {', '.join(sorted(self.scores))}"
+            )
         return self.scores[crit.name]
 
     def summary(self) -> dict[str, Any]:
@@ -100,7 +103,9 @@ def check_layer_list(layers: Any, num_layers: int, what: str) -> list[int]:
             else:
                 raise TypeError(f"{what}: layer indices must be ints, got {v!r} ({type(v).__name__})")
         if not 0 <= v < num_layers:
-            raise ValueError(f"{what}: layer index {v} is out of range; the model has {num_layers} layers (0..{num_layers - 1})")
+            raise ValueError(
+                f"{what}: layer index {v} is out of range; the model has {num_layers} layers (0..{num_layers - 1})"
+            )
         out.append(int(v))
     if len(set(out)) != len(out):
         dup = sorted({v for v in out if out.count(v) > 1})
@@ -151,8 +156,10 @@ class CalibrationResult:
         return len(self.layers)
 
     def __repr__(self) -> str:
-        return (f"CalibrationResult(model_type={self.metadata.get('model_type')!r}, num_layers={self.num_layers}, "
-                f"hidden_size={self.metadata.get('hidden_size')}, tokens={self.metadata.get('tokens')})")
+        return (
+            f"CalibrationResult(model_type={self.metadata.get('model_type')!r}, num_layers={self.num_layers}, "
+            f"hidden_size={self.metadata.get('hidden_size')}, tokens={self.metadata.get('tokens')})"
+        )
 
     def select(self, k: int, criterion: str = "cca_bound", *, method: str | None = None) -> list[int]:
         """The k most replaceable layers by ``criterion``, sorted.
@@ -187,7 +194,9 @@ class CalibrationResult:
         crit = get_criterion(criterion)
         values = [float(v) for v in scores]
         if len(values) != self.num_layers:
-            raise ValueError(f"set_scores: {crit.name} needs one score per layer ({self.num_layers}), got {len(values)}")
+            raise ValueError(
+                f"set_scores: {crit.name} needs one score per layer ({self.num_layers}), got {len(values)}"
+            )
         bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
         if bad:
             raise ValueError(f"set_scores: {crit.name} scores of layers {bad} are NaN or inf")
@@ -206,7 +215,7 @@ class CalibrationResult:
             atomic_write_json(tmp / CALIBRATION_JSON, {"format": _FORMAT, "version": _VERSION, **self.summary()})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "CalibrationResult":
+    def load(cls, path: str | os.PathLike) -> CalibrationResult:
         """Read a directory written by :meth:`save` (validated; clear errors for a damaged one)."""
         path = Path(path)
         what = f"CalibrationResult.load({str(path)!r})"
@@ -216,7 +225,9 @@ class CalibrationResult:
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
             raise ValueError(f"{what}: {CALIBRATION_JSON} is not an nbl-ext calibration file")
         if doc.get("version") != _VERSION:
-            raise ValueError(f"{what}: unsupported calibration format version {doc.get('version')!r} (expected {_VERSION})")
+            raise ValueError(
+                f"{what}: unsupported calibration format version {doc.get('version')!r} (expected {_VERSION})"
+            )
         meta, rows = doc.get("metadata"), doc.get("layers")
         if not isinstance(meta, dict) or not isinstance(rows, list):
             raise ValueError(f"{what}: {CALIBRATION_JSON} lacks 'metadata' or 'layers'")
@@ -240,8 +251,9 @@ def _tensor_dict(layers: list[LayerCalibration]) -> dict[str, torch.Tensor]:
     return out
 
 
-def layers_from_records(rows: list[Any], tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                        what: str) -> list[LayerCalibration]:
+def layers_from_records(
+    rows: list[Any], tensors: dict[str, torch.Tensor], meta: dict[str, Any], what: str
+) -> list[LayerCalibration]:
     """Rebuild LayerCalibration objects from JSON rows and a tensor dict, validating everything."""
     try:
         d = int(meta["hidden_size"])
@@ -275,13 +287,24 @@ def layers_from_records(rows: list[Any], tensors: dict[str, torch.Tensor], meta:
                 raise ValueError(f"{what}: tensor {key} contains NaN or inf")
             ts[name] = t.to(torch.float64)
         ridge, curve = row.get("ridge"), row.get("cv_curve")
-        if ridge is not None and (isinstance(ridge, bool) or not isinstance(ridge, (int, float))
-                                  or not math.isfinite(ridge) or ridge < 0):
+        if ridge is not None and (
+            isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not math.isfinite(ridge) or ridge < 0
+        ):
             raise ValueError(f"{what}: layer {i} has an invalid ridge: {ridge!r}")
-        if curve is not None and (not isinstance(curve, list) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in curve)):
+        if curve is not None and (
+            not isinstance(curve, list)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in curve)
+        ):
             raise ValueError(f"{what}: layer {i} has an invalid cv_curve: {curve!r}")
-        out.append(LayerCalibration(i, scores, tokens, ts["weight"], ts["bias"],
-                                    None if ridge is None else float(ridge),
-                                    None if curve is None else [float(v) for v in curve]))
+        out.append(
+            LayerCalibration(
+                i,
+                scores,
+                tokens,
+                ts["weight"],
+                ts["bias"],
+                None if ridge is None else float(ridge),
+                None if curve is None else [float(v) for v in curve],
+            )
+        )
     return out

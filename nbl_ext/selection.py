@@ -29,14 +29,16 @@ registration) with ``needs`` naming what the statistics pass does not have, and 
   The maps of the chosen layers are re-fitted in that order (``greedy_selection`` returns them); the
   criterion's scores only order the layers.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,7 +46,12 @@ from torch import nn
 from nbl_ext.adapters import Adapter, get_adapter
 from nbl_ext.criteria import LayerContext, get_criterion, register_criterion, token_statistics
 from nbl_ext.engine import (
-    LayerwiseRunner, all_reduce_stats, check_token_data, eval_mode, score_layer, shard,
+    LayerwiseRunner,
+    all_reduce_stats,
+    check_token_data,
+    eval_mode,
+    score_layer,
+    shard,
 )
 from nbl_ext.linearize import convert_layer, is_linearized
 from nbl_ext.result import CalibrationResult, LayerCalibration
@@ -113,16 +120,26 @@ class GreedySelection:
     heldout_passes: int
 
 
-def _refit_remaining(model: nn.Module, adapter: Adapter, data: torch.Tensor, remaining: Sequence[int], *,
-                     batch_size: int, ridge: float, folds: int, ridges: Any) -> dict[int, LayerCalibration]:
+def _refit_remaining(
+    model: nn.Module,
+    adapter: Adapter,
+    data: torch.Tensor,
+    remaining: Sequence[int],
+    *,
+    batch_size: int,
+    ridge: float,
+    folds: int,
+    ridges: Any,
+) -> dict[int, LayerCalibration]:
     """One layer-by-layer pass: the statistics, maps and scores of every remaining layer on the model as it is."""
     local, offset = shard(data)
     out: dict[int, LayerCalibration] = {}
     last = max(remaining)
     stream = token_statistics()
     with tempfile.TemporaryDirectory(prefix="nbl-greedy-") as spill, eval_mode(model):
-        runner = LayerwiseRunner(model, adapter, local, batch_size=batch_size, spill_dir=Path(spill),
-                                 sample_offset=offset, folds=folds)
+        runner = LayerwiseRunner(
+            model, adapter, local, batch_size=batch_size, spill_dir=Path(spill), sample_offset=offset, folds=folds
+        )
         for i in range(last + 1):
             if i in remaining:
                 stats = runner.run(i, score=True, write=i < last, token_stats=stream)
@@ -134,9 +151,18 @@ def _refit_remaining(model: nn.Module, adapter: Adapter, data: torch.Tensor, rem
     return out
 
 
-def greedy_selection(model: nn.Module, data: torch.Tensor, *, steps: int | None = None, base: str = "direct_nll",
-                     heldout: torch.Tensor | None = None, batch_size: int = 4, ridge: float = 0.0, folds: int = 1,
-                     ridges: Sequence[float] | None = None) -> GreedySelection:
+def greedy_selection(
+    model: nn.Module,
+    data: torch.Tensor,
+    *,
+    steps: int | None = None,
+    base: str = "direct_nll",
+    heldout: torch.Tensor | None = None,
+    batch_size: int = 4,
+    ridge: float = 0.0,
+    folds: int = 1,
+    ridges: Sequence[float] | None = None,
+) -> GreedySelection:
     """Choose layers one at a time, re-fitting the remaining candidates on the partially linearized model.
 
     ``data``: calibration token ids (as for :func:`nbl_ext.calibrate`); ``steps``: how many layers to
@@ -151,8 +177,9 @@ def greedy_selection(model: nn.Module, data: torch.Tensor, *, steps: int | None 
         raise ValueError("greedy_selection: this model is already linearized; pass the original model")
     steps = n if steps is None else steps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps <= n:
-        raise ValueError(f"greedy_selection: steps must be an int between 0 and the number of layers ({n}), "
-                         f"got {steps!r}")
+        raise ValueError(
+            f"greedy_selection: steps must be an int between 0 and the number of layers ({n}), got {steps!r}"
+        )
     crit = get_criterion(base)
     if crit.name == "greedy":
         raise ValueError("greedy_selection: base must be another criterion than 'greedy'")
@@ -161,8 +188,10 @@ def greedy_selection(model: nn.Module, data: torch.Tensor, *, steps: int | None 
             raise ValueError("greedy_selection: base='direct_nll' needs held-out token ids (heldout=)")
         heldout = check_token_data(heldout, adapter.vocab_size, "greedy_selection(heldout)")
     elif crit.needs and set(crit.needs) - {"cv"}:
-        raise ValueError(f"greedy_selection: base must be 'direct_nll' or a statistics criterion; {crit.name!r} "
-                         f"needs {', '.join(crit.needs)}")
+        raise ValueError(
+            f"greedy_selection: base must be 'direct_nll' or a statistics criterion; {crit.name!r} "
+            f"needs {', '.join(crit.needs)}"
+        )
     data = check_token_data(data, adapter.vocab_size, "greedy_selection(data)")
     work = copy.deepcopy(model)
     wadapter = get_adapter(work)
@@ -173,8 +202,9 @@ def greedy_selection(model: nn.Module, data: torch.Tensor, *, steps: int | None 
     order_rest: list[int] = list(range(n))
     for _step in range(steps):
         remaining = [i for i in range(n) if i not in chosen]
-        fits = _refit_remaining(work, wadapter, data, remaining, batch_size=batch_size, ridge=ridge, folds=folds,
-                                ridges=ridges)
+        fits = _refit_remaining(
+            work, wadapter, data, remaining, batch_size=batch_size, ridge=ridge, folds=folds, ridges=ridges
+        )
         cal_passes += 1
         if crit.name == "direct_nll":
             base_nll = heldout_nll(work, heldout, batch_size=batch_size)
@@ -195,30 +225,60 @@ def greedy_selection(model: nn.Module, data: torch.Tensor, *, steps: int | None 
     del work
     if steps == 0:
         order_rest = list(range(n))
-    return GreedySelection(order=chosen + order_rest, chosen=chosen, maps=maps, step_scores=history,
-                           calibration_passes=cal_passes, heldout_passes=held_passes)
+    return GreedySelection(
+        order=chosen + order_rest,
+        chosen=chosen,
+        maps=maps,
+        step_scores=history,
+        calibration_passes=cal_passes,
+        heldout_passes=held_passes,
+    )
 
 
 def _greedy(ctx: LayerContext) -> float:
     if "greedy" not in ctx.shared:
         meta = ctx.options.get("metadata", {})
         ctx.shared["greedy"] = greedy_selection(
-            ctx.model, ctx.data, steps=ctx.options.get("steps"), base=ctx.options.get("base", "direct_nll"),
-            heldout=ctx.holdout, batch_size=ctx.options.get("batch_size", 4), ridge=float(meta.get("ridge", 0.0)),
-            folds=int(meta.get("folds", 1) or 1), ridges=meta.get("ridges"))
+            ctx.model,
+            ctx.data,
+            steps=ctx.options.get("steps"),
+            base=ctx.options.get("base", "direct_nll"),
+            heldout=ctx.holdout,
+            batch_size=ctx.options.get("batch_size", 4),
+            ridge=float(meta.get("ridge", 0.0)),
+            folds=int(meta.get("folds", 1) or 1),
+            ridges=meta.get("ridges"),
+        )
     return float(ctx.shared["greedy"].order.index(ctx.layer))
 
 
-register_criterion("direct_nll", _direct_nll, direction="lower", needs=("model", "holdout"),
-                   description="held-out NLL increase with this layer alone linearized (L + 1 held-out forwards)")
-register_criterion("greedy", _greedy, direction="lower", needs=("model", "data"),
-                   description="position in the greedy order: layers chosen one at a time, the rest re-fitted on "
-                               "the partially linearized model each step (steps calibration passes)")
+register_criterion(
+    "direct_nll",
+    _direct_nll,
+    direction="lower",
+    needs=("model", "holdout"),
+    description="held-out NLL increase with this layer alone linearized (L + 1 held-out forwards)",
+)
+register_criterion(
+    "greedy",
+    _greedy,
+    direction="lower",
+    needs=("model", "data"),
+    description="position in the greedy order: layers chosen one at a time, the rest re-fitted on "
+    "the partially linearized model each step (steps calibration passes)",
+)
 
 
-def score_criteria(model: nn.Module, result: CalibrationResult, criteria: str | Sequence[str], *,
-                   heldout: torch.Tensor | None = None, data: torch.Tensor | None = None, batch_size: int = 4,
-                   **options: Any) -> dict[str, list[float]]:
+def score_criteria(
+    model: nn.Module,
+    result: CalibrationResult,
+    criteria: str | Sequence[str],
+    *,
+    heldout: torch.Tensor | None = None,
+    data: torch.Tensor | None = None,
+    batch_size: int = 4,
+    **options: Any,
+) -> dict[str, list[float]]:
     """Score criteria that need the model (and held-out or calibration tokens); store them in ``result``.
 
     ``criteria``: a name or a list of names (e.g. "direct_nll", "greedy"); ``heldout``: held-out token ids
@@ -231,8 +291,10 @@ def score_criteria(model: nn.Module, result: CalibrationResult, criteria: str | 
     if not isinstance(result, CalibrationResult):
         raise TypeError(f"score_criteria: result must be a CalibrationResult, got {type(result).__name__}")
     if result.num_layers != adapter.num_layers or result.hidden_size != adapter.hidden_size:
-        raise ValueError(f"score_criteria: the result ({result.num_layers} layers, hidden {result.hidden_size}) does "
-                         f"not match the model ({adapter.num_layers} layers, hidden {adapter.hidden_size})")
+        raise ValueError(
+            f"score_criteria: the result ({result.num_layers} layers, hidden {result.hidden_size}) does "
+            f"not match the model ({adapter.num_layers} layers, hidden {adapter.hidden_size})"
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"score_criteria: batch_size must be a positive int, got {batch_size!r}")
     names = [criteria] if isinstance(criteria, str) else list(criteria)
@@ -253,9 +315,18 @@ def score_criteria(model: nn.Module, result: CalibrationResult, criteria: str | 
         shared: dict[str, Any] = {}
         scores = []
         for lc in result.layers:
-            ctx = LayerContext(layer=lc.layer, accumulator=None, weight=lc.weight, bias=lc.bias,
-                               ridge=lc.ridge if lc.ridge is not None else float(result.metadata.get("ridge", 0.0)),
-                               model=model, holdout=heldout, data=data, options=opts, shared=shared)
+            ctx = LayerContext(
+                layer=lc.layer,
+                accumulator=None,
+                weight=lc.weight,
+                bias=lc.bias,
+                ridge=lc.ridge if lc.ridge is not None else float(result.metadata.get("ridge", 0.0)),
+                model=model,
+                holdout=heldout,
+                data=data,
+                options=opts,
+                shared=shared,
+            )
             scores.append(float(crit.score(ctx)))
         result.set_scores(crit.name, scores)
         out[crit.name] = scores

@@ -19,6 +19,7 @@ truncated files, paths outside it, foreign remote code) and then takes that path
 checkpoints written before the "nbl_*" model types (model_type of the base family + ``nbl`` section).
 It never runs remote code.
 """
+
 from __future__ import annotations
 
 import copy
@@ -65,9 +66,16 @@ def remote_auto_map(model_type: str) -> dict[str, str]:
     return {"AutoConfig": f"{stem}.{config_cls.__name__}", "AutoModelForCausalLM": f"{stem}.{model_cls.__name__}"}
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, *,
-                    calibration: Any = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                    remote_code: bool = False, quality: dict[str, Any] | None = None) -> None:
+def save_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    calibration: Any = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    remote_code: bool = False,
+    quality: dict[str, Any] | None = None,
+) -> None:
     """Write ``model`` (linearized or not) to directory ``path``, atomically.
 
     The directory is assembled next to ``path`` and renamed into place; an
@@ -83,12 +91,16 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
     adapter = get_adapter(model)  # supported family (load_pretrained needs it)
     linearized = any(is_linearized(layer) for layer in adapter.layers())
     if remote_code and not linearized:
-        raise ValueError("save_pretrained: remote_code=True is for linearized models (nbl_ext.linearize); "
-                         "a plain model loads with transformers alone")
+        raise ValueError(
+            "save_pretrained: remote_code=True is for linearized models (nbl_ext.linearize); "
+            "a plain model loads with transformers alone"
+        )
     meta = [k for k, v in model.state_dict().items() if v.device.type == "meta"]
     if meta:
-        raise ValueError(f"save_pretrained: {len(meta)} tensors are offloaded (on the meta device, e.g. "
-                         f"{meta[0]}); load the model without disk offload to save it")
+        raise ValueError(
+            f"save_pretrained: {len(meta)} tensors are offloaded (on the meta device, e.g. "
+            f"{meta[0]}); load the model without disk offload to save it"
+        )
     summary = calibration.summary() if calibration is not None else getattr(model, SUMMARY_ATTR, None)
     with atomic_directory(path) as tmp:
         config = copy.deepcopy(model.config)
@@ -107,8 +119,12 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
             atomic_write_text(tmp / REMOTE_CODE, (Path(__file__).parent / "remote_modeling.py").read_text("utf-8"))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        atomic_write_text(tmp / MODEL_CARD, model_card(json.loads((tmp / CONFIG).read_text("utf-8")), summary,
-                                                        quality=quality, remote_code=remote_code))
+        atomic_write_text(
+            tmp / MODEL_CARD,
+            model_card(
+                json.loads((tmp / CONFIG).read_text("utf-8")), summary, quality=quality, remote_code=remote_code
+            ),
+        )
 
 
 def _write_weights(model: nn.Module, directory: Path, max_shard_size: int | str) -> None:
@@ -123,16 +139,21 @@ def _write_weights(model: nn.Module, directory: Path, max_shard_size: int | str)
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     state = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
     for shard, names in split.filename_to_tensors.items():
-        save_file({k: state[k].detach().contiguous().cpu() for k in names}, str(directory / shard),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: state[k].detach().contiguous().cpu() for k in names}, str(directory / shard), metadata={"format": "pt"}
+        )
     if split.is_sharded:
-        atomic_write_json(directory / WEIGHTS_INDEX, {
-            "metadata": {"total_parameters": model.num_parameters(), **split.metadata},
-            "weight_map": split.tensor_to_filename,
-        })
+        atomic_write_json(
+            directory / WEIGHTS_INDEX,
+            {
+                "metadata": {"total_parameters": model.num_parameters(), **split.metadata},
+                "weight_map": split.tensor_to_filename,
+            },
+        )
 
 
 def _check_run_config(nbl: dict, what: str) -> Any:
@@ -186,8 +207,11 @@ def _check_weights_file(model: nn.Module, files: list[Path], named: Path, what: 
         shared.setdefault(source, {source}).add(target)
     missing = [k for k in state if not shared.get(k, {k}) & found.keys()]
     unexpected = sorted(k for k in found if k not in state)
-    bad = [f"{k}: file {found[k]} vs model {tuple(state[k].shape)}" for k in found
-           if k in state and found[k] != tuple(state[k].shape)]
+    bad = [
+        f"{k}: file {found[k]} vs model {tuple(state[k].shape)}"
+        for k in found
+        if k in state and found[k] != tuple(state[k].shape)
+    ]
     problems = []
     if missing:
         problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -223,19 +247,27 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     if not isinstance(raw, dict):
         raise ValueError(f"{what}: config.json must be a JSON object")
     model_type = raw.get("model_type")
-    family = model_type[len(NBL_MODEL_TYPE_PREFIX):] if isinstance(model_type, str) and \
-        model_type.startswith(NBL_MODEL_TYPE_PREFIX) else model_type
+    family = (
+        model_type[len(NBL_MODEL_TYPE_PREFIX) :]
+        if isinstance(model_type, str) and model_type.startswith(NBL_MODEL_TYPE_PREFIX)
+        else model_type
+    )
     if family not in supported_model_types():
-        raise ValueError(f"{what}: model_type {model_type!r} is not supported; supported: "
-                         f"{', '.join(supported_model_types())} (and their linearized nbl_* types)")
+        raise ValueError(
+            f"{what}: model_type {model_type!r} is not supported; supported: "
+            f"{', '.join(supported_model_types())} (and their linearized nbl_* types)"
+        )
     if "auto_map" in raw and (family == model_type or raw["auto_map"] != remote_auto_map(family)):
-        raise ValueError(f"{what}: config.json refers to remote code (auto_map) that nbl_ext did not write; "
-                         "nbl_ext never runs remote code")
+        raise ValueError(
+            f"{what}: config.json refers to remote code (auto_map) that nbl_ext did not write; "
+            "nbl_ext never runs remote code"
+        )
     config = AutoConfig.from_pretrained(str(root), local_files_only=True, trust_remote_code=False)
     text = config.get_text_config(decoder=True)
     nbl = raw.get("nbl")
-    structure = parse_nbl_section(nbl, int(text.num_hidden_layers), int(text.hidden_size), what) \
-        if nbl is not None else None
+    structure = (
+        parse_nbl_section(nbl, int(text.num_hidden_layers), int(text.hidden_size), what) if nbl is not None else None
+    )
     run_config = _check_run_config(nbl, what) if structure is not None else None
     if structure is None and getattr(text, KV_SHARING_ATTR, None) is not None:
         raise ValueError(f"{what}: config.json has kv_sharing_modes but no nbl section; it was not written by nbl_ext")

@@ -1,4 +1,5 @@
 """Streaming float64 first and second moments of a pair of variables (x, y)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -69,8 +70,9 @@ class CovarianceAccumulator:
       float32 run to more than ~3 digits.
     """
 
-    def __init__(self, dim_x: int, dim_y: int, *, device: torch.device | str | None = None,
-                 precision: str = "float32") -> None:
+    def __init__(
+        self, dim_x: int, dim_y: int, *, device: torch.device | str | None = None, precision: str = "float32"
+    ) -> None:
         for name, dim in (("dim_x", dim_x), ("dim_y", dim_y)):
             if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
                 raise ValueError(f"CovarianceAccumulator: {name} must be a positive int, got {dim!r}")
@@ -94,7 +96,7 @@ class CovarianceAccumulator:
         self._m_yy = torch.zeros(dim_y, dim_y, **kw)
 
     # --- accumulation ------------------------------------------------------
-    def update(self, x: torch.Tensor, y: torch.Tensor) -> "CovarianceAccumulator":
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> CovarianceAccumulator:
         """Add samples: x (..., dim_x) and y (..., dim_y) with the same leading shape.
 
         Leading dimensions are flattened into samples; any float dtype; the
@@ -106,8 +108,9 @@ class CovarianceAccumulator:
         y2 = y.reshape(-1, self.dim_y)
         if x2.shape[0] == 0:
             return self
-        ops.cov_update_(self._mean_x, self._mean_y, self._m_xx, self._m_yx, self._m_yy, x2, y2, self.count,
-                        self.precision)
+        ops.cov_update_(
+            self._mean_x, self._mean_y, self._m_xx, self._m_yx, self._m_yy, x2, y2, self.count, self.precision
+        )
         self.count += x2.shape[0]
         return self
 
@@ -136,7 +139,7 @@ class CovarianceAccumulator:
                 f"got {tuple(x.shape)} and {tuple(y.shape)}"
             )
 
-    def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
+    def merge(self, other: CovarianceAccumulator) -> CovarianceAccumulator:
         """Fold another accumulator's samples into this one (in place; returns self)."""
         if not isinstance(other, CovarianceAccumulator):
             raise TypeError(f"merge: expected a CovarianceAccumulator, got {type(other).__name__}")
@@ -148,7 +151,7 @@ class CovarianceAccumulator:
         self._assign_moments(self._view().merge(other._view()))
         return self
 
-    def all_reduce(self, group: Any = None) -> "CovarianceAccumulator":
+    def all_reduce(self, group: Any = None) -> CovarianceAccumulator:
         """Combine the accumulators of all ranks of ``group`` (torch.distributed), in place.
 
         Afterwards every rank holds the statistics of all ranks' samples, as
@@ -163,10 +166,13 @@ class CovarianceAccumulator:
                 "torch.distributed.init_process_group() first (or launch with torchrun)"
             )
         dx, dy = self.dim_x, self.dim_y
-        first = torch.cat([
-            torch.tensor([float(self.count)], dtype=_F64, device=self.device),
-            self._mean_x * self.count, self._mean_y * self.count,
-        ])
+        first = torch.cat(
+            [
+                torch.tensor([float(self.count)], dtype=_F64, device=self.device),
+                self._mean_x * self.count,
+                self._mean_y * self.count,
+            ]
+        )
         dist.all_reduce(first, group=group)
         total = int(round(float(first[0])))
         if total == 0:
@@ -175,11 +181,13 @@ class CovarianceAccumulator:
         # Shift each rank's co-moments to the global mean, then sum.
         d_x, d_y = self._mean_x - mean_x, self._mean_y - mean_y
         n = float(self.count)
-        second = torch.cat([
-            (self._m_xx + n * torch.outer(d_x, d_x)).reshape(-1),
-            (self._m_yx + n * torch.outer(d_y, d_x)).reshape(-1),
-            (self._m_yy + n * torch.outer(d_y, d_y)).reshape(-1),
-        ])
+        second = torch.cat(
+            [
+                (self._m_xx + n * torch.outer(d_x, d_x)).reshape(-1),
+                (self._m_yx + n * torch.outer(d_y, d_x)).reshape(-1),
+                (self._m_yy + n * torch.outer(d_y, d_y)).reshape(-1),
+            ]
+        )
         dist.all_reduce(second, group=group)
         m_xx, m_yx, m_yy = second.split([dx * dx, dy * dx, dy * dy])
         self._assign(total, (mean_x, mean_y), (m_xx.view(dx, dx), m_yx.view(dy, dx), m_yy.view(dy, dy)))
@@ -204,17 +212,22 @@ class CovarianceAccumulator:
         What :func:`nbl_ext.fit_linear` and the other numerics read; later
         updates of the accumulator do not change it.
         """
-        return Moments(self.count, *(t.clone() for t in (self._mean_x, self._mean_y, self._m_xx, self._m_yx,
-                                                         self._m_yy)))
+        return Moments(
+            self.count, *(t.clone() for t in (self._mean_x, self._mean_y, self._m_xx, self._m_yx, self._m_yy))
+        )
 
     @classmethod
-    def from_moments(cls, moments: Moments, *, precision: str = "float32") -> "CovarianceAccumulator":
+    def from_moments(cls, moments: Moments, *, precision: str = "float32") -> CovarianceAccumulator:
         """An accumulator holding ``moments`` (copied), on their device, ready for more updates or merges."""
         if not isinstance(moments, Moments):
             raise TypeError(f"from_moments: expected nbl_ext.Moments, got {type(moments).__name__}")
         acc = cls(moments.dim_x, moments.dim_y, device=moments.device, precision=precision)
-        acc._assign_moments(Moments(moments.count, *(t.clone() for t in (
-            moments.mean_x, moments.mean_y, moments.m_xx, moments.m_yx, moments.m_yy))))
+        acc._assign_moments(
+            Moments(
+                moments.count,
+                *(t.clone() for t in (moments.mean_x, moments.mean_y, moments.m_xx, moments.m_yx, moments.m_yy)),
+            )
+        )
         return acc
 
     # --- statistics --------------------------------------------------------
@@ -257,17 +270,24 @@ class CovarianceAccumulator:
         sd["dims"] = torch.tensor([self.dim_x, self.dim_y], dtype=torch.int64)
         return sd
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> "CovarianceAccumulator":
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> CovarianceAccumulator:
         """Restore from :meth:`state_dict` (moved to this accumulator's device)."""
         missing = [k for k in (*self._STATE_KEYS, "count", "dims") if k not in state]
         if missing:
             raise KeyError(f"load_state_dict: missing keys {missing}; expected the output of state_dict()")
         dims = tuple(int(v) for v in state["dims"].tolist())
         if dims != (self.dim_x, self.dim_y):
-            raise ValueError(f"load_state_dict: state is for dims {dims}, this accumulator has {(self.dim_x, self.dim_y)}")
+            raise ValueError(
+                f"load_state_dict: state is for dims {dims}, this accumulator has {(self.dim_x, self.dim_y)}"
+            )
         count = int(state["count"])
-        shapes = {"mean_x": (self.dim_x,), "mean_y": (self.dim_y,), "m_xx": (self.dim_x, self.dim_x),
-                  "m_yx": (self.dim_y, self.dim_x), "m_yy": (self.dim_y, self.dim_y)}
+        shapes = {
+            "mean_x": (self.dim_x,),
+            "mean_y": (self.dim_y,),
+            "m_xx": (self.dim_x, self.dim_x),
+            "m_yx": (self.dim_y, self.dim_x),
+            "m_yy": (self.dim_y, self.dim_y),
+        }
         tensors = {}
         for k, shape in shapes.items():
             t = state[k]
@@ -283,5 +303,7 @@ class CovarianceAccumulator:
         return self
 
     def __repr__(self) -> str:
-        return (f"CovarianceAccumulator(dim_x={self.dim_x}, dim_y={self.dim_y}, count={self.count}, "
-                f"device={self.device}, precision={self.precision!r})")
+        return (
+            f"CovarianceAccumulator(dim_x={self.dim_x}, dim_y={self.dim_y}, count={self.count}, "
+            f"device={self.device}, precision={self.precision!r})"
+        )

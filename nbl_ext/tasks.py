@@ -13,13 +13,15 @@ therefore lm-eval's, by construction; what differs from the hub copy is listed i
     configs = offline_task_configs(["arc_easy", "piqa"], "../shared/data/eval")
     lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok), tasks=configs)
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: The 7 zero-shot tasks whose mean accuracy the NBL paper reports.
 ZERO_SHOT_7 = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
@@ -66,12 +68,14 @@ def _ai2_mc(path: Path, stem_key: str) -> list[dict]:
     for n, row in enumerate(_jsonl(path), 1):
         q = _field(row, "question", path, n)
         choices = _field(q, "choices", path, n)
-        out.append({
-            "id": row.get("id", str(n)),
-            stem_key: _field(q, "stem", path, n),
-            "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
-            "answerKey": _field(row, "answerKey", path, n),
-        })
+        out.append(
+            {
+                "id": row.get("id", str(n)),
+                stem_key: _field(q, "stem", path, n),
+                "choices": {"text": [c["text"] for c in choices], "label": [c["label"] for c in choices]},
+                "answerKey": _field(row, "answerKey", path, n),
+            }
+        )
     return out
 
 
@@ -95,9 +99,15 @@ def _bool_label(value: Any, path: Path, n: int) -> int:
 
 def _load_boolq(root: Path) -> list[dict]:
     path = root / "boolq/val.jsonl"
-    return [{"question": _field(r, "question", path, n), "passage": _field(r, "passage", path, n),
-             "idx": r.get("idx", n - 1), "label": _bool_label(_field(r, "label", path, n), path, n)}
-            for n, r in enumerate(_jsonl(path), 1)]
+    return [
+        {
+            "question": _field(r, "question", path, n),
+            "passage": _field(r, "passage", path, n),
+            "idx": r.get("idx", n - 1),
+            "label": _bool_label(_field(r, "label", path, n), path, n),
+        }
+        for n, r in enumerate(_jsonl(path), 1)
+    ]
 
 
 def _labels(path: Path, count: int, allowed: set[str]) -> list[str]:
@@ -114,9 +124,15 @@ def _load_piqa(root: Path) -> list[dict]:
     path = root / "piqa/valid.jsonl"
     rows = _jsonl(path)
     labels = _labels(root / "piqa/valid-labels.lst", len(rows), {"0", "1"})
-    return [{"goal": _field(r, "goal", path, n), "sol1": _field(r, "sol1", path, n),
-             "sol2": _field(r, "sol2", path, n), "label": int(lab)}
-            for n, (r, lab) in enumerate(zip(rows, labels), 1)]
+    return [
+        {
+            "goal": _field(r, "goal", path, n),
+            "sol1": _field(r, "sol1", path, n),
+            "sol2": _field(r, "sol2", path, n),
+            "label": int(lab),
+        }
+        for n, (r, lab) in enumerate(zip(rows, labels), 1)
+    ]
 
 
 def _load_winogrande(root: Path) -> list[dict]:
@@ -130,8 +146,14 @@ def _load_winogrande(root: Path) -> list[dict]:
             raise ValueError(f"{path}:{n}: a WinoGrande sentence must contain exactly one '_' blank")
         if str(r.get("answer", lab)) != lab:
             raise ValueError(f"{path}:{n}: answer {r.get('answer')!r} disagrees with dev-labels.lst ({lab})")
-        out.append({"sentence": sentence, "option1": _field(r, "option1", path, n),
-                    "option2": _field(r, "option2", path, n), "answer": lab})
+        out.append(
+            {
+                "sentence": sentence,
+                "option1": _field(r, "option1", path, n),
+                "option2": _field(r, "option2", path, n),
+                "answer": lab,
+            }
+        )
     return out
 
 
@@ -152,8 +174,20 @@ def _load_hellaswag(root: Path) -> list[dict]:
         activity, sep, ctx = head.partition(": ")
         if not sep or label not in ("0", "1", "2", "3"):
             raise ValueError(f"{path}:{i + 1}: expected 'activity_label: context' then a label 0-3")
-        out.append({"ind": i // 6, "activity_label": activity, "ctx_a": ctx, "ctx_b": "", "ctx": ctx,
-                    "endings": endings, "source_id": "", "split": "val", "split_type": "", "label": label})
+        out.append(
+            {
+                "ind": i // 6,
+                "activity_label": activity,
+                "ctx_a": ctx,
+                "ctx_b": "",
+                "ctx": ctx,
+                "endings": endings,
+                "source_id": "",
+                "split": "val",
+                "split_type": "",
+                "label": label,
+            }
+        )
     return out
 
 
@@ -186,23 +220,50 @@ def _load_wikitext(root: Path) -> list[dict]:
 
 
 OFFLINE_TASKS: dict[str, OfflineTask] = {
-    "arc_easy": OfflineTask("arc/arc_easy.yaml", ("arc_easy/ARC-Easy-Test.jsonl",), "test", _load_arc("arc_easy/ARC-Easy-Test.jsonl")),
-    "arc_challenge": OfflineTask("arc/arc_challenge.yaml", ("arc_challenge/ARC-Challenge-Test.jsonl",), "test",
-                                 _load_arc("arc_challenge/ARC-Challenge-Test.jsonl")),
-    "boolq": OfflineTask("super_glue/boolq/default.yaml", ("boolq/val.jsonl",), "validation", _load_boolq,
-                         "labels stored as the strings 'true'/'false' (converted to 1/0); content identical"),
-    "hellaswag": OfflineTask("hellaswag/hellaswag.yaml", 
-        ("hellaswag/hellaswag_val_full.txt",), "validation", _load_hellaswag,
+    "arc_easy": OfflineTask(
+        "arc/arc_easy.yaml", ("arc_easy/ARC-Easy-Test.jsonl",), "test", _load_arc("arc_easy/ARC-Easy-Test.jsonl")
+    ),
+    "arc_challenge": OfflineTask(
+        "arc/arc_challenge.yaml",
+        ("arc_challenge/ARC-Challenge-Test.jsonl",),
+        "test",
+        _load_arc("arc_challenge/ARC-Challenge-Test.jsonl"),
+    ),
+    "boolq": OfflineTask(
+        "super_glue/boolq/default.yaml",
+        ("boolq/val.jsonl",),
+        "validation",
+        _load_boolq,
+        "labels stored as the strings 'true'/'false' (converted to 1/0); content identical",
+    ),
+    "hellaswag": OfflineTask(
+        "hellaswag/hellaswag.yaml",
+        ("hellaswag/hellaswag_val_full.txt",),
+        "validation",
+        _load_hellaswag,
         "derived llama.cpp text copy: the context's second half is not capitalized as lm-eval does "
         "(ctx_b.capitalize()) and bracket tags were removed upstream; absolute accuracy can differ slightly "
-        "from hub numbers, comparisons between models on this copy are consistent"),
+        "from hub numbers, comparisons between models on this copy are consistent",
+    ),
     "openbookqa": OfflineTask("openbookqa/openbookqa.yaml", ("openbookqa/test.jsonl",), "test", _load_openbookqa),
     "piqa": OfflineTask("piqa/piqa.yaml", ("piqa/valid.jsonl", "piqa/valid-labels.lst"), "validation", _load_piqa),
-    "winogrande": OfflineTask("winogrande/default.yaml", ("winogrande/dev.jsonl", "winogrande/dev-labels.lst"), "validation",
-                              _load_winogrande, "derived copy without the qID field; content identical"),
-    "lambada_openai": OfflineTask("lambada/lambada_openai.yaml", ("lambada_openai/lambada_test.jsonl",), "test", _load_lambada),
-    "wikitext": OfflineTask("wikitext/wikitext.yaml", ("wikitext2/wiki.test.raw",), "test", _load_wikitext,
-                            "pages split from wiki.test.raw by the wikitext_document_level rule"),
+    "winogrande": OfflineTask(
+        "winogrande/default.yaml",
+        ("winogrande/dev.jsonl", "winogrande/dev-labels.lst"),
+        "validation",
+        _load_winogrande,
+        "derived copy without the qID field; content identical",
+    ),
+    "lambada_openai": OfflineTask(
+        "lambada/lambada_openai.yaml", ("lambada_openai/lambada_test.jsonl",), "test", _load_lambada
+    ),
+    "wikitext": OfflineTask(
+        "wikitext/wikitext.yaml",
+        ("wikitext2/wiki.test.raw",),
+        "test",
+        _load_wikitext,
+        "pages split from wiki.test.raw by the wikitext_document_level rule",
+    ),
 }
 
 
@@ -214,8 +275,9 @@ def check_data_dir(data_dir: str | os.PathLike, tasks: list[str]) -> Path:
             f"evaluation data directory {root} does not exist; pass --data-dir pointing at a directory in "
             "the ../shared/data/eval layout (arc_easy/, boolq/, hellaswag/, ... see SOURCES.md there)"
         )
-    missing = [str(root / f) for t in tasks if t in OFFLINE_TASKS for f in OFFLINE_TASKS[t].files
-               if not (root / f).is_file()]
+    missing = [
+        str(root / f) for t in tasks if t in OFFLINE_TASKS for f in OFFLINE_TASKS[t].files if not (root / f).is_file()
+    ]
     if missing:
         raise FileNotFoundError(f"evaluation data directory {root} lacks: {', '.join(missing)}")
     return root
@@ -241,8 +303,10 @@ def stock_task_config(name: str) -> dict:
 
     path = Path(lm_eval.tasks.__file__).parent / OFFLINE_TASKS[name].stock
     if not path.is_file():
-        raise RuntimeError(f"lm-eval {_lm_eval_version()} has no {OFFLINE_TASKS[name].stock}; nbl-ext is tested with "
-                           "lm-eval 0.4.13 (pip install 'lm-eval==0.4.13')")
+        raise RuntimeError(
+            f"lm-eval {_lm_eval_version()} has no {OFFLINE_TASKS[name].stock}; nbl-ext is tested with "
+            "lm-eval 0.4.13 (pip install 'lm-eval==0.4.13')"
+        )
     cfg = dict(load_yaml(path, resolve_func=True))
     if cfg.get("task") != name:
         raise RuntimeError(f"{path} defines task {cfg.get('task')!r}, expected {name!r}; unsupported lm-eval version")
@@ -264,8 +328,10 @@ def offline_task_configs(tasks: list[str], data_dir: str | os.PathLike) -> list[
     """
     unknown = [t for t in tasks if t not in OFFLINE_TASKS]
     if unknown:
-        raise ValueError(f"no offline definition for {', '.join(unknown)}; offline tasks: "
-                         f"{', '.join(OFFLINE_TASKS)} (drop --data-dir to use the hub versions)")
+        raise ValueError(
+            f"no offline definition for {', '.join(unknown)}; offline tasks: "
+            f"{', '.join(OFFLINE_TASKS)} (drop --data-dir to use the hub versions)"
+        )
     root = check_data_dir(data_dir, tasks)
     configs = []
     for name in tasks:
@@ -274,8 +340,11 @@ def offline_task_configs(tasks: list[str], data_dir: str | os.PathLike) -> list[
         for key in ("training_split", "validation_split", "test_split"):
             cfg[key] = split if key.split("_")[0] == {"validation": "validation", "test": "test"}[split] else None
         cfg["fewshot_split"] = None
-        cfg.update(custom_dataset=_dataset_loader(name), dataset_path=f"nbl-offline:{root / name}",
-                   dataset_kwargs={"nbl_data_dir": str(root)})
+        cfg.update(
+            custom_dataset=_dataset_loader(name),
+            dataset_path=f"nbl-offline:{root / name}",
+            dataset_kwargs={"nbl_data_dir": str(root)},
+        )
         configs.append(cfg)
     return configs
 

@@ -11,6 +11,7 @@
   state and the counters to ``state_dir/heal_state/`` (safetensors + JSON, the directory replaced
   atomically; no pickle); :meth:`Trainer.load` refuses a state of another run.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,14 +35,24 @@ class Trainer:
     ``loss_sum(ids)`` (the summed loss); ``cfg`` is a :class:`nbl_ext.heal.HealConfig`.
     """
 
-    def __init__(self, model: nn.Module, objective: Any, params: list[tuple[str, nn.Parameter]], train: torch.Tensor,
-                 heldout: torch.Tensor, cfg: Any, total: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Any,
+        params: list[tuple[str, nn.Parameter]],
+        train: torch.Tensor,
+        heldout: torch.Tensor,
+        cfg: Any,
+        total: int,
+        device: torch.device,
+    ) -> None:
         self.model, self.objective, self.params, self.cfg, self.total = model, objective, params, cfg, total
         self.train_ids, self.heldout = train, heldout
         self.device = device
         # float32 master copies (the parameter itself when it is float32): AdamW steps stay exact in bf16 models
-        self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True)
-                        for _, p in params]
+        self.masters = [
+            p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True) for _, p in params
+        ]
         self.opt = torch.optim.AdamW(self.masters, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
         self.micro = cfg.micro_batch_size or cfg.batch_size
         self.warmup = int(round(cfg.warmup_fraction * total))
@@ -65,8 +76,9 @@ class Trainer:
         for pos in range((step - 1) * b, step * b):
             epoch = pos // n
             if epoch not in perms:
-                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(
-                    self.cfg.seed * 1_000_003 + epoch + 1))
+                perms[epoch] = torch.randperm(
+                    n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch + 1)
+                )
             rows.append(int(perms[epoch][pos % n]))
         return self.train_ids[rows]
 
@@ -136,9 +148,18 @@ class Trainer:
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        meta = {"version": STATE_VERSION, "run": run, "step": self.step, "best_step": self.best_step,
-                "best_loss": self.best_loss, "bad_evals": self.bad_evals, "stopped": self.stopped,
-                "history": self.history, "running": self.running, "names": [n for n, _ in self.params]}
+        meta = {
+            "version": STATE_VERSION,
+            "run": run,
+            "step": self.step,
+            "best_step": self.best_step,
+            "best_loss": self.best_loss,
+            "bad_evals": self.bad_evals,
+            "stopped": self.stopped,
+            "history": self.history,
+            "running": self.running,
+            "names": [n for n, _ in self.params],
+        }
         root.mkdir(parents=True, exist_ok=True)
         with atomic_directory(root / STATE) as tmp:
             from safetensors.torch import save_file
@@ -155,8 +176,10 @@ class Trainer:
         if meta.get("version") != STATE_VERSION or meta.get("run") != run:
             old = meta.get("run") or {}
             diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
-            raise ValueError(f"{what} belongs to another run (differs in: {', '.join(diff) or 'version'}); use a "
-                             "new state_dir, or delete this one to start over")
+            raise ValueError(
+                f"{what} belongs to another run (differs in: {', '.join(diff) or 'version'}); use a "
+                "new state_dir, or delete this one to start over"
+            )
         t = read_tensors(d / "state.safetensors", what)
         with torch.no_grad():
             for i, m in enumerate(self.masters):

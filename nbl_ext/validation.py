@@ -3,17 +3,24 @@
 Every check takes the value first, then its name, then the bounds, then ``what`` (the function the
 user called, prefixed to the message when given), and returns the value it accepted.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 #: Names :func:`parse_dtype` accepts (lower case, an optional ``torch.`` prefix).
 DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
 }
 
 
@@ -45,8 +52,9 @@ def check_choice(value: Any, choices: Sequence[Any], name: str, *, what: str | N
     return value
 
 
-def parse_dtype(dtype: Any, *, what: str | None = None, allow_auto: bool = False,
-                hint: str = "'float32', 'bfloat16', 'float16'") -> torch.dtype | str:
+def parse_dtype(
+    dtype: Any, *, what: str | None = None, allow_auto: bool = False, hint: str = "'float32', 'bfloat16', 'float16'"
+) -> torch.dtype | str:
     """A floating-point ``torch.dtype`` from a dtype or its name (``"auto"`` kept as is when allowed).
 
     ``hint``: the choices the error message offers (``or a torch.dtype`` is appended).

@@ -2,14 +2,14 @@
 
 No hub access: everything is built in memory or written under a test's tmp_path.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-WORDS = ("the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "and", "then", "slept",
-         ".", ",", "!", "?")
+WORDS = ("the", "cat", "sat", "on", "mat", "a", "dog", "ran", "far", "and", "then", "slept", ".", ",", "!", "?")
 SPECIALS = ("[UNK]", "<bos>", "<eos>", "<pad>")
 
 
@@ -27,17 +27,27 @@ def word_tokenizer(add_bos: bool = True, words=WORDS):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     if add_bos:
         backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="[UNK]", pad_token="<pad>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="[UNK]", pad_token="<pad>"
+    )
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, dtype=torch.float32):
     """A 2-layer random-weight Llama (hidden 32), in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).to(dtype).eval()
 

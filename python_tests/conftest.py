@@ -1,4 +1,5 @@
 """Shared fixtures: devices to test on, and seeded generators."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +10,10 @@ import torch
 CUDA = torch.cuda.is_available()
 # The "cuda" case carries the `cuda` marker (pyproject.toml): `pytest -m cuda` selects every test that needs the
 # GPU, which is what .ci/gpu runs.
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
-                                              pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")])]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")]),
+]
 
 
 @pytest.fixture(params=DEVICES)

@@ -1,4 +1,5 @@
 """Test helpers: data generators and float64 numpy oracles (independent of nbl_ext)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +7,9 @@ import scipy.linalg
 import torch
 
 
-def make_xy(n: int, dx: int, dy: int, *, gen: torch.Generator, dtype=torch.float32, massive: float = 0.0,
-            noise: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def make_xy(
+    n: int, dx: int, dy: int, *, gen: torch.Generator, dtype=torch.float32, massive: float = 0.0, noise: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Correlated random (x, y) with non-zero means; `massive` adds channels with mean ~massive."""
     mean = torch.randn(dx, generator=gen, dtype=torch.float64) * 3.0
     if massive:
@@ -28,8 +30,13 @@ def np_stats(x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
     xn, yn = np64(x).reshape(-1, x.shape[-1]), np64(y).reshape(-1, y.shape[-1])
     full = np.cov(np.concatenate([xn, yn], axis=1), rowvar=False, ddof=1)
     dx = xn.shape[1]
-    return {"mean_x": xn.mean(0), "mean_y": yn.mean(0), "cov_xx": full[:dx, :dx],
-            "cov_yx": full[dx:, :dx], "cov_yy": full[dx:, dx:]}
+    return {
+        "mean_x": xn.mean(0),
+        "mean_y": yn.mean(0),
+        "cov_xx": full[:dx, :dx],
+        "cov_yx": full[dx:, :dx],
+        "cov_yy": full[dx:, dx:],
+    }
 
 
 def np_lstsq(x: torch.Tensor, y: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
 """Tiny random-weight Hugging Face models of every supported family, and generation oracles."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,9 +14,17 @@ VOCAB = 256
 def tiny_config(family: str, num_layers: int = 3, **overrides):
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  initializer_range=0.2, attn_implementation="sdpa")
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        attn_implementation="sdpa",
+    )
     if family == "llama":
         cfg = dict(common)
     elif family == "mistral":  # uniform sliding window, smaller than the generated length
@@ -26,13 +35,25 @@ def tiny_config(family: str, num_layers: int = 3, **overrides):
         cfg = dict(common, head_dim=8)
     elif family == "gemma3_text":  # sliding + full layers, q/k norms, sandwich norms, tied embeddings
         types = (["sliding_attention", "full_attention", "sliding_attention", "full_attention"] * 4)[:num_layers]
-        cfg = dict(common, num_attention_heads=2, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
-                   sliding_window=6, layer_types=types)
+        cfg = dict(
+            common,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=6,
+            layer_types=types,
+        )
     else:
         raise ValueError(family)
     cfg.update(overrides)
-    cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
-           "qwen3": tf.Qwen3Config, "gemma3_text": tf.Gemma3TextConfig}[family]
+    cls = {
+        "llama": tf.LlamaConfig,
+        "mistral": tf.MistralConfig,
+        "qwen2": tf.Qwen2Config,
+        "qwen3": tf.Qwen3Config,
+        "gemma3_text": tf.Gemma3TextConfig,
+    }[family]
     return cls(**cfg)
 
 
@@ -69,8 +90,16 @@ def greedy_generate(model, prompt: torch.Tensor, steps: int, **kwargs):
     eos = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = None
     try:
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, do_sample=False,
-                             return_dict_in_generate=True, output_logits=True, pad_token_id=0, **kwargs)
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=steps,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
+            **kwargs,
+        )
     finally:
         model.generation_config.eos_token_id = eos
     assert out.sequences.shape[1] == prompt.shape[1] + steps

@@ -1,5 +1,6 @@
 """CovarianceAccumulator: statistics against numpy float64, streaming invariances,
 adversarial inputs and bad-input errors."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,18 +1,30 @@
 """Adapters: family lookup, and calibration capturing exactly X and A for every family."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from hf_tiny import (
-    FAMILIES, cache_slot_bytes, greedy_generate, greedy_recompute, spy_updates, tiny_model, token_data,
-)
 
 import nbl_ext
+from hf_tiny import (
+    FAMILIES,
+    cache_slot_bytes,
+    greedy_generate,
+    greedy_recompute,
+    spy_updates,
+    tiny_model,
+    token_data,
+)
 from nbl_ext import adapters
 from nbl_ext.engine import record_layer_call
 
-EXPECTED = {"llama": adapters.LlamaAdapter, "mistral": adapters.MistralAdapter, "qwen2": adapters.Qwen2Adapter,
-            "qwen3": adapters.Qwen3Adapter, "gemma3_text": adapters.Gemma3Adapter}
+EXPECTED = {
+    "llama": adapters.LlamaAdapter,
+    "mistral": adapters.MistralAdapter,
+    "qwen2": adapters.Qwen2Adapter,
+    "qwen3": adapters.Qwen3Adapter,
+    "gemma3_text": adapters.Gemma3Adapter,
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -37,8 +49,12 @@ def test_unknown_architecture_is_a_clear_error():
 
 def _manual_branch(family, layer, x, kwargs):
     """A computed by hand from the layer's submodules (independent of the adapter)."""
-    attn = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=kwargs["position_embeddings"],
-                           attention_mask=kwargs.get("attention_mask"), position_ids=kwargs.get("position_ids"))[0]
+    attn = layer.self_attn(
+        hidden_states=layer.input_layernorm(x),
+        position_embeddings=kwargs["position_embeddings"],
+        attention_mask=kwargs.get("attention_mask"),
+        position_ids=kwargs.get("position_ids"),
+    )[0]
     return layer.post_attention_layernorm(attn) if family == "gemma3_text" else attn
 
 
@@ -72,11 +88,13 @@ def test_multimodal_gemma3_uses_its_language_model(tmp_path):
     from hf_tiny import tiny_config
 
     text = tiny_config("gemma3_text", 2).to_dict()
-    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                image_size=28, patch_size=14)
+    vision = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
     torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision.to_dict(),
-                                                        mm_tokens_per_image=4)).eval()
+    model = Gemma3ForConditionalGeneration(
+        Gemma3Config(text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4)
+    ).eval()
     adapter = nbl_ext.get_adapter(model)
     assert type(adapter) is adapters.Gemma3Adapter
     assert adapter.layers() is model.model.language_model.layers
@@ -91,6 +109,9 @@ def test_multimodal_gemma3_uses_its_language_model(tmp_path):
     assert torch.equal(tokens, ref) and cache_slot_bytes(cache)[0] == 0
     nbl_ext.save_pretrained(model, tmp_path / "mm")
     loaded = nbl_ext.load_pretrained(tmp_path / "mm")
-    assert isinstance(loaded, Gemma3ForConditionalGeneration) and type(loaded).__name__ == "NBLGemma3ForConditionalGeneration"
+    assert (
+        isinstance(loaded, Gemma3ForConditionalGeneration)
+        and type(loaded).__name__ == "NBLGemma3ForConditionalGeneration"
+    )
     with torch.no_grad():
         assert torch.equal(loaded(prompt).logits, model(prompt).logits)

@@ -8,6 +8,7 @@ is compared with a float64 evaluation of the same inputs:
     error of PyTorch's own ``F.linear(h, W, b) + h`` in that dtype, on the
     same inputs and device.
 """
+
 from __future__ import annotations
 
 import json
@@ -354,21 +355,33 @@ def _bad_cases():
     w = torch.randn(8, 8)
     b = torch.randn(8)
     return {
-        "weight_dtype": ((h, w.bfloat16(), b), r"one dtype; got h torch\.float32, weight torch\.bfloat16, bias "
-                         r"torch\.float32\. Cast the weight and bias to h's dtype"),
-        "bias_dtype": ((h.half(), w.half(), b), r"one dtype; got h torch\.float16, weight torch\.float16, bias "
-                       r"torch\.float32"),
+        "weight_dtype": (
+            (h, w.bfloat16(), b),
+            r"one dtype; got h torch\.float32, weight torch\.bfloat16, bias "
+            r"torch\.float32\. Cast the weight and bias to h's dtype",
+        ),
+        "bias_dtype": (
+            (h.half(), w.half(), b),
+            r"one dtype; got h torch\.float16, weight torch\.float16, bias "
+            r"torch\.float32",
+        ),
         "int_h": ((h.int(), w.int(), b.int()), r"h must be float32, bfloat16, float16 or float64; got torch\.int32"),
-        "weight_not_square": ((h, torch.randn(8, 9), b), r"weight must be square \(d, d\) with d = h\.shape\[-1\] = 8; "
-                              r"got weight of shape \[8, 9\]"),
+        "weight_not_square": (
+            (h, torch.randn(8, 9), b),
+            r"weight must be square \(d, d\) with d = h\.shape\[-1\] = 8; "
+            r"got weight of shape \[8, 9\]",
+        ),
         "weight_wrong_d": ((h, torch.randn(16, 16), b), r"d = h\.shape\[-1\] = 8; got weight of shape \[16, 16\]"),
         "weight_1d": ((h, torch.randn(64), b), r"weight must be square"),
         "weight_3d": ((h, torch.randn(1, 8, 8), b), r"weight must be square"),
         "bias_wrong_len": ((h, w, torch.randn(7)), r"bias must have shape \[d\] = \[8\]; got \[7\]"),
         "bias_2d": ((h, w, torch.randn(1, 8)), r"bias must have shape \[d\] = \[8\]; got \[1, 8\]"),
         "h_0d": ((torch.tensor(1.0), w, b), r"at least 1 dimension"),
-        "device_meta_weight": ((h, w.to("meta"), b), r"must be on one device; got h on cpu, weight on meta, bias on "
-                               r"cpu\. Move the weight and bias to h's device"),
+        "device_meta_weight": (
+            (h, w.to("meta"), b),
+            r"must be on one device; got h on cpu, weight on meta, bias on "
+            r"cpu\. Move the weight and bias to h's device",
+        ),
     }
 
 
@@ -390,6 +403,7 @@ def test_bad_inputs_compiled_cpu_kernel(case):
 
 
 # --- CUDA -------------------------------------------------------------------------
+
 
 def cuda(test):
     return pytest.mark.cuda(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))

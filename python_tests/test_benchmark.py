@@ -4,6 +4,7 @@ Everything runs on the 2-layer tiny Llama of _tiny.py (a few ms per step), so
 the numbers are meaningless; the tests check that they are well formed, and
 the parts that must be exact (tokens, KV bytes, byte counts) exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,16 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _tiny import tiny_llama  # noqa: E402
-from nbl_ext import benchmark, cli  # noqa: E402
-from nbl_ext.benchmark import Shape, decode_cost, floors, synthetic_linearize, synthetic_maps, time_generation  # noqa: E402
+from _tiny import tiny_llama
+from nbl_ext import benchmark, cli
+from nbl_ext.benchmark import (
+    Shape,
+    decode_cost,
+    floors,
+    synthetic_linearize,
+    synthetic_maps,
+    time_generation,
+)
 
 VOCAB = 20
 BATCH, PROMPT, NEW = 2, 8, 6
@@ -43,8 +51,14 @@ def _prompt():
 
 
 def _plain_generate(model, prompt):
-    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW, min_new_tokens=NEW,
-                          do_sample=False, pad_token_id=3)
+    return model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=3,
+    )
 
 
 def _time(model, mode, **kw):
@@ -54,11 +68,20 @@ def _time(model, mode, **kw):
 
 # --- time_generation ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["eager", "static"])
 def test_time_generation_numbers_are_sane(mode):
     r = _time(_model(), mode)
-    for key in ("prefill_s", "ttft_s", "decode_step_s", "decode_step_min_s", "decode_step_max_s", "e2e_s",
-                "decode_tokens_per_s", "e2e_tokens_per_s"):
+    for key in (
+        "prefill_s",
+        "ttft_s",
+        "decode_step_s",
+        "decode_step_min_s",
+        "decode_step_max_s",
+        "e2e_s",
+        "decode_tokens_per_s",
+        "e2e_tokens_per_s",
+    ):
         assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (key, r[key])
     assert r["decode_steps"] == 2 * (NEW - 1)  # repeats x steps after the first token
     assert r["decode_step_min_s"] <= r["decode_step_s"] <= r["decode_step_max_s"]
@@ -68,8 +91,9 @@ def test_time_generation_numbers_are_sane(mode):
     assert r["timer"] == "perf_counter" and r["mode"] == mode
     assert r["weights_bytes"] == sum(t.numel() * 4 for t in (*_model().parameters(), *_model().buffers()))
     # CPU peak memory: the RSS growth where Linux lets us reset the high-water mark, else None with the reason
-    assert (isinstance(r["peak_memory_bytes"], int) and r["peak_memory_bytes"] >= 0) or \
-        (r["peak_memory_bytes"] is None and "unavailable" in r["peak_memory_method"])
+    assert (isinstance(r["peak_memory_bytes"], int) and r["peak_memory_bytes"] >= 0) or (
+        r["peak_memory_bytes"] is None and "unavailable" in r["peak_memory_method"]
+    )
     assert r["peak_memory_method"]
     json.dumps(r)  # JSON-able as returned
 
@@ -122,6 +146,7 @@ def test_time_generation_rejects_bad_arguments():
 
 # --- synthetic_linearize ---------------------------------------------------------------------------
 
+
 def test_synthetic_linearize_layer_is_the_affine_map():
     model = _model()
     synthetic_linearize(model, [1], "nbl", seed=7)
@@ -154,6 +179,7 @@ def test_synthetic_drop_and_errors():
 
 # --- random_model ----------------------------------------------------------------------------------
 
+
 def test_random_model_shapes_on_meta_match_decode_cost():
     """Full-size shapes built on the meta device (no memory): the parameter counts of the real models,
     and decode_cost reads every parameter once (the embedding only for the new tokens' rows)."""
@@ -168,8 +194,14 @@ def test_random_model_shapes_on_meta_match_decode_cost():
         assert decode_cost(sh, batch=3, context=0)["weight_bytes"] == 2 * (params - embed + 3 * sh.hidden), name
         del model
     llama = Shape.of("llama-3.1-8b")
-    assert (llama.hidden, llama.layers, llama.heads, llama.kv_heads, llama.intermediate, llama.vocab) == \
-        (4096, 32, 32, 8, 14336, 128256)
+    assert (llama.hidden, llama.layers, llama.heads, llama.kv_heads, llama.intermediate, llama.vocab) == (
+        4096,
+        32,
+        32,
+        8,
+        14336,
+        128256,
+    )
 
 
 def test_random_model_small_on_cpu():
@@ -194,9 +226,13 @@ def test_decode_cost_and_floors_by_hand():
     # head 10*8 + 8, embedding rows 2*8; float32 (4 bytes); batch 2, context 5.
     c0 = decode_cost(TOY, batch=2, context=5, dtype=torch.float32)
     # weights 2*392 + 2*200 + 88 + 16 = 1288 values; KV 2 layers * 2 (k, v) * 2 batch * 4 * 5 = 160 values
-    assert c0 == {"weight_bytes": 5152, "kv_bytes": 640, "bytes": 5792,
-                  # 2*2*(2*384 + 2*192 + 80) matmuls + 2 layers * 4*2*8*5 attention
-                  "flops": 4928 + 640}
+    assert c0 == {
+        "weight_bytes": 5152,
+        "kv_bytes": 640,
+        "bytes": 5792,
+        # 2*2*(2*384 + 2*192 + 80) matmuls + 2 layers * 4*2*8*5 attention
+        "flops": 4928 + 640,
+    }
     # NBL-1: one attention branch (200 values) -> W, b (64 + 8); half the KV
     c1 = decode_cost(TOY, k=1, method="nbl", batch=2, context=5, dtype=torch.float32)
     assert c1 == {"weight_bytes": 4640, "kv_bytes": 320, "bytes": 4960, "flops": 4160 + 256 + 320}
@@ -225,13 +261,24 @@ def test_decode_cost_and_floors_by_hand():
 
 # --- compare ---------------------------------------------------------------------------------------
 
+
 def test_compare_runs_every_variant_with_ratios():
-    result = benchmark.compare(_model, [("nbl", 1), ("drop", 1)], modes=("eager", "static"), batch=BATCH,
-                               prompt_len=PROMPT, new_tokens=NEW, warmup=0, repeats=1, compile=False,
-                               ceilings={"bandwidth_bytes_per_s": 1e10, "matmul_flops_per_s": 1e11})
+    result = benchmark.compare(
+        _model,
+        [("nbl", 1), ("drop", 1)],
+        modes=("eager", "static"),
+        batch=BATCH,
+        prompt_len=PROMPT,
+        new_tokens=NEW,
+        warmup=0,
+        repeats=1,
+        compile=False,
+        ceilings={"bandwidth_bytes_per_s": 1e10, "matmul_flops_per_s": 1e11},
+    )
     runs = result["runs"]
     assert [(r["variant"], r["mode"]) for r in runs] == [
-        (v, m) for v in ("original", "nbl-k1", "drop-k1") for m in ("eager", "static")]
+        (v, m) for v in ("original", "nbl-k1", "drop-k1") for m in ("eager", "static")
+    ]
     assert result["num_layers"] == 2 and result["shape"]["hidden"] == 32
     for r in runs:
         v = r["vs_original"]
@@ -258,8 +305,16 @@ def test_compare_interleaved_rounds():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(benchmark.comparison, "time_generation", spy)
-        result = benchmark.compare(_model, [("nbl", 1), ("drop", 1)], batch=BATCH, prompt_len=PROMPT,
-                                   new_tokens=NEW, warmup=1, repeats=3, interleave=True)
+        result = benchmark.compare(
+            _model,
+            [("nbl", 1), ("drop", 1)],
+            batch=BATCH,
+            prompt_len=PROMPT,
+            new_tokens=NEW,
+            warmup=1,
+            repeats=3,
+            interleave=True,
+        )
     models = [c[0] for c in calls]
     assert len(calls) == 9 and len(set(models)) == 3
     assert models[:3] == models[3:6] == models[6:]  # round-robin: o, nbl, drop, o, nbl, drop, ...
@@ -282,8 +337,22 @@ QUICK = ["--prompt-len", "8", "--new-tokens", "4", "--warmup", "0", "--repeats",
 
 def test_bench_cli_writes_json(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "sub" / "bench.json"
-    rc = cli.main(["bench", str(tiny_model_dir), "--k", "1", "--mode", "eager,static", "--no-compile",
-                   "--device", "cpu", *QUICK, "--output", str(out)])
+    rc = cli.main(
+        [
+            "bench",
+            str(tiny_model_dir),
+            "--k",
+            "1",
+            "--mode",
+            "eager,static",
+            "--no-compile",
+            "--device",
+            "cpu",
+            *QUICK,
+            "--output",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "x decode" in printed and "nbl-k1" in printed and "drop-k1" in printed
@@ -293,21 +362,37 @@ def test_bench_cli_writes_json(tmp_path, tiny_model_dir, capsys):
     assert "commit" in report["git"] and report["versions"]["transformers"]
     assert report["args"]["k"] == [1] and report["settings"]["new_tokens"] == 4
     assert {(r["variant"], r["mode"]) for r in report["runs"]} == {
-        (v, m) for v in ("original", "nbl-k1", "drop-k1") for m in ("eager", "static")}
+        (v, m) for v in ("original", "nbl-k1", "drop-k1") for m in ("eager", "static")
+    }
     assert all(r["decode_step_s"] > 0 and "vs_original" in r for r in report["runs"])
 
 
 def test_bench_cli_interleave(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "bench.json"
     quick = [a if a != "1" else "2" for a in QUICK]  # two rounds
-    rc = cli.main(["bench", str(tiny_model_dir), "--k", "1", "--mode", "eager", "--device", "cpu", *quick,
-                   "--interleave", "--output", str(out)])
+    rc = cli.main(
+        [
+            "bench",
+            str(tiny_model_dir),
+            "--k",
+            "1",
+            "--mode",
+            "eager",
+            "--device",
+            "cpu",
+            *quick,
+            "--interleave",
+            "--output",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["settings"]["interleave"] is True
     assert all(r["interleaved_rounds"] == 2 for r in report["runs"])
-    rc = cli.main(["bench", str(tiny_model_dir), "--k", "1", "--mode", "static", "--device", "cpu", *QUICK,
-                   "--interleave"])
+    rc = cli.main(
+        ["bench", str(tiny_model_dir), "--k", "1", "--mode", "static", "--device", "cpu", *QUICK, "--interleave"]
+    )
     assert rc != 0 and "eager mode only" in capsys.readouterr().err
 
 
@@ -320,12 +405,15 @@ def test_bench_help_teaches(capsys):
         assert needle in text
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--k", "0"], "values must be > 0"),
-    (["--k", "4,x"], "comma-separated positive integers"),
-    (["--shape", "gpt-5"], "invalid choice: 'gpt-5'"),
-    (["--mode", "fast"], "choose from eager,static"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--k", "0"], "values must be > 0"),
+        (["--k", "4,x"], "comma-separated positive integers"),
+        (["--shape", "gpt-5"], "invalid choice: 'gpt-5'"),
+        (["--mode", "fast"], "choose from eager,static"),
+    ],
+)
 def test_bench_argument_errors_exit_2(capsys, argv, needle):
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", *argv])
@@ -333,14 +421,17 @@ def test_bench_argument_errors_exit_2(capsys, argv, needle):
     assert needle in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["{dir}", "--k", "3"], "k=3 is larger than the model's 2 decoder layers"),
-    (["--shape", "llama-3.1-8b", "--k", "8,40"], "--k 40: larger than the 32 layers of llama-3.1-8b"),
-    (["--shape", "smollm2-135m", "--num-layers", "2", "--k", "3"], "larger than the 2 layers"),
-    (["{dir}", "--shape", "mistral-7b"], "not both"),
-    (["{dir}", "--num-layers", "2"], "--num-layers applies to --shape"),
-    (["{dir}", "--new-tokens", "1"], "--new-tokens must be at least 2"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["{dir}", "--k", "3"], "k=3 is larger than the model's 2 decoder layers"),
+        (["--shape", "llama-3.1-8b", "--k", "8,40"], "--k 40: larger than the 32 layers of llama-3.1-8b"),
+        (["--shape", "smollm2-135m", "--num-layers", "2", "--k", "3"], "larger than the 2 layers"),
+        (["{dir}", "--shape", "mistral-7b"], "not both"),
+        (["{dir}", "--num-layers", "2"], "--num-layers applies to --shape"),
+        (["{dir}", "--new-tokens", "1"], "--new-tokens must be at least 2"),
+    ],
+)
 def test_bench_user_errors_exit_2(capsys, tiny_model_dir, argv, needle):
     argv = [a.replace("{dir}", str(tiny_model_dir)) for a in argv]
     assert cli.main(["bench", "--device", "cpu", *QUICK, *argv]) == 2  # argv last: it wins
@@ -381,21 +472,24 @@ def test_store_all_gives_the_same_calibration_as_streaming():
         assert r["forward_s"] + r["statistics_s"] + r["fit_s"] == pytest.approx(r["total_s"])
         assert r["statistics_s"] > 0 and r["fit_s"] > 0
         assert r["bounds"] == pytest.approx(rs.bounds if method == "streaming" else ra.bounds)
-        assert (isinstance(r["peak_host_bytes"], int) and r["peak_host_bytes"] >= 0) or \
-            (r["peak_host_bytes"] is None and "unavailable" in r["peak_memory_method"])
+        assert (isinstance(r["peak_host_bytes"], int) and r["peak_host_bytes"] >= 0) or (
+            r["peak_host_bytes"] is None and "unavailable" in r["peak_memory_method"]
+        )
         assert r["peak_cuda_bytes"] is None and r["floor"]["floor_s"] is None and r["pct_of_floor"] is None
         json.dumps(r)
     # store_all held every layer's X and A for every token: 2 layers x 2 x 256 tokens x 32 x 4 bytes
     assert a["stored_activation_bytes"] == 2 * 2 * 256 * 32 * 4 == benchmark.store_all_bytes(model, 8, 32)
     assert s["stored_activation_bytes"] == 0
-    assert s["cost"] == a["cost"] == benchmark.calibration_cost(model, num_samples=8, seq_len=32, batch_size=3,
-                                                                dtype=torch.float32)
+    assert (
+        s["cost"]
+        == a["cost"]
+        == benchmark.calibration_cost(model, num_samples=8, seq_len=32, batch_size=3, dtype=torch.float32)
+    )
 
 
 def test_calibration_cost_and_floor_by_hand():
     # tiny_llama: d 32, 2 layers, 4 heads x 8, 2 KV heads, intermediate 64; 2 samples x 8 tokens, float32
-    c = benchmark.calibration_cost(Shape.of(_cal_model()), num_samples=2, seq_len=8, batch_size=1,
-                                   dtype=torch.float32)
+    c = benchmark.calibration_cost(Shape.of(_cal_model()), num_samples=2, seq_len=8, batch_size=1, dtype=torch.float32)
     layer_mat = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64  # q, k, v, o, gate/up/down = 9216
     assert c["tokens"] == 16
     assert c["linear_flops"] == 2 * 16 * 2 * layer_mat
@@ -406,8 +500,12 @@ def test_calibration_cost_and_floor_by_hand():
     assert c["stored_activation_bytes"] == c["activation_bytes"] == 2 * 2 * 16 * 32 * 4
     assert c["bytes"] == c["weight_bytes"] + c["activation_bytes"]
     assert c["state_bytes"] == 8 * (3 * 32 * 32 + 64)
-    assert benchmark.calibration_cost(Shape.of(_cal_model()), num_samples=2, seq_len=8, batch_size=2,
-                                      dtype=torch.float32)["weight_bytes"] == c["weight_bytes"] // 2
+    assert (
+        benchmark.calibration_cost(Shape.of(_cal_model()), num_samples=2, seq_len=8, batch_size=2, dtype=torch.float32)[
+            "weight_bytes"
+        ]
+        == c["weight_bytes"] // 2
+    )
     f = benchmark.calibration_floor(c, matmul_flops_per_s=1e6, gram_flops_per_s=2e6, bandwidth_bytes_per_s=1e3)
     assert f["forward_s"] == pytest.approx(c["forward_flops"] / 1e6)
     assert f["gram_s"] == pytest.approx(c["gram_flops"] / 2e6)
@@ -426,8 +524,9 @@ def test_time_calibration_with_ceilings_reports_floor():
     data = benchmark.calibration_tokens(CAL_VOCAB, 4, 32)
     ceil = {"matmul_flops_per_s": 1e9, "gram_flops_per_s": 5e8, "bandwidth_bytes_per_s": 1e9}
     r = benchmark.time_calibration(model, data, ceilings=ceil)
-    expect = benchmark.calibration_floor(r["cost"], matmul_flops_per_s=1e9, gram_flops_per_s=5e8,
-                                         bandwidth_bytes_per_s=1e9)
+    expect = benchmark.calibration_floor(
+        r["cost"], matmul_flops_per_s=1e9, gram_flops_per_s=5e8, bandwidth_bytes_per_s=1e9
+    )
     assert r["floor"] == expect and r["floor"]["floor_s"] > 0
     assert r["pct_of_floor"] == pytest.approx(100 * expect["floor_s"] / r["total_s"])
 
@@ -455,7 +554,11 @@ def test_compare_calibration_ratios_and_skips(monkeypatch):
     model = _cal_model()
     r = benchmark.compare_calibration(model, [4, 6], seq_len=32)
     assert [(x["method"], x["num_samples"]) for x in r["runs"]] == [
-        ("streaming", 4), ("store_all", 4), ("streaming", 6), ("store_all", 6)]
+        ("streaming", 4),
+        ("store_all", 4),
+        ("streaming", 6),
+        ("store_all", 6),
+    ]
     for x in r["runs"]:
         assert x["vs_streaming"]["time_ratio"] > 0
     assert r["runs"][0]["vs_streaming"]["time_ratio"] == 1.0
@@ -471,15 +574,34 @@ def test_compare_calibration_ratios_and_skips(monkeypatch):
 @pytest.mark.filterwarnings("ignore::nbl_ext.numerics.SingularWarning")  # 20-token vocabulary: layer 0 is rank 20 < 32
 def test_bench_calibration_cli_writes_json(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "calib.json"
-    rc = cli.main(["bench", str(tiny_model_dir), "--calibration", "--samples", "2,3", "--seq-len", "8",
-                   "--device", "cpu", "--no-ceilings", "--no-progress", "--output", str(out)])
+    rc = cli.main(
+        [
+            "bench",
+            str(tiny_model_dir),
+            "--calibration",
+            "--samples",
+            "2,3",
+            "--seq-len",
+            "8",
+            "--device",
+            "cpu",
+            "--no-ceilings",
+            "--no-progress",
+            "--output",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "streaming" in printed and "store_all" in printed and "tokens/s" in printed
     report = json.loads(out.read_text())
     assert report["nbl_bench_calibration"] == 1 and report["model"]["weights"] == "real"
     assert [(r["method"], r["tokens"]) for r in report["runs"]] == [
-        ("streaming", 16), ("store_all", 16), ("streaming", 24), ("store_all", 24)]
+        ("streaming", 16),
+        ("store_all", 16),
+        ("streaming", 24),
+        ("store_all", 24),
+    ]
     assert all(r["total_s"] > 0 and r["num_layers"] == 2 for r in report["runs"])
     assert report["settings"]["seq_len"] == 8 and report["device"]["type"] == "cpu"
 

@@ -1,4 +1,5 @@
 """calibrate(): scores against independent float64 oracles, resume, validation, CalibrationResult I/O."""
+
 from __future__ import annotations
 
 import copy
@@ -8,9 +9,9 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-from hf_tiny import spy_updates, tiny_model, token_data
 
 import nbl_ext
+from hf_tiny import spy_updates, tiny_model, token_data
 from nbl_ext import CalibrationResult
 
 
@@ -39,8 +40,13 @@ def calibrated64(request):
     data = token_data(4, 40)
     with spy_updates() as seen:
         result = nbl_ext.calibrate(model, data, batch_size=2, progress=False)
-    xa = [(torch.cat([_x.reshape(-1, 32) for _x, _ in seen[i * 2 : i * 2 + 2]]),
-           torch.cat([_a.reshape(-1, 32) for _, _a in seen[i * 2 : i * 2 + 2]])) for i in range(3)]
+    xa = [
+        (
+            torch.cat([_x.reshape(-1, 32) for _x, _ in seen[i * 2 : i * 2 + 2]]),
+            torch.cat([_a.reshape(-1, 32) for _, _a in seen[i * 2 : i * 2 + 2]]),
+        )
+        for i in range(3)
+    ]
     return model, result, xa
 
 
@@ -138,8 +144,10 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path):
     handle.remove()
     run = tmp_path / "run"
     assert json.loads((run / "progress.json").read_text())["layers_done"] == 2
-    assert sorted(p.name for p in (run / "layers").glob("*.safetensors")) == ["layer_0000.safetensors",
-                                                                            "layer_0001.safetensors"]
+    assert sorted(p.name for p in (run / "layers").glob("*.safetensors")) == [
+        "layer_0000.safetensors",
+        "layer_0001.safetensors",
+    ]
     assert (run / "spill" / "rank_00000" / "boundary_0002").is_dir()
 
     calls = []
@@ -165,8 +173,9 @@ def test_resume_after_interruption_gives_the_same_result(tmp_path):
     other_model = tiny_model("llama", 4, seed=3)
     with pytest.raises(ValueError, match="weights_sha256"):
         nbl_ext.calibrate(other_model, data, batch_size=2, progress=False, output_dir=run)
-    fresh = nbl_ext.calibrate(model, token_data(3, 40, seed=7), batch_size=2, progress=False, output_dir=run,
-                              resume=False)
+    fresh = nbl_ext.calibrate(
+        model, token_data(3, 40, seed=7), batch_size=2, progress=False, output_dir=run, resume=False
+    )
     assert fresh.bounds != ref.bounds
 
 
@@ -209,8 +218,12 @@ def test_select_and_table(small_result):
     rows = r.table()
     assert [row["layer"] for row in rows] == [0, 1, 2, 3]
     assert set(rows[0]) >= {"bound", "nmse", "cosine", "tokens", "nbl_rank", "drop_rank"}
-    for bad, exc, msg in ((5, ValueError, "between 0 and the number of layers \\(4\\)"), (-1, ValueError, "between 0"),
-                          (True, TypeError, "must be an int"), (1.0, TypeError, "must be an int")):
+    for bad, exc, msg in (
+        (5, ValueError, "between 0 and the number of layers \\(4\\)"),
+        (-1, ValueError, "between 0"),
+        (True, TypeError, "must be an int"),
+        (1.0, TypeError, "must be an int"),
+    ):
         with pytest.raises(exc, match=msg):
             r.select(bad)
     with pytest.raises(ValueError, match="method"):

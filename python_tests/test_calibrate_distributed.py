@@ -1,4 +1,5 @@
 """Data-parallel calibration: 2 gloo processes on CPU give the single-process result."""
+
 from __future__ import annotations
 
 import socket
@@ -7,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hf_tiny import tiny_model, token_data
 
 import nbl_ext
+from hf_tiny import tiny_model, token_data
 
 DATA = dict(num_samples=5, seq_len=40)  # 5 samples over 2 ranks: uneven shards (3 + 2)
 
@@ -26,8 +27,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, kwargs: dict | None 
     try:
         model = tiny_model("qwen3", 3, dtype=torch.float64)
         data = token_data(**DATA)
-        result = nbl_ext.calibrate(model, data, batch_size=2, progress=False, output_dir=f"{out_dir}/run",
-                                   **(kwargs or {}))
+        result = nbl_ext.calibrate(
+            model, data, batch_size=2, progress=False, output_dir=f"{out_dir}/run", **(kwargs or {})
+        )
         if rank == 0:
             result.save(f"{out_dir}/result")
         # every rank holds the same, all-reduced result
@@ -42,8 +44,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, kwargs: dict | None 
 def test_two_gloo_ranks_match_one_process(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     parallel = nbl_ext.CalibrationResult.load(tmp_path / "result")
-    single = nbl_ext.calibrate(tiny_model("qwen3", 3, dtype=torch.float64), token_data(**DATA), batch_size=2,
-                               progress=False)
+    single = nbl_ext.calibrate(
+        tiny_model("qwen3", 3, dtype=torch.float64), token_data(**DATA), batch_size=2, progress=False
+    )
     assert parallel.metadata["world_size"] == 2 and parallel.metadata["tokens"] == single.metadata["tokens"]
     for p, s in zip(parallel.layers, single.layers):
         assert p.tokens == s.tokens == 5 * 40
@@ -61,8 +64,9 @@ def test_folds_are_by_global_sample_index_across_ranks(tmp_path):
     folds = dict(folds=3, ridges=[0.0, 1e-2, 1.0, 10.0])
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), folds), nprocs=2, join=True)
     parallel = nbl_ext.CalibrationResult.load(tmp_path / "result")
-    single = nbl_ext.calibrate(tiny_model("qwen3", 3, dtype=torch.float64), token_data(**DATA), batch_size=2,
-                               progress=False, **folds)
+    single = nbl_ext.calibrate(
+        tiny_model("qwen3", 3, dtype=torch.float64), token_data(**DATA), batch_size=2, progress=False, **folds
+    )
     for p, s in zip(parallel.layers, single.layers):
         assert p.ridge == s.ridge and p.cv_curve == pytest.approx(s.cv_curve, rel=1e-8)
         assert p.scores["cv_nmse"] == pytest.approx(s.scores["cv_nmse"], rel=1e-8)

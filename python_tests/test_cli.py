@@ -1,4 +1,5 @@
 """The nbl command: compress a (tiny, local) model end to end, report on it, and fail clearly."""
+
 from __future__ import annotations
 
 import json
@@ -11,16 +12,17 @@ import torch
 
 pytest.importorskip("transformers")
 
-import nbl_ext  # noqa: E402
-from _tiny import WORDS  # noqa: E402
-from nbl_ext import cli  # noqa: E402
+import nbl_ext
+from _tiny import WORDS
+from nbl_ext import cli
 
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory) -> Path:
     gen = torch.Generator().manual_seed(0)
-    docs = [{"text": " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (60,), generator=gen))}
-            for _ in range(40)]
+    docs = [
+        {"text": " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (60,), generator=gen))} for _ in range(40)
+    ]
     path = tmp_path_factory.mktemp("calib") / "docs.json"
     path.write_text(json.dumps(docs))
     return path
@@ -41,8 +43,27 @@ def test_help_teaches(capsys):
 @pytest.mark.parametrize("method", ["nbl", "drop"])
 def test_compress_then_report(tmp_path, tiny_model_dir, calib_file, capsys, method):
     out = tmp_path / "out"
-    rc = cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--method", method, "--calib", str(calib_file),
-                   "--samples", "4", "--seq-len", "64", "--batch-size", "2", "--out", str(out), "--no-progress"])
+    rc = cli.main(
+        [
+            "compress",
+            str(tiny_model_dir),
+            "--layers",
+            "1",
+            "--method",
+            method,
+            "--calib",
+            str(calib_file),
+            "--samples",
+            "4",
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "bound" in printed and "nmse" in printed and f"<- {method}" in printed
@@ -73,8 +94,25 @@ def test_compress_gram_precision_reaches_the_accumulator(tmp_path, tiny_model_di
 
     monkeypatch.setattr(calibrate_mod, "CovarianceAccumulator", spy)
     out = tmp_path / "out"
-    rc = cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(calib_file), "--samples", "4",
-                   "--seq-len", "64", "--gram-precision", "bfloat16", "--out", str(out), "--no-progress"])
+    rc = cli.main(
+        [
+            "compress",
+            str(tiny_model_dir),
+            "--layers",
+            "1",
+            "--calib",
+            str(calib_file),
+            "--samples",
+            "4",
+            "--seq-len",
+            "64",
+            "--gram-precision",
+            "bfloat16",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     assert seen and set(seen) == {"bfloat16"}  # one accumulator per layer, all in bf16 mode
     assert json.loads((out / "nbl_run.json").read_text())["gram_precision"] == "bfloat16"
@@ -95,15 +133,36 @@ def test_compress_help_lists_gram_precision(capsys):
 
 @pytest.mark.filterwarnings("ignore::nbl_ext.numerics.SingularWarning")
 def test_compress_errors_are_clear(tmp_path, tiny_model_dir, calib_file, capsys):
-    base = ["compress", str(tiny_model_dir), "--calib", str(calib_file), "--samples", "4", "--seq-len", "64",
-            "--no-progress"]
+    base = [
+        "compress",
+        str(tiny_model_dir),
+        "--calib",
+        str(calib_file),
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--no-progress",
+    ]
     assert cli.main(base + ["--layers", "5", "--out", str(tmp_path / "a")]) == 2
     assert "between 0 and the model's 2 layers" in capsys.readouterr().err
     (tmp_path / "exists").mkdir()
     assert cli.main(base + ["--out", str(tmp_path / "exists")]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert cli.main(["compress", str(tiny_model_dir), "--calib", str(tmp_path / "missing.json"),
-                     "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    assert (
+        cli.main(
+            [
+                "compress",
+                str(tiny_model_dir),
+                "--calib",
+                str(tmp_path / "missing.json"),
+                "--out",
+                str(tmp_path / "b"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "missing.json" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing half-written
     assert cli.main(["report", str(tmp_path / "nothing-here")]) == 2
@@ -125,16 +184,24 @@ def _tiny_eval_data(root: Path) -> Path:
         return " ".join(WORDS[int(i)] for i in torch.randint(0, 12, (n,), generator=gen))
 
     (root / "eval" / "arc_easy").mkdir(parents=True)
-    items = [{"id": f"q{i}", "question": {"stem": sentence(6), "choices": [
-        {"text": sentence(3), "label": lab} for lab in "ABCD"]}, "answerKey": "ABCD"[i % 4]} for i in range(6)]
+    items = [
+        {
+            "id": f"q{i}",
+            "question": {"stem": sentence(6), "choices": [{"text": sentence(3), "label": lab} for lab in "ABCD"]},
+            "answerKey": "ABCD"[i % 4],
+        }
+        for i in range(6)
+    ]
     (root / "eval" / "arc_easy" / "ARC-Easy-Test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
     (root / "eval" / "piqa").mkdir()
     (root / "eval" / "piqa" / "valid.jsonl").write_text(
-        "".join(json.dumps({"goal": sentence(5), "sol1": sentence(4), "sol2": sentence(4)}) + "\n" for _ in range(5)))
+        "".join(json.dumps({"goal": sentence(5), "sol1": sentence(4), "sol2": sentence(4)}) + "\n" for _ in range(5))
+    )
     (root / "eval" / "piqa" / "valid-labels.lst").write_text("0\n1\n1\n0\n1\n")
     (root / "eval" / "wikitext2").mkdir()
     (root / "eval" / "wikitext2" / "wiki.test.raw").write_text(
-        "".join(f" \n = {WORDS[i]} = \n \n {sentence(80)} \n" for i in range(4)))
+        "".join(f" \n = {WORDS[i]} = \n \n {sentence(80)} \n" for i in range(4))
+    )
     (root / "calib").mkdir()
     (root / "calib" / "c4_demo.json").write_text(json.dumps([{"text": sentence(60)} for _ in range(40)]))
     return root
@@ -146,13 +213,50 @@ def test_eval_a_compressed_model_offline(tmp_path, tiny_model_dir, capsys):
     data = _tiny_eval_data(tmp_path / "data")
     c4 = data / "calib" / "c4_demo.json"
     out = tmp_path / "out"
-    assert cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(c4), "--samples", "4",
-                     "--seq-len", "64", "--batch-size", "2", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "compress",
+                str(tiny_model_dir),
+                "--layers",
+                "1",
+                "--calib",
+                str(c4),
+                "--samples",
+                "4",
+                "--seq-len",
+                "64",
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "nbl_run.json").read_text())["holdout"] == 0.2
     capsys.readouterr()
     report_file = tmp_path / "eval.json"
-    rc = cli.main(["eval", str(out), "--data-dir", str(data / "eval"), "--tasks", "arc_easy,piqa", "--limit", "4",
-                   "--context", "32", "--batch-size", "2", "--output", str(report_file), "--no-progress"])
+    rc = cli.main(
+        [
+            "eval",
+            str(out),
+            "--data-dir",
+            str(data / "eval"),
+            "--tasks",
+            "arc_easy,piqa",
+            "--limit",
+            "4",
+            "--context",
+            "32",
+            "--batch-size",
+            "2",
+            "--output",
+            str(report_file),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr()
     assert "arc_easy" in printed.out and "acc_norm" in printed.out and "perplexity c4" in printed.out
@@ -170,11 +274,47 @@ def test_eval_a_compressed_model_offline(tmp_path, tiny_model_dir, capsys):
 
     # calibrating on every document of the file that C4 perplexity is scored on gets a warning
     out0 = tmp_path / "out0"
-    assert cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(c4), "--samples", "4",
-                     "--seq-len", "64", "--holdout", "0", "--out", str(out0), "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "compress",
+                str(tiny_model_dir),
+                "--layers",
+                "1",
+                "--calib",
+                str(c4),
+                "--samples",
+                "4",
+                "--seq-len",
+                "64",
+                "--holdout",
+                "0",
+                "--out",
+                str(out0),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert cli.main(["eval", str(out0), "--data-dir", str(data / "eval"), "--tasks", "none", "--ppl", "c4",
-                     "--context", "32", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                str(out0),
+                "--data-dir",
+                str(data / "eval"),
+                "--tasks",
+                "none",
+                "--ppl",
+                "c4",
+                "--context",
+                "32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "seen in calibration" in capsys.readouterr().err
 
 
@@ -210,8 +350,19 @@ def test_eval_help_teaches(capsys):
 @pytest.mark.filterwarnings("ignore::nbl_ext.numerics.SingularWarning")
 def test_compress_folds_choose_the_ridge_and_print_the_heldout_nmse(tmp_path, tiny_model_dir, calib_file, capsys):
     out = tmp_path / "out"
-    base = ["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(calib_file), "--samples", "4",
-            "--seq-len", "64", "--no-progress"]
+    base = [
+        "compress",
+        str(tiny_model_dir),
+        "--layers",
+        "1",
+        "--calib",
+        str(calib_file),
+        "--samples",
+        "4",
+        "--seq-len",
+        "64",
+        "--no-progress",
+    ]
     assert cli.main(base + ["--folds", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "cv_nmse" in printed and "ridge" in printed

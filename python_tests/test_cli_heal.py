@@ -1,4 +1,5 @@
 """nbl heal: heal a tiny `nbl compress` checkpoint end to end (LoRA and distill), and fail clearly."""
+
 from __future__ import annotations
 
 import json
@@ -20,19 +21,55 @@ def compressed(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     """(a C4-like document file, an NBL-k1 checkpoint of the tiny model calibrated on it)."""
     root = tmp_path_factory.mktemp("heal-cli")
     gen = torch.Generator().manual_seed(0)
-    docs = [{"text": " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (60,), generator=gen))}
-            for _ in range(40)]
+    docs = [
+        {"text": " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (60,), generator=gen))} for _ in range(40)
+    ]
     calib = root / "docs.json"
     calib.write_text(json.dumps(docs))
     out = root / "nbl-k1"
     with pytest.warns(nbl_ext.SingularWarning):  # layer 0's input spans the 20-word vocabulary only
-        assert cli.main(["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(calib), "--samples", "4",
-                         "--seq-len", "64", "--out", str(out), "--no-progress"]) == 0
+        assert (
+            cli.main(
+                [
+                    "compress",
+                    str(tiny_model_dir),
+                    "--layers",
+                    "1",
+                    "--calib",
+                    str(calib),
+                    "--samples",
+                    "4",
+                    "--seq-len",
+                    "64",
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     return calib, out
 
 
-HEAL = ["--samples", "8", "--heldout-samples", "2", "--seq-len", "32", "--steps", "4", "--batch-size", "4",
-        "--rank", "4", "--eval-every", "2", "--lr", "1e-3", "--no-progress"]
+HEAL = [
+    "--samples",
+    "8",
+    "--heldout-samples",
+    "2",
+    "--seq-len",
+    "32",
+    "--steps",
+    "4",
+    "--batch-size",
+    "4",
+    "--rank",
+    "4",
+    "--eval-every",
+    "2",
+    "--lr",
+    "1e-3",
+    "--no-progress",
+]
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # transformers, inside peft
@@ -71,8 +108,9 @@ def test_heal_in_place_replaces_dir_atomically(tmp_path, compressed, capsys):
     target = tmp_path / "ckpt"
     shutil.copytree(src, target)
     before = nbl_ext.load_pretrained(target).state_dict()
-    assert cli.main(["heal", str(target), "--in-place", "--calib", str(calib), *HEAL, "--steps", "2",
-                     "--lr", "3e-2"]) == 0
+    assert (
+        cli.main(["heal", str(target), "--in-place", "--calib", str(calib), *HEAL, "--steps", "2", "--lr", "3e-2"]) == 0
+    )
     assert (target / "nbl_heal.json").is_file() and (target / "adapter" / "adapter_config.json").is_file()
     after = nbl_ext.load_pretrained(target).state_dict()
     assert after.keys() == before.keys()
@@ -82,15 +120,19 @@ def test_heal_in_place_replaces_dir_atomically(tmp_path, compressed, capsys):
 def test_heal_errors_are_clear(tmp_path, tiny_model_dir, compressed, capsys):
     calib, src = compressed
     cases = [
-        (["heal", str(tiny_model_dir), "--calib", str(calib), "--out", str(tmp_path / "a")],
-         "is not an nbl-ext checkpoint"),
+        (
+            ["heal", str(tiny_model_dir), "--calib", str(calib), "--out", str(tmp_path / "a")],
+            "is not an nbl-ext checkpoint",
+        ),
         (["heal", str(tmp_path / "nothing"), "--calib", str(calib), "--out", str(tmp_path / "a")], "no config.json"),
         (["heal", str(src), "--calib", str(calib)], "exactly one of --out OUT"),
         (["heal", str(src), "--calib", str(calib), "--out", str(src)], "pass --in-place"),
         (["heal", str(src), "--calib", str(calib), "--out", str(src.parent)], "--overwrite"),
         (["heal", str(src), "--calib", "self", "--out", str(tmp_path / "a")], "natural text"),
-        (["heal", str(src), "--calib", str(calib), "--out", str(tmp_path / "a"), "--samples", "500"],
-         "Use fewer samples"),
+        (
+            ["heal", str(src), "--calib", str(calib), "--out", str(tmp_path / "a"), "--samples", "500"],
+            "Use fewer samples",
+        ),
     ]
     for argv, needle in cases:
         assert cli.main(argv + ["--no-progress"]) == 2, argv

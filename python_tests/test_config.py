@@ -1,4 +1,5 @@
 """NBLConfig (validated, one serializer) and nbl_ext.compress (calibrate -> select -> linearize)."""
+
 from __future__ import annotations
 
 import copy
@@ -6,9 +7,9 @@ import json
 
 import pytest
 import torch
-from hf_tiny import tiny_model, token_data
 
 import nbl_ext
+from hf_tiny import tiny_model, token_data
 from nbl_ext import NBLConfig
 
 
@@ -27,24 +28,27 @@ def test_config_round_trips_and_normalizes():
         NBLConfig.from_dict({**d, "config_version": 9})
 
 
-@pytest.mark.parametrize("kwargs,exc,msg", [
-    (dict(criterion="cka"), ValueError, "unknown selection criterion 'cka'; known criteria: cca_bound"),
-    (dict(k=-1), ValueError, "k must be >= 0"),
-    (dict(k=1.5), TypeError, "k must be an int"),
-    (dict(layers=[1, 1]), ValueError, "layers must be unique"),
-    (dict(layers=[0, 1], k=3), ValueError, "k=3 but 2 layers"),
-    (dict(layers="01"), TypeError, "list of layer indices"),
-    (dict(replacement="prune"), ValueError, "replacement must be one of 'affine', 'remove'"),
-    (dict(replacement="remove", refit="sequential"), ValueError, "applies to replacement='affine' only"),
-    (dict(refit="parallel"), ValueError, "refit must be one of"),
-    (dict(ridge=-1.0), ValueError, "ridge must be a finite number >= 0"),
-    (dict(num_samples=0), ValueError, "num_samples must be >= 1"),
-    (dict(seq_len=1), ValueError, "seq_len must be >= 2"),
-    (dict(batch_size=True), TypeError, "batch_size must be an int"),
-    (dict(gram_precision="fp8"), ValueError, "gram_precision must be one of 'float32', 'bfloat16'"),
-    (dict(activations="gpu"), ValueError, "activations must be one of 'auto', 'memory', 'disk'"),
-    (dict(holdout=1.0), ValueError, r"holdout must be None or a fraction in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,msg",
+    [
+        (dict(criterion="cka"), ValueError, "unknown selection criterion 'cka'; known criteria: cca_bound"),
+        (dict(k=-1), ValueError, "k must be >= 0"),
+        (dict(k=1.5), TypeError, "k must be an int"),
+        (dict(layers=[1, 1]), ValueError, "layers must be unique"),
+        (dict(layers=[0, 1], k=3), ValueError, "k=3 but 2 layers"),
+        (dict(layers="01"), TypeError, "list of layer indices"),
+        (dict(replacement="prune"), ValueError, "replacement must be one of 'affine', 'remove'"),
+        (dict(replacement="remove", refit="sequential"), ValueError, "applies to replacement='affine' only"),
+        (dict(refit="parallel"), ValueError, "refit must be one of"),
+        (dict(ridge=-1.0), ValueError, "ridge must be a finite number >= 0"),
+        (dict(num_samples=0), ValueError, "num_samples must be >= 1"),
+        (dict(seq_len=1), ValueError, "seq_len must be >= 2"),
+        (dict(batch_size=True), TypeError, "batch_size must be an int"),
+        (dict(gram_precision="fp8"), ValueError, "gram_precision must be one of 'float32', 'bfloat16'"),
+        (dict(activations="gpu"), ValueError, "activations must be one of 'auto', 'memory', 'disk'"),
+        (dict(holdout=1.0), ValueError, r"holdout must be None or a fraction in \[0, 1\)"),
+    ],
+)
 def test_config_errors_are_clear(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         NBLConfig(**kwargs)
@@ -57,8 +61,9 @@ def test_compress_is_calibrate_select_linearize(criterion, replacement, tmp_path
     config = NBLConfig(criterion=criterion, k=2, replacement=replacement, num_samples=3, seq_len=40, batch_size=2)
     compressed, result = nbl_ext.compress(copy.deepcopy(model), data, config)
     by_hand = copy.deepcopy(model)
-    ref = nbl_ext.calibrate(by_hand, data, batch_size=2, progress=False, folds=config.calibration_folds,
-                            ridges=config.calibration_ridges)  # the default: validated ridges
+    ref = nbl_ext.calibrate(
+        by_hand, data, batch_size=2, progress=False, folds=config.calibration_folds, ridges=config.calibration_ridges
+    )  # the default: validated ridges
     nbl_ext.linearize(by_hand, ref, ref.select(2, criterion), replacement=replacement)
     assert result.bounds == ref.bounds and compressed.config.nbl["layers"] == ref.select(2, criterion)
     ids = token_data(1, 12, seed=4)

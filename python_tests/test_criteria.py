@@ -1,4 +1,5 @@
 """Selection criteria: the registry, the streamed DROP cosine, selection by name, and the engine's hooks."""
+
 from __future__ import annotations
 
 import contextlib
@@ -6,23 +7,24 @@ import copy
 
 import pytest
 import torch
-from hf_tiny import spy_updates, tiny_model, token_data
 
 import nbl_ext
+from hf_tiny import spy_updates, tiny_model, token_data
 from nbl_ext.criteria import get_criterion, register_criterion, unregister_criterion
 
 
 @pytest.fixture(scope="module")
 def result():
-    return nbl_ext.calibrate(tiny_model("llama", 4, dtype=torch.float64), token_data(3, 40), batch_size=2,
-                             progress=False)
+    return nbl_ext.calibrate(
+        tiny_model("llama", 4, dtype=torch.float64), token_data(3, 40), batch_size=2, progress=False
+    )
 
 
 def test_cosine_is_the_streamed_mean_over_every_token():
     model = tiny_model("qwen3", 3, dtype=torch.float64)
     with spy_updates() as seen:
         r = nbl_ext.calibrate(model, token_data(3, 40), batch_size=2, progress=False)
-    per_layer = [seen[2 * i:2 * i + 2] for i in range(3)]  # 2 batches per layer
+    per_layer = [seen[2 * i : 2 * i + 2] for i in range(3)]  # 2 batches per layer
     for lc, chunks in zip(r.layers, per_layer):
         x = torch.cat([c[0].reshape(-1, 32) for c in chunks]).float()
         a = torch.cat([c[1].reshape(-1, 32) for c in chunks]).float()
@@ -52,8 +54,9 @@ def test_a_new_criterion_is_one_function_and_one_registration():
         return a.abs().amax(dim=-1).double()
 
     register_criterion("energy_ratio", energy_ratio, direction="lower")
-    register_criterion("branch_peak", lambda ctx: ctx.token_means["branch_peak"], direction="lower",
-                       token_statistic=max_abs)
+    register_criterion(
+        "branch_peak", lambda ctx: ctx.token_means["branch_peak"], direction="lower", token_statistic=max_abs
+    )
     try:
         with pytest.raises(ValueError, match="already registered"):
             register_criterion("energy_ratio", energy_ratio, direction="lower")
@@ -107,8 +110,9 @@ def test_calibrate_takes_an_accumulator_factory_and_a_phase_timer():
     model = tiny_model("llama", 3, dtype=torch.float64)
     data = token_data(3, 40)
     plain = nbl_ext.calibrate(model, data, batch_size=2, progress=False)
-    timed = nbl_ext.calibrate(model, data, batch_size=2, progress=False, accumulator_factory=factory, timer=timer,
-                              gram_precision="bfloat16")
+    timed = nbl_ext.calibrate(
+        model, data, batch_size=2, progress=False, accumulator_factory=factory, timer=timer, gram_precision="bfloat16"
+    )
     assert made == [(32, 32, "bfloat16")] * 3
     assert phases == (["accumulate"] * 2 + ["score"]) * 3  # 2 batches per layer, then its fit and scores
     assert [lc.cosine for lc in timed.layers] == [lc.cosine for lc in plain.layers]

@@ -1,5 +1,6 @@
 """Cross-validated LMMSE fits from per-fold moments (nbl_ext.crossval): the closed form against the error
 measured on the held-out tokens, the eigendecomposition path against per-ridge solves, ridge choice, bad inputs."""
+
 from __future__ import annotations
 
 import pytest

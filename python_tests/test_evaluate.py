@@ -1,4 +1,5 @@
 """nbl_ext.evaluate.perplexity against a direct computation on a tiny model."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _tiny import tiny_llama  # noqa: E402
-from nbl_ext.evaluate import perplexity, perplexity_stats  # noqa: E402
+from _tiny import tiny_llama
+from nbl_ext.evaluate import perplexity, perplexity_stats
 
 
 def test_perplexity_matches_direct_windows():
@@ -114,12 +115,15 @@ def test_hub_tasks_offline_say_to_use_data_dir():
     from pathlib import Path
 
     pytest.importorskip("lm_eval")
-    code = ("from _tiny import tiny_llama, word_tokenizer\n"
-            "from nbl_ext.evaluate import run_tasks\n"
-            "tok = word_tokenizer()\n"
-            "try:\n    run_tasks(tiny_llama(len(tok)), tok, ['arc_easy'], limit=2)\n"
-            "except RuntimeError as exc:\n    print('ERR', exc)\n")
+    code = (
+        "from _tiny import tiny_llama, word_tokenizer\n"
+        "from nbl_ext.evaluate import run_tasks\n"
+        "tok = word_tokenizer()\n"
+        "try:\n    run_tasks(tiny_llama(len(tok)), tok, ['arc_easy'], limit=2)\n"
+        "except RuntimeError as exc:\n    print('ERR', exc)\n"
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300
+    )
     assert "ERR could not fetch the hub tasks" in out.stdout and "--data-dir" in out.stdout, out.stderr[-2000:]

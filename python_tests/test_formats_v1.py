@@ -3,6 +3,7 @@
 The files here are written by hand (safetensors + JSON, as nbl_ext 0.1.0 wrote them), not by today's
 save functions, so a change of the writers cannot hide a change of the readers.
 """
+
 from __future__ import annotations
 
 import copy
@@ -10,10 +11,10 @@ import json
 
 import pytest
 import torch
-from hf_tiny import tiny_model, token_data
 from safetensors.torch import save_file
 
 import nbl_ext
+from hf_tiny import tiny_model, token_data
 from nbl_ext.result import CalibrationResult, LayerCalibration
 
 D = 32
@@ -21,17 +22,29 @@ D = 32
 
 def _maps(layers, seed=3):
     gen = torch.Generator().manual_seed(seed)
-    return {i: (0.05 * torch.randn(D, D, generator=gen, dtype=torch.float64),
-                0.05 * torch.randn(D, generator=gen, dtype=torch.float64)) for i in layers}
+    return {
+        i: (
+            0.05 * torch.randn(D, D, generator=gen, dtype=torch.float64),
+            0.05 * torch.randn(D, generator=gen, dtype=torch.float64),
+        )
+        for i in layers
+    }
 
 
 def _v1_nbl_section(method, layers, num_layers, removed):
     """config.json's ``nbl`` section exactly as nbl_ext 0.1.0's nbl_config() wrote it."""
     return {
-        "version": 1, "method": method, "layers": layers, "target": "attn", "refit": None,
-        "num_hidden_layers": num_layers, "hidden_size": D, "removed_modules": removed,
-        "replacement": ("out = mlp_half(h + h @ nbl_affine.weight.T + nbl_affine.bias)" if method == "nbl"
-                        else "out = mlp_half(h)"),
+        "version": 1,
+        "method": method,
+        "layers": layers,
+        "target": "attn",
+        "refit": None,
+        "num_hidden_layers": num_layers,
+        "hidden_size": D,
+        "removed_modules": removed,
+        "replacement": (
+            "out = mlp_half(h + h @ nbl_affine.weight.T + nbl_affine.bias)" if method == "nbl" else "out = mlp_half(h)"
+        ),
         "kv_cache": "linearized layers have kv_sharing_modes='reuse' (DummyLayer, no KV storage)",
     }
 
@@ -46,8 +59,11 @@ def _write_v1_checkpoint(path, family, method, layers, maps):
     config["nbl"] = _v1_nbl_section(method, layers, 4, removed)
     config["kv_sharing_modes"] = ["reuse" if i in layers else None for i in range(4)]
     (path / "config.json").write_text(json.dumps(config))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if not any(k.startswith(f"model.layers.{i}.{m}.") for i in layers for m in removed)}
+    state = {
+        k: v.contiguous()
+        for k, v in model.state_dict().items()
+        if not any(k.startswith(f"model.layers.{i}.{m}.") for i in layers for m in removed)
+    }
     if family == "gemma3_text":
         state.pop("lm_head.weight")  # tied to the embeddings: stored once
     if method == "nbl":
@@ -58,15 +74,18 @@ def _write_v1_checkpoint(path, family, method, layers, maps):
     return model
 
 
-@pytest.mark.parametrize("family,method,layers", [("llama", "nbl", [0, 2]), ("gemma3_text", "nbl", [1, 3]),
-                                                  ("qwen2", "drop", [1])])
+@pytest.mark.parametrize(
+    "family,method,layers", [("llama", "nbl", [0, 2]), ("gemma3_text", "nbl", [1, 3]), ("qwen2", "drop", [1])]
+)
 def test_a_v1_checkpoint_loads_with_identical_logits(tmp_path, family, method, layers):
     maps = _maps(layers)
     original = _write_v1_checkpoint(tmp_path / "ckpt", family, method, layers, maps)
     loaded = nbl_ext.load_pretrained(tmp_path / "ckpt")
     # the same model, linearized in memory with the same maps
-    rows = [LayerCalibration(i, {"cca_bound": 0.0, "nmse": 0.0, "cosine": 1.0}, 1, *maps.get(i, _maps([i])[i]))
-            for i in range(4)]
+    rows = [
+        LayerCalibration(i, {"cca_bound": 0.0, "nmse": 0.0, "cosine": 1.0}, 1, *maps.get(i, _maps([i])[i]))
+        for i in range(4)
+    ]
     meta = {"model_type": original.config.model_type, "num_layers": 4, "hidden_size": D}
     reference = nbl_ext.linearize(copy.deepcopy(original), CalibrationResult(rows, meta), layers, method=method)
     ids = token_data(2, 16, seed=11)
@@ -81,11 +100,14 @@ def test_a_v1_calibration_directory_loads(tmp_path):
     path = tmp_path / "calibration"
     path.mkdir()
     maps = _maps(range(3))
-    rows = [{"layer": i, "bound": b, "nmse": n, "cosine": c, "tokens": 120}
-            for i, (b, n, c) in enumerate([(3.0, 0.2, 0.9), (1.0, 0.4, 0.5), (2.0, 0.1, 0.7)])]
+    rows = [
+        {"layer": i, "bound": b, "nmse": n, "cosine": c, "tokens": 120}
+        for i, (b, n, c) in enumerate([(3.0, 0.2, 0.9), (1.0, 0.4, 0.5), (2.0, 0.1, 0.7)])
+    ]
     meta = {"model_type": "llama", "num_layers": 3, "hidden_size": D, "tokens": 120, "target": "attn"}
-    (path / "calibration.json").write_text(json.dumps(
-        {"format": "nbl-ext-calibration", "version": 1, "metadata": meta, "layers": rows}))
+    (path / "calibration.json").write_text(
+        json.dumps({"format": "nbl-ext-calibration", "version": 1, "metadata": meta, "layers": rows})
+    )
     tensors = {f"layers.{i}.{name}": t for i, (w, b) in maps.items() for name, t in (("weight", w), ("bias", b))}
     save_file(tensors, str(path / "calibration.safetensors"), metadata={"format": "nbl-ext-calibration"})
     r = CalibrationResult.load(path)

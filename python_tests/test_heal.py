@@ -1,4 +1,5 @@
 """heal(): LoRA (peft) and distillation of the affine maps on tiny random models; merge, reload, resume, errors."""
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,15 @@ def models():
     start = token_data(40, 1, seed=1)
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(3)
-        seqs = original.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0,
-                                 max_new_tokens=15, min_new_tokens=15, pad_token_id=0)
+        seqs = original.generate(
+            start,
+            attention_mask=torch.ones_like(start),
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=15,
+            min_new_tokens=15,
+            pad_token_id=0,
+        )
     return original, lin, seqs[:32], seqs[32:]
 
 
@@ -118,7 +126,7 @@ def test_the_teacher_is_the_original_model_and_the_replayed_prefix_changes_nothi
         replay = {0: heal_mod._Replay(layers[0], seen[-1])}
         s_logits, _ = obj._run(held, replay, {})
         torch.testing.assert_close(s_logits, model(held).logits, rtol=1e-6, atol=1e-6)
-    assert all(type(l).__name__.startswith("NBL") for i, l in enumerate(layers) if i in LAYERS)  # swapped back
+    assert all(type(layer).__name__.startswith("NBL") for i, layer in enumerate(layers) if i in LAYERS)  # swapped back
 
 
 @pytest.mark.parametrize("family", ["gemma3_text", "qwen2"])
@@ -131,8 +139,14 @@ def test_teacher_and_replay_are_exact_in_other_families(family):
     model = copy.deepcopy(original)
     adapter = get_adapter(model)
     d, gen = adapter.hidden_size, torch.Generator().manual_seed(0)
-    apply_structure(model, adapter, "affine", [2, 3], {i: (0.1 * torch.randn(d, d, generator=gen), torch.zeros(d))
-                                                       for i in (2, 3)}, None)
+    apply_structure(
+        model,
+        adapter,
+        "affine",
+        [2, 3],
+        {i: (0.1 * torch.randn(d, d, generator=gen), torch.zeros(d)) for i in (2, 3)},
+        None,
+    )
     ids = token_data(2, 12, seed=4)
     obj = heal_mod._Distill(model, adapter, [2, 3], OriginalBranches(original, [2, 3]), "kl")
     with torch.no_grad():
@@ -214,9 +228,13 @@ def test_drop_model_gets_lora_around_the_dropped_blocks_and_is_never_made_worse(
     # dropping layer 2 of this random model costs nothing on held-out text, so LoRA can only overfit:
     # early stopping (patience 2) ends the run and the unhealed weights are kept
     res = heal(model, train, _fast(steps=12, patience=2), heldout=held, progress=True)
-    assert res.targets == ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj",
-                           "model.layers.2.mlp.down_proj", "model.layers.3.self_attn.o_proj",
-                           "model.layers.3.mlp.down_proj"]
+    assert res.targets == [
+        "model.layers.1.self_attn.o_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.2.mlp.down_proj",
+        "model.layers.3.self_attn.o_proj",
+        "model.layers.3.mlp.down_proj",
+    ]
     assert res.stopped_early and res.steps == 6 and res.best_step == 0
     assert res.heldout_loss_after == res.heldout_loss_before
     assert all(torch.equal(v, unhealed.state_dict()[k]) for k, v in model.state_dict().items())

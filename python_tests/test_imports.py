@@ -4,11 +4,11 @@ Every ``import nbl_ext.x``, ``from nbl_ext.x import ...``, ``from nbl_ext import
 relative import counts, at module level or inside a function (a deferred import still couples the two
 modules), including those under ``if TYPE_CHECKING:``.
 """
+
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-
 
 PACKAGE = "nbl_ext"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE

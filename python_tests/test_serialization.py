@@ -1,4 +1,5 @@
 """save_pretrained / load_pretrained: self-contained, atomic, strict, identical logits, clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -6,9 +7,9 @@ import os
 
 import pytest
 import torch
-from hf_tiny import VOCAB, greedy_generate, greedy_recompute, tiny_model, token_data
 
 import nbl_ext
+from hf_tiny import VOCAB, greedy_generate, greedy_recompute, tiny_model, token_data
 
 
 def _tokenizer():
@@ -32,8 +33,9 @@ def _logits(model):
         return model(token_data(2, 16, seed=11), use_cache=False).logits
 
 
-@pytest.mark.parametrize("family,layers,method", [("llama", [0, 2], "nbl"), ("gemma3_text", [0, 3], "nbl"),
-                                                  ("qwen2", [1], "drop")])
+@pytest.mark.parametrize(
+    "family,layers,method", [("llama", [0, 2], "nbl"), ("gemma3_text", [0, 3], "nbl"), ("qwen2", [1], "drop")]
+)
 def test_save_load_gives_identical_logits(family, layers, method, tmp_path):
     model, result = _linearized(family, layers, method)
     path = tmp_path / "ckpt"
@@ -51,8 +53,10 @@ def test_save_load_gives_identical_logits(family, layers, method, tmp_path):
     assert type(loaded) is type(model) and not loaded.training
     assert torch.equal(_logits(loaded), _logits(model))
     assert loaded.config.nbl == model.config.nbl
-    assert loaded.config.get_text_config(decoder=True).kv_sharing_modes == \
-        model.config.get_text_config(decoder=True).kv_sharing_modes
+    assert (
+        loaded.config.get_text_config(decoder=True).kv_sharing_modes
+        == model.config.get_text_config(decoder=True).kv_sharing_modes
+    )
     sd, sd2 = model.state_dict(), loaded.state_dict()
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
     if family == "gemma3_text":  # tied embeddings stay tied
@@ -113,17 +117,20 @@ def _copy(src, dst):
     return dst
 
 
-@pytest.mark.parametrize("edit,msg", [
-    (lambda n: n.update(layers=[0, 9]), r"nbl.layers has index 9, out of range for 4 layers"),
-    (lambda n: n.update(layers=[0, 0]), r"repeated"),
-    (lambda n: n.update(layers=["0"]), r"must hold ints"),
-    (lambda n: n.update(method="prune"), r"nbl.method must be one of"),
-    (lambda n: n.update(version=7), r"unsupported nbl section version"),
-    (lambda n: n.update(num_hidden_layers=5), r"nbl.num_hidden_layers is 5"),
-    (lambda n: n.update(refit="magic"), r"nbl.refit"),
-    (lambda n: n.update(layers=[0]), r"unexpected tensors \['model.layers.2.nbl_affine"),
-    (lambda n: n.update(layers=[0, 1, 2]), r"missing tensors \['model.layers.1.self_attn|missing tensors .*"),
-])
+@pytest.mark.parametrize(
+    "edit,msg",
+    [
+        (lambda n: n.update(layers=[0, 9]), r"nbl.layers has index 9, out of range for 4 layers"),
+        (lambda n: n.update(layers=[0, 0]), r"repeated"),
+        (lambda n: n.update(layers=["0"]), r"must hold ints"),
+        (lambda n: n.update(method="prune"), r"nbl.method must be one of"),
+        (lambda n: n.update(version=7), r"unsupported nbl section version"),
+        (lambda n: n.update(num_hidden_layers=5), r"nbl.num_hidden_layers is 5"),
+        (lambda n: n.update(refit="magic"), r"nbl.refit"),
+        (lambda n: n.update(layers=[0]), r"unexpected tensors \['model.layers.2.nbl_affine"),
+        (lambda n: n.update(layers=[0, 1, 2]), r"missing tensors \['model.layers.1.self_attn|missing tensors .*"),
+    ],
+)
 def test_tampered_config_is_a_clear_error(saved, tmp_path, edit, msg):
     path = _copy(saved, tmp_path / "t")
     config = json.loads((path / "config.json").read_text())

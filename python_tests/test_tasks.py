@@ -1,5 +1,6 @@
 """Offline lm-eval tasks: every local file maps onto the hub schema, and lm-eval's own task
 definition renders it into the prompts, choices and gold answers the raw file says."""
+
 from __future__ import annotations
 
 import json
@@ -9,14 +10,23 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from nbl_ext import tasks as T  # noqa: E402
+from nbl_ext import tasks as T
 
 DATA = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "eval").resolve()
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared eval data not found at {DATA}")
 
 # Item counts from ../shared/data/eval/SOURCES.md (hellaswag: 60252 lines / 6; wikitext: lm-eval's 62 test pages).
-COUNTS = {"arc_easy": 2376, "arc_challenge": 1172, "boolq": 3270, "hellaswag": 10042, "openbookqa": 500,
-          "piqa": 1838, "winogrande": 1267, "lambada_openai": 5153, "wikitext": 62}
+COUNTS = {
+    "arc_easy": 2376,
+    "arc_challenge": 1172,
+    "boolq": 3270,
+    "hellaswag": 10042,
+    "openbookqa": 500,
+    "piqa": 1838,
+    "winogrande": 1267,
+    "lambada_openai": 5153,
+    "wikitext": 62,
+}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +107,10 @@ def test_piqa_and_winogrande_labels_come_from_the_lst_files(built):
     wino = built["winogrande"]
     doc = _docs(wino)[0]
     blank = doc["sentence"].index("_")
-    assert wino.doc_to_choice(doc) == [doc["sentence"][:blank] + doc["option1"], doc["sentence"][:blank] + doc["option2"]]
+    assert wino.doc_to_choice(doc) == [
+        doc["sentence"][:blank] + doc["option1"],
+        doc["sentence"][:blank] + doc["option2"],
+    ]
     assert wino.doc_to_text(doc) == int((DATA / "winogrande" / "dev-labels.lst").read_text().split()[0]) - 1
 
 

@@ -16,6 +16,7 @@ seeded item subsets of the quality study (scripts/quality_study.py), with the to
 every step took. Raw JSON is written after every point (a rerun resumes); the page
 docs/results/healing.md is rendered from that JSON alone. CPU, float32.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,26 +67,46 @@ class Study:
 
     def heal_config(self, method: str, seed: int = 0) -> HealConfig:
         a = self.args
-        return HealConfig(method=method, epochs=a.epochs, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
-                          micro_batch_size=a.micro_batch_size, patience=a.patience, seed=seed)
+        return HealConfig(
+            method=method,
+            epochs=a.epochs,
+            steps=a.steps,
+            lr=a.lr,
+            batch_size=a.batch_size,
+            micro_batch_size=a.micro_batch_size,
+            patience=a.patience,
+            seed=seed,
+        )
 
     def setup(self):
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
         a = self.args
         self.data["setup"] = {
             "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads), float32",
-            "versions": versions(), "commit": commit,
-            "splits": {"evaluation": {"fraction": HOLDOUT_FRACTION, "seed": HOLDOUT_SEED},
-                       "early_stopping": {"fraction": HealConfig().heldout_fraction, "seed": HOLDOUT_SEED + 1,
-                                          "of": "the documents left after the evaluation hold-out"}},
+            "versions": versions(),
+            "commit": commit,
+            "splits": {
+                "evaluation": {"fraction": HOLDOUT_FRACTION, "seed": HOLDOUT_SEED},
+                "early_stopping": {
+                    "fraction": HealConfig().heldout_fraction,
+                    "seed": HOLDOUT_SEED + 1,
+                    "of": "the documents left after the evaluation hold-out",
+                },
+            },
             "calibration": f"{a.calib_samples} x {a.seq_len} tokens of the training documents, seed 0",
-            "healing": {"train": f"{a.samples} x {a.seq_len} tokens of the training documents",
-                        "heldout": f"{a.heldout_samples} x {a.seq_len} tokens of the early-stopping documents",
-                        "config": {m: self.heal_config(m).training_fields() for m in ("lora", "distill")}},
+            "healing": {
+                "train": f"{a.samples} x {a.seq_len} tokens of the training documents",
+                "heldout": f"{a.heldout_samples} x {a.seq_len} tokens of the early-stopping documents",
+                "config": {m: self.heal_config(m).training_fields() for m in ("lora", "distill")},
+            },
             "perplexity": {"tokens": a.ppl_tokens, "context": a.context, "stride": a.context},
-            "accuracy": {"tasks": list(ZERO_SHOT_7), "docs_per_task": a.acc_n,
-                         "subset": "scripts/quality_study.py subset(): the selection study's items"},
+            "accuracy": {
+                "tasks": list(ZERO_SHOT_7),
+                "docs_per_task": a.acc_n,
+                "subset": "scripts/quality_study.py subset(): the selection study's items",
+            },
         }
 
     def run_model(self, name: str, ks: list[int]):
@@ -110,29 +131,48 @@ class Study:
                 s = perplexity_stats(m, ids, context=a.context, bos_id=bos)
                 point[corpus] = {k: s[k] for k in ("ppl", "ppl_stderr", "nll", "tokens", "window_nll")}
             if a.acc_n:
-                out = run_tasks(m, tok, ZERO_SHOT_7, data_dir=self.eval, samples=samples, batch_size=8,
-                                max_length=a.context, log_samples=True)
-                point["tasks"] = {tn: {"acc": r["metrics"].get("acc"), "acc_stderr": r["stderr"].get("acc"),
-                                       "n": r["n"], "correct": [int(s["acc"]) for s in
-                                                                sorted(r["samples"], key=lambda s: s["doc_id"])]}
-                                  for tn, r in out.items()}
+                out = run_tasks(
+                    m,
+                    tok,
+                    ZERO_SHOT_7,
+                    data_dir=self.eval,
+                    samples=samples,
+                    batch_size=8,
+                    max_length=a.context,
+                    log_samples=True,
+                )
+                point["tasks"] = {
+                    tn: {
+                        "acc": r["metrics"].get("acc"),
+                        "acc_stderr": r["stderr"].get("acc"),
+                        "n": r["n"],
+                        "correct": [int(s["acc"]) for s in sorted(r["samples"], key=lambda s: s["doc_id"])],
+                    }
+                    for tn, r in out.items()
+                }
             point["eval_seconds"] = time.perf_counter() - t
             rec["points"][key] = point
             self.save()
-            print(f"[{name}] {key}: wikitext2 {point['wikitext2']['ppl']:.2f}, c4 {point['c4']['ppl']:.2f}"
-                  + (f", 7-task mean {_mean_acc(point):.4f}" if a.acc_n else ""), flush=True)
+            print(
+                f"[{name}] {key}: wikitext2 {point['wikitext2']['ppl']:.2f}, c4 {point['c4']['ppl']:.2f}"
+                + (f", 7-task mean {_mean_acc(point):.4f}" if a.acc_n else ""),
+                flush=True,
+            )
 
         measure(model, "original", {"k": 0})
         todo = [f"{m}/k{k}/{h}" for k in ks for m, heals in HEALS.items() for h in ("none", *heals)]
         if all(key in rec["points"] for key in todo):
             return
         t = time.perf_counter()
-        calib = nbl_ext.load_calibration_tokens(train_docs, tok, num_samples=a.calib_samples, seq_len=a.seq_len,
-                                                seed=0, progress=False)
-        train = nbl_ext.load_calibration_tokens(train_docs, tok, num_samples=a.samples, seq_len=a.seq_len, seed=1,
-                                                progress=False)
-        heldout = nbl_ext.load_calibration_tokens(stop_docs, tok, num_samples=a.heldout_samples, seq_len=a.seq_len,
-                                                  seed=0, progress=False)
+        calib = nbl_ext.load_calibration_tokens(
+            train_docs, tok, num_samples=a.calib_samples, seq_len=a.seq_len, seed=0, progress=False
+        )
+        train = nbl_ext.load_calibration_tokens(
+            train_docs, tok, num_samples=a.samples, seq_len=a.seq_len, seed=1, progress=False
+        )
+        heldout = nbl_ext.load_calibration_tokens(
+            stop_docs, tok, num_samples=a.heldout_samples, seq_len=a.seq_len, seed=0, progress=False
+        )
         res = nbl_ext.calibrate(model, calib, batch_size=4, progress=False)
         rec["calibration"] = {"tokens": int(calib.numel()), "seconds": time.perf_counter() - t}
         for k in ks:
@@ -148,15 +188,43 @@ class Study:
                     state = self.raw.parent / "heal_state" / name / key.replace("/", "-")
                     cfg = self.heal_config(h)
                     cfg.state_dir = str(state)
-                    out = nbl_ext.heal(healed, train, cfg, heldout=heldout, teacher=model if h == "distill" else None,
-                                       progress=a.progress)
+                    out = nbl_ext.heal(
+                        healed,
+                        train,
+                        cfg,
+                        heldout=heldout,
+                        teacher=model if h == "distill" else None,
+                        progress=a.progress,
+                    )
                     summary = out.summary()
-                    measure(healed, key, {"k": k, "method": method, "heal": h, "layers": sel,
-                                          "healing": {f: summary[f] for f in (
-                                              "objective", "targets", "trainable_parameters", "steps",
-                                              "planned_steps", "best_step", "stopped_early", "heldout_loss_before",
-                                              "heldout_loss_after", "train_tokens", "heldout_tokens", "seconds",
-                                              "history")}})
+                    measure(
+                        healed,
+                        key,
+                        {
+                            "k": k,
+                            "method": method,
+                            "heal": h,
+                            "layers": sel,
+                            "healing": {
+                                f: summary[f]
+                                for f in (
+                                    "objective",
+                                    "targets",
+                                    "trainable_parameters",
+                                    "steps",
+                                    "planned_steps",
+                                    "best_step",
+                                    "stopped_early",
+                                    "heldout_loss_before",
+                                    "heldout_loss_after",
+                                    "train_tokens",
+                                    "heldout_tokens",
+                                    "seconds",
+                                    "history",
+                                )
+                            },
+                        },
+                    )
                     del healed
                 del base
 
@@ -175,23 +243,33 @@ def _paired_nll(a: dict, b: dict, corpus: str) -> tuple[float, float]:
 
 def render(raw: Path, page: Path) -> None:
     data = json.loads(raw.read_text())
-    lines = ["# Healing linearized models (issue 12)", "",
-             f"Generated by `scripts/heal_study.py` from `{raw.name}`; setup: "
-             f"{data.get('setup', {}).get('device', '?')}, commit {data.get('setup', {}).get('commit', '?')}.", "",
-             "Recovered = (ppl unhealed - ppl healed) / (ppl unhealed - ppl original), on held-out C4; "
-             "d NLL = paired per-window change of the mean NLL from unhealed to healed (with its s.e.).", ""]
+    lines = [
+        "# Healing linearized models (issue 12)",
+        "",
+        f"Generated by `scripts/heal_study.py` from `{raw.name}`; setup: "
+        f"{data.get('setup', {}).get('device', '?')}, commit {data.get('setup', {}).get('commit', '?')}.",
+        "",
+        "Recovered = (ppl unhealed - ppl healed) / (ppl unhealed - ppl original), on held-out C4; "
+        "d NLL = paired per-window change of the mean NLL from unhealed to healed (with its s.e.).",
+        "",
+    ]
     for name, rec in data["models"].items():
         pts = rec["points"]
         orig = pts.get("original")
         if orig is None:
             continue
         acc = "tasks" in orig
-        lines += [f"## {name} ({rec.get('num_layers', '?')} layers)", "",
-                  "| point | wikitext2 ppl | c4 ppl | recovered (c4) | d NLL c4 (s.e.) |"
-                  + (" 7-task acc |" if acc else "") + " heal steps | heal tokens | heal s |",
-                  "|---|---|---|---|---|" + ("---|" if acc else "") + "---|---|---|",
-                  f"| original | {orig['wikitext2']['ppl']:.2f} | {orig['c4']['ppl']:.2f} | | |"
-                  + (f" {_mean_acc(orig):.4f} |" if acc else "") + " | | |"]
+        lines += [
+            f"## {name} ({rec.get('num_layers', '?')} layers)",
+            "",
+            "| point | wikitext2 ppl | c4 ppl | recovered (c4) | d NLL c4 (s.e.) |"
+            + (" 7-task acc |" if acc else "")
+            + " heal steps | heal tokens | heal s |",
+            "|---|---|---|---|---|" + ("---|" if acc else "") + "---|---|---|",
+            f"| original | {orig['wikitext2']['ppl']:.2f} | {orig['c4']['ppl']:.2f} | | |"
+            + (f" {_mean_acc(orig):.4f} |" if acc else "")
+            + " | | |",
+        ]
         for key, p in pts.items():
             if key == "original":
                 continue
@@ -203,10 +281,13 @@ def render(raw: Path, page: Path) -> None:
                 m, se = _paired_nll(base, p, "c4")
                 d_s = f"{m:+.4f} ({se:.4f})"
             hs = p.get("healing") or {}
-            lines.append(f"| {key} | {p['wikitext2']['ppl']:.2f} | {p['c4']['ppl']:.2f} | {rec_s} | {d_s} |"
-                         + (f" {_mean_acc(p):.4f} |" if acc and "tasks" in p else (" |" if acc else ""))
-                         + f" {hs.get('steps', '')} | {hs.get('train_tokens', '')} | "
-                         + (f"{hs['seconds']:.0f}" if hs else "") + " |")
+            lines.append(
+                f"| {key} | {p['wikitext2']['ppl']:.2f} | {p['c4']['ppl']:.2f} | {rec_s} | {d_s} |"
+                + (f" {_mean_acc(p):.4f} |" if acc and "tasks" in p else (" |" if acc else ""))
+                + f" {hs.get('steps', '')} | {hs.get('train_tokens', '')} | "
+                + (f"{hs['seconds']:.0f}" if hs else "")
+                + " |"
+            )
         lines.append("")
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(lines) + "\n")
@@ -216,8 +297,12 @@ def render(raw: Path, page: Path) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: %(default)s)")
-    ap.add_argument("--k", default=None, metavar="MODEL:K1,K2[;MODEL:K]",
-                    help="k values per model (default: about 20%% and 40%% of the layers)")
+    ap.add_argument(
+        "--k",
+        default=None,
+        metavar="MODEL:K1,K2[;MODEL:K]",
+        help="k values per model (default: about 20%% and 40%% of the layers)",
+    )
     ap.add_argument("--data-dir", default=str(SHARED), help="the shared data (calib/, eval/; default: %(default)s)")
     ap.add_argument("--out", default=str(DOCS / "results" / "heal_study.json"), help="raw JSON (default: %(default)s)")
     ap.add_argument("--page", default=None, help="rendered page (default: healing.md next to --out)")

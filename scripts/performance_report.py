@@ -1,6 +1,6 @@
 """Render docs/performance.md and its plots from the benchmark results (pytest-benchmark JSON).
 
-    python scripts/performance_report.py                 # bench/results/*.json -> docs/performance.md + docs/performance/*.png
+    python scripts/performance_report.py     # bench/results/*.json -> docs/performance.md + docs/performance/*.png
     python scripts/performance_report.py --check         # exit 1 if docs/performance.md is stale (CI, python_tests)
     python scripts/performance_report.py --results bench/results --results NEW.json --doc OUT/performance.md
 
@@ -26,6 +26,7 @@ re-running without new results changes nothing (no clock, no absolute paths on t
 to exist: PNG bytes depend on the matplotlib/freetype build). The page names every run it
 uses, so a new or removed result JSON makes it stale.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -159,10 +160,12 @@ def run_meta(run: Run, rows: list[dict]) -> str:
     load_txt = f"1-min load average {_range(load)} during the run" if any(v is not None for v in load) else ""
     if end:
         load_txt += ("; " if load_txt else "") + f"{end[0]:.1f} at the end"
-    return (f"Run `{run.path.name}`: commit {cid}{dirty}, {run.when[:16].replace('T', ' ')} UTC, "
-            f"torch {nbl.get('torch_version', '?')}{cuda}, {nbl.get('torch_num_threads', '?')} threads, "
-            f"{load_txt or 'load average not recorded'} (on {ncpu} CPUs), "
-            f"{len(rows)} benchmark{'s' if len(rows) != 1 else ''}.")
+    return (
+        f"Run `{run.path.name}`: commit {cid}{dirty}, {run.when[:16].replace('T', ' ')} UTC, "
+        f"torch {nbl.get('torch_version', '?')}{cuda}, {nbl.get('torch_num_threads', '?')} threads, "
+        f"{load_txt or 'load average not recorded'} (on {ncpu} CPUs), "
+        f"{len(rows)} benchmark{'s' if len(rows) != 1 else ''}."
+    )
 
 
 def _savefig(fig, png: Path) -> None:
@@ -192,10 +195,14 @@ def accumulator_section(label: str, run: Run, rows: list[dict], png: Path | None
     ex = accumulator_rows(rows)
     out = [f"## Covariance accumulator: {label}", "", run_meta(run, rows), ""]
     if png is not None:
-        out += [f"![accumulator throughput and memory]({rel})", "",
-                "Top: tokens/s against the number of tokens, with the float32-GEMM floor (three Gram products "
-                "at the same-run `torch.mm` rate; dashed). Bottom: peak memory over the baseline process: the "
-                "streaming variants stay flat, store_all grows with the tokens. float32 cases.", ""]
+        out += [
+            f"![accumulator throughput and memory]({rel})",
+            "",
+            "Top: tokens/s against the number of tokens, with the float32-GEMM floor (three Gram products "
+            "at the same-run `torch.mm` rate; dashed). Bottom: peak memory over the baseline process: the "
+            "streaming variants stay flat, store_all grows with the tokens. float32 cases.",
+            "",
+        ]
     out += TABLES["accumulator"](rows)
     out.append("")
     out += _acc_findings(ex)
@@ -209,23 +216,33 @@ def _acc_findings(ex: list[dict]) -> list[str]:
     ref = {(e["dtype"], e["d_x"], e["tokens"]): e for e in ex if e["variant"] == "reference"}
     if comp:
         pct = [e.get("pct_of_gemm_fp32") for e in comp]
-        lines.append(f"- compiled reaches {_range(pct, '.0f', '%')} of the same-run float32 GEMM rate "
-                     f"({len(comp)} cases).")
-        xs = [store[k].get("median_s") / e["median_s"] for e in comp
-              if (k := (e["dtype"], e["d_x"], e["tokens"])) in store]
+        lines.append(
+            f"- compiled reaches {_range(pct, '.0f', '%')} of the same-run float32 GEMM rate ({len(comp)} cases)."
+        )
+        xs = [
+            store[k].get("median_s") / e["median_s"]
+            for e in comp
+            if (k := (e["dtype"], e["d_x"], e["tokens"])) in store
+        ]
         if xs:
-            lines.append(f"- compiled vs store_all: {_range(xs, '.2f', 'x')} faster "
-                         f"({sum(x > 1 for x in xs)} of {len(xs)} cases faster).")
+            lines.append(
+                f"- compiled vs store_all: {_range(xs, '.2f', 'x')} faster "
+                f"({sum(x > 1 for x in xs)} of {len(xs)} cases faster)."
+            )
         xr = [ref[k]["median_s"] / e["median_s"] for e in comp if (k := (e["dtype"], e["d_x"], e["tokens"])) in ref]
         if xr:
-            lines.append(f"- compiled vs the PyTorch reference: {_range(xr, '.2f', 'x')} "
-                         f"(compiled faster in {sum(x > 1 for x in xr)} of {len(xr)} cases).")
+            lines.append(
+                f"- compiled vs the PyTorch reference: {_range(xr, '.2f', 'x')} "
+                f"(compiled faster in {sum(x > 1 for x in xr)} of {len(xr)} cases)."
+            )
     for variant in ("compiled", "store_all"):
         for (dt, d), pts in sorted(_by_d(ex, variant).items()):
             if len(pts) >= 2 and all(m is not None for _, m in pts):
                 (n0, m0), (n1, m1) = pts[0], pts[-1]
-                lines.append(f"- peak memory, {variant}, d={d} {dt}: {m0:.0f} MB at {n0} tokens, {m1:.0f} MB at "
-                             f"{n1} tokens ({m1 / m0:.2f}x for {n1 / n0:.0f}x the tokens).")
+                lines.append(
+                    f"- peak memory, {variant}, d={d} {dt}: {m0:.0f} MB at {n0} tokens, {m1:.0f} MB at "
+                    f"{n1} tokens ({m1 / m0:.2f}x for {n1 / n0:.0f}x the tokens)."
+                )
     return lines
 
 
@@ -282,16 +299,29 @@ def generate_section(label: str, run: Run, rows: list[dict], png: Path | None, r
     ex = generation_rows(rows)
     out = [f"## Generation latency: {label}", "", run_meta(run, rows), ""]
     if png is not None:
-        out += [f"![generation speedup vs k]({rel})", "",
-                "Speedup over the original of the same case (same run) against the number of attention blocks "
-                "replaced, for decode steps and end to end, next to the ideal bytes ratio (bytes per decode step "
-                "original / variant; dotted).", ""]
+        out += [
+            f"![generation speedup vs k]({rel})",
+            "",
+            "Speedup over the original of the same case (same run) against the number of attention blocks "
+            "replaced, for decode steps and end to end, next to the ideal bytes ratio (bytes per decode step "
+            "original / variant; dotted).",
+            "",
+        ]
     out += TABLES["generate"](rows)
-    ceil = sorted({(e["dtype"], round(e["bandwidth_bytes_per_s"] / 1e9), round(e["matmul_flops_per_s"] / 1e9))
-                   for e in ex if e.get("bandwidth_bytes_per_s") and e.get("matmul_flops_per_s")})
+    ceil = sorted(
+        {
+            (e["dtype"], round(e["bandwidth_bytes_per_s"] / 1e9), round(e["matmul_flops_per_s"] / 1e9))
+            for e in ex
+            if e.get("bandwidth_bytes_per_s") and e.get("matmul_flops_per_s")
+        }
+    )
     if ceil:
-        out += ["", "Same-run ceilings: " + "; ".join(f"{dt}: copy {bw:,} GB/s, matmul {mm:,} GFLOP/s"
-                                                     for dt, bw, mm in ceil) + "."]
+        out += [
+            "",
+            "Same-run ceilings: "
+            + "; ".join(f"{dt}: copy {bw:,} GB/s, matmul {mm:,} GFLOP/s" for dt, bw, mm in ceil)
+            + ".",
+        ]
     return out + [""]
 
 
@@ -304,8 +334,9 @@ def plot_generate(label: str, rows: list[dict], png: Path) -> None:
         here = [e for e in ex if generation_case(e) == case and e["variant"] != "original"]
         for m in sorted({e["method"] for e in here}):
             # k = 0 is the original itself: every ratio 1
-            pts = [(0, 1.0, 1.0, 1.0)] + sorted((e["k"], e["x_decode"], e["x_e2e"], e.get("ideal_decode_speedup"))
-                                                for e in here if e["method"] == m)
+            pts = [(0, 1.0, 1.0, 1.0)] + sorted(
+                (e["k"], e["x_decode"], e["x_e2e"], e.get("ideal_decode_speedup")) for e in here if e["method"] == m
+            )
             ks = [p[0] for p in pts]
             c = METHOD_COLOR.get(m)
             name = METHOD_LABEL.get(m, m)
@@ -333,8 +364,13 @@ def calibration_section(label: str, run: Run, rows: list[dict], png: Path | None
     if png is not None:
         out += [f"![calibration time and memory vs tokens]({rel})", ""]
     out += TABLES["calibration"](rows)
-    out += ["", "Fields read from `extra_info` (first present): " + "; ".join(
-        f"{k}: {', '.join(f'`{a}`' for a in v)}" for k, v in CALIB_KEYS.items()) + "; `tokens`, `model`.", ""]
+    out += [
+        "",
+        "Fields read from `extra_info` (first present): "
+        + "; ".join(f"{k}: {', '.join(f'`{a}`' for a in v)}" for k, v in CALIB_KEYS.items())
+        + "; `tokens`, `model`.",
+        "",
+    ]
     return out
 
 
@@ -372,12 +408,18 @@ def plot_calibration(label: str, rows: list[dict], png: Path) -> None:
 
 # --- other suites -----------------------------------------------------------------------------------------
 def affine_section(label: str, run: Run, rows: list[dict], png: Path | None, rel: str) -> list[str]:
-    out = [f"## Fused linearized-attention forward (`nbl::affine_residual`): {label}", "", run_meta(run, rows), "",
-           "Per case: the compiled op, PyTorch's reference (addmm + add), a bare GEMM of the same shape and, for "
-           "the 2048-token prefill, the attention branch the map replaces (`h + self_attn(input_layernorm(h))`, "
-           "random weights, SDPA), timed interleaved in one test. `ref / kernel` >= 1: the kernel is not slower; "
-           "`% floor`: the floor (FLOPs / same-run matmul rate, bytes / same-run copy bandwidth, the larger) over "
-           "the kernel's time.", ""]
+    out = [
+        f"## Fused linearized-attention forward (`nbl::affine_residual`): {label}",
+        "",
+        run_meta(run, rows),
+        "",
+        "Per case: the compiled op, PyTorch's reference (addmm + add), a bare GEMM of the same shape and, for "
+        "the 2048-token prefill, the attention branch the map replaces (`h + self_attn(input_layernorm(h))`, "
+        "random weights, SDPA), timed interleaved in one test. `ref / kernel` >= 1: the kernel is not slower; "
+        "`% floor`: the floor (FLOPs / same-run matmul rate, bytes / same-run copy bandwidth, the larger) over "
+        "the kernel's time.",
+        "",
+    ]
     out += TABLES["affine"](rows)
     if png is not None:
         out += ["", f"![affine_residual: time per row vs rows]({rel})"]
@@ -407,13 +449,22 @@ def plot_affine(label: str, rows: list[dict], png: Path) -> None:
 
 
 def generic_section(label: str, suite: str, run: Run, rows: list[dict]) -> list[str]:
-    out = [f"## Suite `{suite}`: {label}", "", run_meta(run, rows), "",
-           "No dedicated table for this suite yet (scripts/performance_report.py); pytest-benchmark's statistics:", "",
-           "| benchmark | median s | IQR s | min s | rounds |", "|---|---:|---:|---:|---:|"]
+    out = [
+        f"## Suite `{suite}`: {label}",
+        "",
+        run_meta(run, rows),
+        "",
+        "No dedicated table for this suite yet (scripts/performance_report.py); pytest-benchmark's statistics:",
+        "",
+        "| benchmark | median s | IQR s | min s | rounds |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for b in sorted(rows, key=lambda b: b.get("name", "")):
         s = b.get("stats") or {}
-        out.append(f"| `{b.get('name', '?')}` | {fmt(s.get('median'), '.4g')} | {fmt(s.get('iqr'), '.3g')} "
-                   f"| {fmt(s.get('min'), '.4g')} | {fmt(s.get('rounds'), 'd')} |")
+        out.append(
+            f"| `{b.get('name', '?')}` | {fmt(s.get('median'), '.4g')} | {fmt(s.get('iqr'), '.3g')} "
+            f"| {fmt(s.get('min'), '.4g')} | {fmt(s.get('rounds'), 'd')} |"
+        )
     return out + [""]
 
 
@@ -441,18 +492,40 @@ def t_nbl12(latest: Latest, mode: str) -> list[TargetRow]:
     out = []
     for label, run, rows in _suite_rows(latest, "generate", "cuda"):
         ex = generation_rows(rows)
-        hit = [e for e in ex if e["model"] == "llama-3.1-8b" and e["mode"] == mode and e["batch"] == 1
-               and e["prompt_len"] == 2048 and e["new_tokens"] == 2048 and e["dtype"] == "bfloat16"
-               and e["variant"] == "nbl-k12" and e["x_e2e"] is not None]
+        hit = [
+            e
+            for e in ex
+            if e["model"] == "llama-3.1-8b"
+            and e["mode"] == mode
+            and e["batch"] == 1
+            and e["prompt_len"] == 2048
+            and e["new_tokens"] == 2048
+            and e["dtype"] == "bfloat16"
+            and e["variant"] == "nbl-k12"
+            and e["x_e2e"] is not None
+        ]
         for e in hit:
             if mode == "eager":
-                out.append((label, f"{e['x_e2e']:.3f}x e2e ({e['x_decode']:.3f}x decode)",
-                            _verdict(e["x_e2e"] >= 1.40), f"`{run.path.name}`"))
+                out.append(
+                    (
+                        label,
+                        f"{e['x_e2e']:.3f}x e2e ({e['x_decode']:.3f}x decode)",
+                        _verdict(e["x_e2e"] >= 1.40),
+                        f"`{run.path.name}`",
+                    )
+                )
             else:
                 ideal = e.get("ideal_decode_speedup")
-                out.append((label, f"{e['x_decode']:.3f}x decode, {e['x_e2e']:.3f}x e2e; ideal bytes ratio "
-                            f"{fmt(ideal, '.3f')} ({fmt(100 * e['x_decode'] / ideal if ideal else None, '.0f')}% "
-                            "of it in decode)", _verdict(None), f"`{run.path.name}`"))
+                out.append(
+                    (
+                        label,
+                        f"{e['x_decode']:.3f}x decode, {e['x_e2e']:.3f}x e2e; ideal bytes ratio "
+                        f"{fmt(ideal, '.3f')} ({fmt(100 * e['x_decode'] / ideal if ideal else None, '.0f')}% "
+                        "of it in decode)",
+                        _verdict(None),
+                        f"`{run.path.name}`",
+                    )
+                )
     return out
 
 
@@ -461,8 +534,15 @@ def t_decode_bw(latest: Latest) -> list[TargetRow]:
     for label, run, rows in _suite_rows(latest, "affine", "cuda"):
         pct = [e["pct_of_bandwidth"] for e in affine_rows(rows) if e["rows"] <= 16 and e.get("pct_of_bandwidth")]
         if pct:
-            out.append((label, f"GEMV path at {_range(pct, '.0f', '%')} of the same-run copy bandwidth over "
-                        f"{len(pct)} decode cases (rows <= 16)", _verdict(min(pct) >= 80), f"`{run.path.name}`"))
+            out.append(
+                (
+                    label,
+                    f"GEMV path at {_range(pct, '.0f', '%')} of the same-run copy bandwidth over "
+                    f"{len(pct)} decode cases (rows <= 16)",
+                    _verdict(min(pct) >= 80),
+                    f"`{run.path.name}`",
+                )
+            )
     return out
 
 
@@ -473,8 +553,14 @@ def t_accumulator(latest: Latest) -> list[TargetRow]:
             pct = [e.get("pct_of_gemm_fp32") for e in accumulator_rows(rows) if e["variant"] == "compiled"]
             pct = [p for p in pct if p is not None]
             if pct:
-                out.append((label, f"compiled at {_range(pct, '.0f', '%')} of the same-run fp32 GEMM rate "
-                            f"({len(pct)} cases)", _verdict(min(pct) >= 50), f"`{run.path.name}`"))
+                out.append(
+                    (
+                        label,
+                        f"compiled at {_range(pct, '.0f', '%')} of the same-run fp32 GEMM rate ({len(pct)} cases)",
+                        _verdict(min(pct) >= 50),
+                        f"`{run.path.name}`",
+                    )
+                )
         if dev == "cuda" and not out:
             out.append(("GPU", "-", MISSING_GPU, "-"))
     return out
@@ -483,8 +569,14 @@ def t_accumulator(latest: Latest) -> list[TargetRow]:
 def _pairs(rows: list[dict], a: str, b: str, keys: tuple[str, ...]) -> list[tuple[dict, dict]]:
     ex = [x.get("extra_info") or {} for x in rows]
     other = {tuple(e.get(k) for k in keys): e for e in ex if e.get("variant") == b}
-    return [(e, other[key]) for e in ex if e.get("variant") == a and (key := tuple(e.get(k) for k in keys)) in other
-            and e.get("median_s") and other[key].get("median_s")]
+    return [
+        (e, other[key])
+        for e in ex
+        if e.get("variant") == a
+        and (key := tuple(e.get(k) for k in keys)) in other
+        and e.get("median_s")
+        and other[key].get("median_s")
+    ]
 
 
 def t_affine_prefill(latest: Latest) -> list[TargetRow]:
@@ -492,8 +584,14 @@ def t_affine_prefill(latest: Latest) -> list[TargetRow]:
     for label, run, rows in _suite_rows(latest, "affine", "cuda"):
         r = [e["kernel_vs_gemm"] for e in affine_rows(rows) if e["rows"] > 16 and e.get("kernel_vs_gemm")]
         if r:
-            out.append((label, f"kernel / GEMM time {_range(r, '.2f')} over {len(r)} prefill cases",
-                        _verdict(max(r) <= 1.10), f"`{run.path.name}`"))
+            out.append(
+                (
+                    label,
+                    f"kernel / GEMM time {_range(r, '.2f')} over {len(r)} prefill cases",
+                    _verdict(max(r) <= 1.10),
+                    f"`{run.path.name}`",
+                )
+            )
     return out
 
 
@@ -503,10 +601,16 @@ def t_cpu_affine(latest: Latest) -> list[TargetRow]:
         r = [1.0 / e["kernel_vs_reference"] for e in affine_rows(rows) if e.get("kernel_vs_reference")]
         if r:
             worst = max(r)
-            out.append((label, f"kernel / reference time {_range(r, '.2f')} over {len(r)} cases",
-                        _verdict(worst <= 1.0) if worst <= 1.0 or worst > 1.10 else
-                        "NOT met by <= 10% (within this machine's run-to-run noise; see bench/README.md)",
-                        f"`{run.path.name}`"))
+            out.append(
+                (
+                    label,
+                    f"kernel / reference time {_range(r, '.2f')} over {len(r)} cases",
+                    _verdict(worst <= 1.0)
+                    if worst <= 1.0 or worst > 1.10
+                    else "NOT met by <= 10% (within this machine's run-to-run noise; see bench/README.md)",
+                    f"`{run.path.name}`",
+                )
+            )
     return out
 
 
@@ -517,10 +621,15 @@ def t_layer(latest: Latest) -> list[TargetRow]:
             r = [100 * e["kernel_vs_attention"] for e in affine_rows(rows) if e.get("kernel_vs_attention")]
             if r:
                 shapes = ", ".join(sorted({e.get("shape", "?") for e in affine_rows(rows)}))
-                out.append((label, f"linearized branch at {_range(r, '.1f', '%')} of the attention branch's time "
-                            f"({shapes}, 2048-token prefill, batch 1)",
-                            _verdict(max(r) <= 35) if dev == "cuda" else "reported (the target is for the GPU)",
-                            f"`{run.path.name}`"))
+                out.append(
+                    (
+                        label,
+                        f"linearized branch at {_range(r, '.1f', '%')} of the attention branch's time "
+                        f"({shapes}, 2048-token prefill, batch 1)",
+                        _verdict(max(r) <= 35) if dev == "cuda" else "reported (the target is for the GPU)",
+                        f"`{run.path.name}`",
+                    )
+                )
         if dev == "cuda" and not out:
             out.append(("GPU", "-", MISSING_GPU, "-"))
     return out
@@ -538,47 +647,92 @@ def t_calibration(latest: Latest) -> list[TargetRow]:
             if len(host) >= 2:
                 growth = host[-1][1] / host[0][1]
                 flat = growth <= FLAT_TOLERANCE
-                mem = f"peak host {host[0][1] / 2**30:.1f} GiB at {host[0][0]:,} tokens -> {host[-1][1] / 2**30:.1f} GiB"
+                mem = (
+                    f"peak host {host[0][1] / 2**30:.1f} GiB at {host[0][0]:,} tokens -> {host[-1][1] / 2**30:.1f} GiB"
+                )
             else:
                 flat, mem = None, "host-memory flatness not measured (one token count)"
             ok = None if t is None else (t < 180 and flat is not False) if flat is not None else None
-            out.append((label, f"{model} {method}: {fmt(t, '.0f')} s for {FULL_CALIB_TOKENS:,} tokens; {mem}",
-                        _verdict(ok), f"`{run.path.name}`"))
+            out.append(
+                (
+                    label,
+                    f"{model} {method}: {fmt(t, '.0f')} s for {FULL_CALIB_TOKENS:,} tokens; {mem}",
+                    _verdict(ok),
+                    f"`{run.path.name}`",
+                )
+            )
     return out
 
 
 #: (target as the issue states it, evaluator, what is missing when nothing is found, how it is read)
 TARGETS: list[tuple[str, Callable[[Latest], list[TargetRow]], str, str]] = [
-    ("NBL-12 end-to-end generation >= 1.40x the original (Llama-3.1-8B shape, bf16, batch 1, 2048 + 2048, HF eager)",
-     lambda lt: t_nbl12(lt, "eager"), MISSING_GPU,
-     "generate suite, CUDA rows: `e2e_tokens_per_s` of `nbl-k12` / `original`, llama-3.1-8b, eager, batch 1, 2048+2048, bfloat16"),
-    ("Fast path (static cache + torch.compile): NBL-12 gain vs the ideal bytes ratio",
-     lambda lt: t_nbl12(lt, "static"), MISSING_GPU,
-     "the same case in static mode: x decode against `ideal_decode_speedup` (no threshold in the issue: reported)"),
-    ("affine_residual prefill within 10% of a same-run cuBLAS GEMM", t_affine_prefill, MISSING_GPU,
-     "suite `affine` (bench/test_bench_affine.py), CUDA cases with more than 16 rows: `kernel_vs_gemm` (kernel / "
-     "bare GEMM time, interleaved in one test) <= 1.10"),
-    ("affine_residual decode (few rows) >= 80% of the measured bandwidth", t_decode_bw, MISSING_GPU,
-     "suite `affine`, CUDA cases with at most 16 rows: `pct_of_bandwidth` (bytes (d^2 + 2 n d + d) x sizeof over "
-     "the kernel's time, against the same-run copy bandwidth) >= 80"),
-    ("Linearized layer <= 35% of the attention block's time (2048 context, batch 1)", t_layer, MISSING_GPU,
-     "suite `affine`, 2048-row cases: `kernel_vs_attention` (kernel / attention-branch time) <= 0.35 on CUDA; "
-     "CPU rows reported"),
-    ("Accumulator >= 50% of the same-run GEMM rate", t_accumulator, MISSING_GPU,
-     "accumulator suite: `pct_of_gemm_fp32` of the `compiled` variant, every case (CPU rows shown too)"),
-    ("Full 8B calibration, 256 x 2048 tokens, < 3 min with flat host memory", t_calibration, MISSING_GPU,
-     f"suite `calibration`, CUDA rows of an 8B model with `tokens` = {FULL_CALIB_TOKENS:,}: time < 180 s, and peak "
-     f"host memory at the most tokens <= {FLAT_TOLERANCE:.2f}x that at the fewest"),
-    ("CPU affine_residual not slower than the reference", t_cpu_affine,
-     "missing: no `affine` benchmark results yet",
-     "suite `affine`, CPU cases: 1 / `kernel_vs_reference` (kernel / reference time) <= 1.0 in every case"),
+    (
+        "NBL-12 end-to-end generation >= 1.40x the original (Llama-3.1-8B shape, bf16, batch 1, 2048 + 2048, HF eager)",
+        lambda lt: t_nbl12(lt, "eager"),
+        MISSING_GPU,
+        "generate suite, CUDA rows: `e2e_tokens_per_s` of `nbl-k12` / `original`, llama-3.1-8b, eager, batch 1, "
+        "2048+2048, bfloat16",
+    ),
+    (
+        "Fast path (static cache + torch.compile): NBL-12 gain vs the ideal bytes ratio",
+        lambda lt: t_nbl12(lt, "static"),
+        MISSING_GPU,
+        "the same case in static mode: x decode against `ideal_decode_speedup` (no threshold in the issue: reported)",
+    ),
+    (
+        "affine_residual prefill within 10% of a same-run cuBLAS GEMM",
+        t_affine_prefill,
+        MISSING_GPU,
+        "suite `affine` (bench/test_bench_affine.py), CUDA cases with more than 16 rows: `kernel_vs_gemm` (kernel / "
+        "bare GEMM time, interleaved in one test) <= 1.10",
+    ),
+    (
+        "affine_residual decode (few rows) >= 80% of the measured bandwidth",
+        t_decode_bw,
+        MISSING_GPU,
+        "suite `affine`, CUDA cases with at most 16 rows: `pct_of_bandwidth` (bytes (d^2 + 2 n d + d) x sizeof over "
+        "the kernel's time, against the same-run copy bandwidth) >= 80",
+    ),
+    (
+        "Linearized layer <= 35% of the attention block's time (2048 context, batch 1)",
+        t_layer,
+        MISSING_GPU,
+        "suite `affine`, 2048-row cases: `kernel_vs_attention` (kernel / attention-branch time) <= 0.35 on CUDA; "
+        "CPU rows reported",
+    ),
+    (
+        "Accumulator >= 50% of the same-run GEMM rate",
+        t_accumulator,
+        MISSING_GPU,
+        "accumulator suite: `pct_of_gemm_fp32` of the `compiled` variant, every case (CPU rows shown too)",
+    ),
+    (
+        "Full 8B calibration, 256 x 2048 tokens, < 3 min with flat host memory",
+        t_calibration,
+        MISSING_GPU,
+        f"suite `calibration`, CUDA rows of an 8B model with `tokens` = {FULL_CALIB_TOKENS:,}: time < 180 s, and peak "
+        f"host memory at the most tokens <= {FLAT_TOLERANCE:.2f}x that at the fewest",
+    ),
+    (
+        "CPU affine_residual not slower than the reference",
+        t_cpu_affine,
+        "missing: no `affine` benchmark results yet",
+        "suite `affine`, CPU cases: 1 / `kernel_vs_reference` (kernel / reference time) <= 1.0 in every case",
+    ),
 ]
 
 
 def targets_section(latest: Latest) -> list[str]:
-    out = ["## Targets", "", "From the performance issue; each measured value comes from the newest run of its suite "
-           "on that device. \"met\" / \"NOT met\" compare with the target's threshold; \"reported\": the issue "
-           "sets no threshold.", "", "| target | device | measured | status | run |", "|---|---|---|---|---|"]
+    out = [
+        "## Targets",
+        "",
+        "From the performance issue; each measured value comes from the newest run of its suite "
+        'on that device. "met" / "NOT met" compare with the target\'s threshold; "reported": the issue '
+        "sets no threshold.",
+        "",
+        "| target | device | measured | status | run |",
+        "|---|---|---|---|---|",
+    ]
     for text, fn, missing, _ in TARGETS:
         try:
             found = fn(latest)
@@ -594,10 +748,12 @@ def targets_section(latest: Latest) -> list[str]:
 
 
 # --- the page --------------------------------------------------------------------------------------------------
-SECTIONS = {"accumulator": (0, accumulator_section, plot_accumulator),
-            "affine": (1, affine_section, plot_affine),
-            "generate": (2, generate_section, plot_generate),
-            "calibration": (3, calibration_section, plot_calibration)}
+SECTIONS = {
+    "accumulator": (0, accumulator_section, plot_accumulator),
+    "affine": (1, affine_section, plot_affine),
+    "generate": (2, generate_section, plot_generate),
+    "calibration": (3, calibration_section, plot_calibration),
+}
 
 
 def _want_plot(suite: str, rows: list[dict]) -> bool:
@@ -617,26 +773,39 @@ def render(sources: list[Path], doc: Path, plots: Path, *, draw: bool = True) ->
     runs, skipped = load_runs(sources)
     latest = newest(runs)
     rel_plots = Path(os.path.relpath(plots, doc.parent)).as_posix()
-    lines = ["# Performance", "",
-             "Generated by `scripts/performance_report.py` from the pytest-benchmark JSON under `bench/results/` "
-             "(written by `bash bench/run.sh`); do not edit by hand. Regenerate: "
-             "`.venv/bin/python scripts/performance_report.py`; `--check` tells whether this page is up to date. "
-             "How the benchmarks measure and what the columns mean: `bench/README.md`.", "",
-             "Ratios are within one run (variants of the same case, adjacent in time); absolute numbers from "
-             "different runs or machines do not compare. A 1-min load average above the CPU count means the "
-             "machine was shared and the numbers contended.", ""]
+    lines = [
+        "# Performance",
+        "",
+        "Generated by `scripts/performance_report.py` from the pytest-benchmark JSON under `bench/results/` "
+        "(written by `bash bench/run.sh`); do not edit by hand. Regenerate: "
+        "`.venv/bin/python scripts/performance_report.py`; `--check` tells whether this page is up to date. "
+        "How the benchmarks measure and what the columns mean: `bench/README.md`.",
+        "",
+        "Ratios are within one run (variants of the same case, adjacent in time); absolute numbers from "
+        "different runs or machines do not compare. A 1-min load average above the CPU count means the "
+        "machine was shared and the numbers contended.",
+        "",
+    ]
     lines += targets_section(latest)
-    lines += ["## Runs shown", "", "| device | suite | run | commit | date (UTC) | torch | benchmarks |",
-              "|---|---|---|---|---|---|---:|"]
+    lines += [
+        "## Runs shown",
+        "",
+        "| device | suite | run | commit | date (UTC) | torch | benchmarks |",
+        "|---|---|---|---|---|---|---:|",
+    ]
     for (label, suite), run in sorted(latest.items()):
-        lines.append(f"| {label} | {suite} | `{run.path.name}` | {str(run.data.get('commit_info', {}).get('id', '?'))[:10]} "
-                     f"| {run.when[:16].replace('T', ' ')} | {run.nbl.get('torch_version', '?')} "
-                     f"| {len(run.rows[(label, suite)])} |")
+        lines.append(
+            f"| {label} | {suite} | `{run.path.name}` | {str(run.data.get('commit_info', {}).get('id', '?'))[:10]} "
+            f"| {run.when[:16].replace('T', ' ')} | {run.nbl.get('torch_version', '?')} "
+            f"| {len(run.rows[(label, suite)])} |"
+        )
     shown = {id(r) for r in latest.values()}
     older = sorted(r.path.name for r in runs if id(r) not in shown)
     if older:
-        lines += ["", "Older runs, superseded for every (device, suite) they cover: "
-                  + ", ".join(f"`{n}`" for n in older) + "."]
+        lines += [
+            "",
+            "Older runs, superseded for every (device, suite) they cover: " + ", ".join(f"`{n}`" for n in older) + ".",
+        ]
     if skipped:
         lines += ["", "Skipped files: " + "; ".join(skipped) + "."]
     if not latest:
@@ -667,31 +836,47 @@ def render(sources: list[Path], doc: Path, plots: Path, *, draw: bool = True) ->
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="performance_report.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="performance_report.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n", 1)[0],
-        epilog=("examples:\n"
-                "  python scripts/performance_report.py              # regenerate docs/performance.md and its plots\n"
-                "  python scripts/performance_report.py --check      # exit 1 if the page is stale (CI)\n"
-                "  python scripts/performance_report.py --results bench/results --results /tmp/new.json \\\n"
-                "      --doc /tmp/out/performance.md                 # a page with a run that is not committed yet\n\n"
-                "What is shown: per device (GPU name, or CPU name + threads) and suite (extra_info['suite'];\n"
-                "the accumulator by its d_x/variant fields; else the test file bench/test_bench_<suite>.py)\n"
-                "the newest run by its pytest-benchmark datetime. A run of part of a suite therefore replaces\n"
-                "the whole suite's earlier run on that device: commit whole-suite runs. Known suites get\n"
-                "tables and plots (accumulator, generate, calibration); others a table of their medians.\n"
-                "The calibration table reads extra_info fields method, tokens, time_s (or seconds, calibrate_s,\n"
-                "elapsed_s, median_s), tokens_per_s, peak_host_bytes / peak_gpu_bytes (or *_mb), floor_s.\n\n"
-                "Targets: each target of the performance issue with its measured value and met / NOT met,\n"
-                "or 'missing: needs a GPU session'; the page lists which fields each target reads.\n\n"
-                "After adding a result JSON under bench/results: run this, commit the page and its plots.\n"
-                "Exit status: 0 written / up to date, 1 stale (--check), 2 usage error."))
-    ap.add_argument("--results", action="append", type=Path, metavar="PATH",
-                    help="a results directory (its *.json) or one JSON file; repeatable (default: bench/results)")
+        epilog=(
+            "examples:\n"
+            "  python scripts/performance_report.py              # regenerate docs/performance.md and its plots\n"
+            "  python scripts/performance_report.py --check      # exit 1 if the page is stale (CI)\n"
+            "  python scripts/performance_report.py --results bench/results --results /tmp/new.json \\\n"
+            "      --doc /tmp/out/performance.md                 # a page with a run that is not committed yet\n\n"
+            "What is shown: per device (GPU name, or CPU name + threads) and suite (extra_info['suite'];\n"
+            "the accumulator by its d_x/variant fields; else the test file bench/test_bench_<suite>.py)\n"
+            "the newest run by its pytest-benchmark datetime. A run of part of a suite therefore replaces\n"
+            "the whole suite's earlier run on that device: commit whole-suite runs. Known suites get\n"
+            "tables and plots (accumulator, generate, calibration); others a table of their medians.\n"
+            "The calibration table reads extra_info fields method, tokens, time_s (or seconds, calibrate_s,\n"
+            "elapsed_s, median_s), tokens_per_s, peak_host_bytes / peak_gpu_bytes (or *_mb), floor_s.\n\n"
+            "Targets: each target of the performance issue with its measured value and met / NOT met,\n"
+            "or 'missing: needs a GPU session'; the page lists which fields each target reads.\n\n"
+            "After adding a result JSON under bench/results: run this, commit the page and its plots.\n"
+            "Exit status: 0 written / up to date, 1 stale (--check), 2 usage error."
+        ),
+    )
+    ap.add_argument(
+        "--results",
+        action="append",
+        type=Path,
+        metavar="PATH",
+        help="a results directory (its *.json) or one JSON file; repeatable (default: bench/results)",
+    )
     ap.add_argument("--doc", type=Path, default=DEFAULT_DOC, help="the page to write (default: docs/performance.md)")
-    ap.add_argument("--plots", type=Path, default=None,
-                    help="directory of the plots (default: next to the page, <doc stem>/, e.g. docs/performance/)")
-    ap.add_argument("--check", action="store_true",
-                    help="write nothing; exit 1 if the page differs from what the results give or a plot is missing")
+    ap.add_argument(
+        "--plots",
+        type=Path,
+        default=None,
+        help="directory of the plots (default: next to the page, <doc stem>/, e.g. docs/performance/)",
+    )
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if the page differs from what the results give or a plot is missing",
+    )
     args = ap.parse_args(argv)
     sources = args.results or [DEFAULT_RESULTS]
     for s in sources:
@@ -707,14 +892,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{doc}: up to date ({len(pngs)} plots)")
             return 0
         if current != text:
-            diff = list(difflib.unified_diff(current.splitlines(), text.splitlines(), str(doc), "from the results",
-                                             lineterm="", n=1))
+            diff = list(
+                difflib.unified_diff(
+                    current.splitlines(), text.splitlines(), str(doc), "from the results", lineterm="", n=1
+                )
+            )
             print(f"{doc} is stale: it differs from what the results give ({len(diff)} diff lines; first 40):")
             print("\n".join(diff[:40]))
         for p in missing:
             print(f"missing plot: {p}")
-        print("regenerate with: " + " ".join(["python scripts/performance_report.py"] + [
-            f"--results {s}" for s in (args.results or [])] + ([f"--doc {doc}"] if args.doc != DEFAULT_DOC else [])))
+        print(
+            "regenerate with: "
+            + " ".join(
+                ["python scripts/performance_report.py"]
+                + [f"--results {s}" for s in (args.results or [])]
+                + ([f"--doc {doc}"] if args.doc != DEFAULT_DOC else [])
+            )
+        )
         return 1
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)

@@ -15,13 +15,13 @@ the in-sample NMSE of the fitted map, and its NMSE measured on held-out C4 text.
 Everything is written to docs/results/quality_study.json after each point (a rerun resumes), and
 docs/results.md + docs/results/*.png are regenerated from that JSON alone. CPU only, float32.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 import hashlib
 import json
-import math
 import platform
 import subprocess
 import sys
@@ -108,22 +108,34 @@ class Study:
         tmp.replace(self.raw)
 
     def setup(self):
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
         self.data["setup"] = {
             "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads), float32",
-            "versions": versions(), "commit": commit,
-            "calibration": {"c4": f"{C4.name} minus its held-out documents, {self.args.samples} x {self.args.seq_len} "
-                                  f"tokens, seed 0", "self": f"{self.args.samples} x {self.args.seq_len} tokens sampled "
-                                  "from the model (top-k 50, temperature 1, seed 0)"},
+            "versions": versions(),
+            "commit": commit,
+            "calibration": {
+                "c4": f"{C4.name} minus its held-out documents, {self.args.samples} x {self.args.seq_len} "
+                f"tokens, seed 0",
+                "self": f"{self.args.samples} x {self.args.seq_len} tokens sampled "
+                "from the model (top-k 50, temperature 1, seed 0)",
+            },
             "holdout": {"fraction": HOLDOUT_FRACTION, "seed": HOLDOUT_SEED},
-            "perplexity": {"tokens": self.args.ppl_tokens, "context": self.args.context,
-                           "stride": self.args.context, "wikitext2": "wiki.test.raw rows joined by blank lines",
-                           "c4": "held-out documents of c4_demo.json, EOS-separated"},
-            "accuracy": {"tasks": list(ZERO_SHOT_7), "docs_per_task": self.args.acc_n,
-                         "subset": "sha256(task:0:i) order, first N, same for every model and method",
-                         "lm_eval_max_length": self.args.context, "notes": {t: OFFLINE_TASKS[t].note for t in ZERO_SHOT_7
-                                                                             if OFFLINE_TASKS[t].note}},
+            "perplexity": {
+                "tokens": self.args.ppl_tokens,
+                "context": self.args.context,
+                "stride": self.args.context,
+                "wikitext2": "wiki.test.raw rows joined by blank lines",
+                "c4": "held-out documents of c4_demo.json, EOS-separated",
+            },
+            "accuracy": {
+                "tasks": list(ZERO_SHOT_7),
+                "docs_per_task": self.args.acc_n,
+                "subset": "sha256(task:0:i) order, first N, same for every model and method",
+                "lm_eval_max_length": self.args.context,
+                "notes": {t: OFFLINE_TASKS[t].note for t in ZERO_SHOT_7 if OFFLINE_TASKS[t].note},
+            },
         }
 
     def run_model(self, name: str, calibs=CALIBS):
@@ -157,21 +169,38 @@ class Study:
             res = None
             todo = [(k, m) for k in spec["grid"] if k > 0 for m in METHODS if f"{calib}/{m}/k{k}" not in rec["points"]]
             need_layers = calib not in rec["calibration"]
-            acc_todo = calib == "c4" and self.args.acc_n > 0 and any(
-                key not in rec["accuracy"] for key in [f"c4/{m}/k{k}" for k in spec["acc_k"] for m in ACC_METHODS])
+            acc_todo = (
+                calib == "c4"
+                and self.args.acc_n > 0
+                and any(
+                    key not in rec["accuracy"] for key in [f"c4/{m}/k{k}" for k in spec["acc_k"] for m in ACC_METHODS]
+                )
+            )
             if not todo and not need_layers and not acc_todo:
                 continue
             t = time.perf_counter()
-            tokens = nbl_ext.load_calibration_tokens(source, tok, num_samples=self.args.samples,
-                                                     seq_len=self.args.seq_len, seed=0, model=model, progress=False)
+            tokens = nbl_ext.load_calibration_tokens(
+                source,
+                tok,
+                num_samples=self.args.samples,
+                seq_len=self.args.seq_len,
+                seed=0,
+                model=model,
+                progress=False,
+            )
             t_data = time.perf_counter() - t
             t = time.perf_counter()
             res = nbl_ext.calibrate(model, tokens, batch_size=4, progress=False)
             t_cal = time.perf_counter() - t
-            crec = {"tokens": int(tokens.numel()), "data_seconds": t_data, "calibrate_seconds": t_cal,
-                    "layers": res.table()}
-            crec["heldout_nmse"] = heldout_nmse(model, adapter, res, c4_ids[: 4 * self.args.context],
-                                                self.args.context, bos)
+            crec = {
+                "tokens": int(tokens.numel()),
+                "data_seconds": t_data,
+                "calibrate_seconds": t_cal,
+                "layers": res.table(),
+            }
+            crec["heldout_nmse"] = heldout_nmse(
+                model, adapter, res, c4_ids[: 4 * self.args.context], self.args.context, bos
+            )
             rec["calibration"][calib] = crec
             self.save()
             print(f"[{name}] calibrated on {calib} ({tokens.numel()} tokens) in {t_cal:.0f} s", flush=True)
@@ -179,11 +208,24 @@ class Study:
                 key = f"{calib}/{method}/k{k}"
                 t = time.perf_counter()
                 sel = res.select(k, "drop" if method == "drop" else "nbl")
-                lin = nbl_ext.linearize(copy.deepcopy(model), res, sel, method="drop" if method == "drop" else "nbl",
-                                        refit="sequential" if method == "nbl_refit" else None,
-                                        data=tokens if method == "nbl_refit" else None, batch_size=4, progress=False)
-                rec["points"][key] = {"k": k, "method": method, "calib": calib, "layers": sel, **ppl(lin),
-                                      "seconds": time.perf_counter() - t}
+                lin = nbl_ext.linearize(
+                    copy.deepcopy(model),
+                    res,
+                    sel,
+                    method="drop" if method == "drop" else "nbl",
+                    refit="sequential" if method == "nbl_refit" else None,
+                    data=tokens if method == "nbl_refit" else None,
+                    batch_size=4,
+                    progress=False,
+                )
+                rec["points"][key] = {
+                    "k": k,
+                    "method": method,
+                    "calib": calib,
+                    "layers": sel,
+                    **ppl(lin),
+                    "seconds": time.perf_counter() - t,
+                }
                 del lin
                 self.save()
                 print(f"[{name}] {key}: {self._fmt(rec['points'][key])}", flush=True)
@@ -195,7 +237,7 @@ class Study:
             return
         samples = {t: subset(t, self.args.acc_n, len(OFFLINE_TASKS[t].load(EVAL))) for t in ZERO_SHOT_7}
         points = [("original", None, 0)] + [(m, m, k) for k in spec["acc_k"] for m in ACC_METHODS]
-        for label, method, k in points:
+        for _label, method, k in points:
             key = "original" if method is None else f"c4/{method}/k{k}"
             if key in rec["accuracy"]:
                 continue
@@ -204,20 +246,47 @@ class Study:
                 m = model
             else:
                 sel = res.select(k, "drop" if method == "drop" else "nbl")
-                m = nbl_ext.linearize(copy.deepcopy(model), res, sel, method="drop" if method == "drop" else "nbl",
-                                      refit="sequential" if method == "nbl_refit" else None,
-                                      data=tokens if method == "nbl_refit" else None, batch_size=4, progress=False)
-            out = run_tasks(m, tok, ZERO_SHOT_7, data_dir=EVAL, samples=samples, batch_size=8,
-                            max_length=self.args.context, log_samples=True)
-            rec["accuracy"][key] = {"k": k, "method": method or "original", "seconds": time.perf_counter() - t,
-                                    "tasks": {tn: {"acc": r["metrics"].get("acc"), "acc_stderr": r["stderr"].get("acc"),
-                                                   "acc_norm": r["metrics"].get("acc_norm"), "n": r["n"],
-                                                   "correct": [int(s["acc"]) for s in sorted(r["samples"], key=lambda s: s["doc_id"])]}
-                                              for tn, r in out.items()}}
+                m = nbl_ext.linearize(
+                    copy.deepcopy(model),
+                    res,
+                    sel,
+                    method="drop" if method == "drop" else "nbl",
+                    refit="sequential" if method == "nbl_refit" else None,
+                    data=tokens if method == "nbl_refit" else None,
+                    batch_size=4,
+                    progress=False,
+                )
+            out = run_tasks(
+                m,
+                tok,
+                ZERO_SHOT_7,
+                data_dir=EVAL,
+                samples=samples,
+                batch_size=8,
+                max_length=self.args.context,
+                log_samples=True,
+            )
+            rec["accuracy"][key] = {
+                "k": k,
+                "method": method or "original",
+                "seconds": time.perf_counter() - t,
+                "tasks": {
+                    tn: {
+                        "acc": r["metrics"].get("acc"),
+                        "acc_stderr": r["stderr"].get("acc"),
+                        "acc_norm": r["metrics"].get("acc_norm"),
+                        "n": r["n"],
+                        "correct": [int(s["acc"]) for s in sorted(r["samples"], key=lambda s: s["doc_id"])],
+                    }
+                    for tn, r in out.items()
+                },
+            }
             self.save()
             accs = [rec["accuracy"][key]["tasks"][t]["acc"] for t in ZERO_SHOT_7]
-            print(f"[{name}] accuracy {key}: mean {sum(accs) / len(accs):.4f} "
-                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+            print(
+                f"[{name}] accuracy {key}: mean {sum(accs) / len(accs):.4f} ({time.perf_counter() - t:.0f} s)",
+                flush=True,
+            )
 
     @staticmethod
     def _fmt(p):
@@ -245,14 +314,18 @@ def main(argv=None):
         for name in names:
             if name not in MODELS:
                 sys.exit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-        for calib in args.calibs.split(","):  # all models on C4 first: the main points come before the self-calibration sweep
+        for calib in args.calibs.split(
+            ","
+        ):  # all models on C4 first: the main points come before the self-calibration sweep
             for name in names:
                 study.run_model(name, calibs=(calib,))
-    from study_report import render  # noqa: E402  (scripts/study_report.py)
+    from study_report import render
 
     docs = Path(args.docs)
-    plan = {name: {**spec, "calibs": list(CALIBS), "methods": list(METHODS), "acc_methods": list(ACC_METHODS)}
-            for name, spec in MODELS.items()}
+    plan = {
+        name: {**spec, "calibs": list(CALIBS), "methods": list(METHODS), "acc_methods": list(ACC_METHODS)}
+        for name, spec in MODELS.items()
+    }
     render(docs / "results" / "quality_study.json", docs / "results.md", docs / "results", plan)
 
 

@@ -60,6 +60,7 @@ tokens/s unbatched at length 64 with one thread while the 2 cores carried a load
 float64 eigh took 18 s with 2 OpenMP threads under that load and 0.9 s with one. Start the parts in the
 background (``nohup ... &``) and render when done.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,9 @@ from nbl_ext.selection import heldout_nll
 from nbl_ext.tasks import OFFLINE_TASKS, ZERO_SHOT_7
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_study import heldout_nmse, subset  # noqa: E402  (scripts/quality_study.py)
-from study_report import _spearman as spearman, paired_nll  # noqa: E402  (scripts/study_report.py)
+from quality_study import heldout_nmse, subset
+from study_report import _spearman as spearman
+from study_report import paired_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
@@ -136,23 +138,32 @@ class Study:
 
     def setup(self):
         a = self.args
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
         self.data["setup"] = {
             "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads), float32",
-            "versions": versions(), "commit": commit, "smoke": bool(a.smoke),
+            "versions": versions(),
+            "commit": commit,
+            "smoke": bool(a.smoke),
             "sets": {
-                "test": f"C4 documents held out by split_documents({C4.name}, {HOLDOUT_FRACTION}, seed={HOLDOUT_SEED}); "
-                        "WikiText-2 test; the 7 zero-shot tasks",
+                "test": f"C4 documents held out by split_documents({C4.name}, {HOLDOUT_FRACTION}, "
+                f"seed={HOLDOUT_SEED}); "
+                "WikiText-2 test; the 7 zero-shot tasks",
                 "selection": f"{SELECTION_FRACTION} of the other C4 documents (split_documents seed {SELECTION_SEED}); "
-                             f"packed {a.seq_len}-token sequences: the first {a.direct_samples} for the direct score, "
-                             f"the next {a.truth_samples} for the ground truth",
+                f"packed {a.seq_len}-token sequences: the first {a.direct_samples} for the direct score, "
+                f"the next {a.truth_samples} for the ground truth",
                 "calibration": "the remaining C4 documents, packed (seed 0)",
             },
-            "folds": DEFAULT_FOLDS, "ridges": list(DEFAULT_RIDGES), "seq_len": a.seq_len,
+            "folds": DEFAULT_FOLDS,
+            "ridges": list(DEFAULT_RIDGES),
+            "seq_len": a.seq_len,
             "perplexity": {"tokens": a.ppl_tokens, "context": a.context},
-            "accuracy": {"tasks": list(ZERO_SHOT_7), "items_per_task": a.acc_n,
-                         "items": "sha256(task:0:i) order, first N (scripts/quality_study.py subset)"},
+            "accuracy": {
+                "tasks": list(ZERO_SHOT_7),
+                "items_per_task": a.acc_n,
+                "items": "sha256(task:0:i) order, first N (scripts/quality_study.py subset)",
+            },
         }
 
     # --- data -------------------------------------------------------------------------------
@@ -160,23 +171,28 @@ class Study:
         rest, _test = split_documents(C4, HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
         calib_docs, sel_docs = split_documents(rest, SELECTION_FRACTION, seed=SELECTION_SEED)
         a = self.args
-        sel = nbl_ext.load_calibration_tokens(sel_docs, tok, num_samples=a.direct_samples + a.truth_samples,
-                                              seq_len=a.seq_len, seed=0, progress=False)
-        return calib_docs, sel[: a.direct_samples], sel[a.direct_samples:]
+        sel = nbl_ext.load_calibration_tokens(
+            sel_docs, tok, num_samples=a.direct_samples + a.truth_samples, seq_len=a.seq_len, seed=0, progress=False
+        )
+        return calib_docs, sel[: a.direct_samples], sel[a.direct_samples :]
 
     def calib_tokens(self, tok, docs, samples: int | None):
         """``samples`` packed sequences of the calibration documents (None: as many as they hold)."""
         if samples is None:  # every sequence the documents fill (text + EOS per document, BOS per sequence)
-            total = sum(len(ids) + 1 for ids in tok([d for d in docs if d.strip()], add_special_tokens=False,
-                                                    verbose=False)["input_ids"])
+            total = sum(
+                len(ids) + 1
+                for ids in tok([d for d in docs if d.strip()], add_special_tokens=False, verbose=False)["input_ids"]
+            )
             samples = total // (self.args.seq_len - (1 if _bos_for(tok) is not None else 0))
-        return nbl_ext.load_calibration_tokens(docs, tok, num_samples=samples, seq_len=self.args.seq_len, seed=0,
-                                               progress=False)
+        return nbl_ext.load_calibration_tokens(
+            docs, tok, num_samples=samples, seq_len=self.args.seq_len, seed=0, progress=False
+        )
 
     def calibrate(self, model, tokens, tag, **kwargs):
         t = time.perf_counter()
-        res = nbl_ext.calibrate(model, tokens, batch_size=self.args.batch_size, progress=False,
-                                output_dir=self.work / tag, **kwargs)
+        res = nbl_ext.calibrate(
+            model, tokens, batch_size=self.args.batch_size, progress=False, output_dir=self.work / tag, **kwargs
+        )
         return res, time.perf_counter() - t
 
     # --- one model ---------------------------------------------------------------------------
@@ -206,8 +222,13 @@ class Study:
                 lin = nbl_ext.linearize(copy.deepcopy(model), result, [i])
                 delta.append(heldout_nll(lin, truth_ids, batch_size=a.batch_size) - base)
                 del lin
-            rec["truth"] = {"tokens": int(truth_ids.numel()), "nll_original": base, "delta": delta,
-                            "seconds": time.perf_counter() - t, "forward_passes": n + 1}
+            rec["truth"] = {
+                "tokens": int(truth_ids.numel()),
+                "nll_original": base,
+                "delta": delta,
+                "seconds": time.perf_counter() - t,
+                "forward_passes": n + 1,
+            }
             self.save()
             log(f"ground truth in {rec['truth']['seconds']:.0f} s")
 
@@ -215,28 +236,53 @@ class Study:
             crits = rec.setdefault("criteria", {})
             for crit in STATISTICS:
                 if crit not in crits:
-                    crits[crit] = {"scores": [lc.score(crit) for lc in result.layers], "seconds": None,
-                                   "cost": "in the calibration pass"}
+                    crits[crit] = {
+                        "scores": [lc.score(crit) for lc in result.layers],
+                        "seconds": None,
+                        "cost": "in the calibration pass",
+                    }
             if "direct_nll" not in crits:
                 t = time.perf_counter()
-                s = nbl_ext.score_criteria(model, result, "direct_nll", heldout=direct_ids,
-                                           batch_size=a.batch_size)["direct_nll"]
-                crits["direct_nll"] = {"scores": s, "seconds": time.perf_counter() - t, "forward_passes": n + 1,
-                                       "tokens": int(direct_ids.numel())}
+                s = nbl_ext.score_criteria(model, result, "direct_nll", heldout=direct_ids, batch_size=a.batch_size)[
+                    "direct_nll"
+                ]
+                crits["direct_nll"] = {
+                    "scores": s,
+                    "seconds": time.perf_counter() - t,
+                    "forward_passes": n + 1,
+                    "tokens": int(direct_ids.numel()),
+                }
                 self.save()
                 log(f"direct_nll in {crits['direct_nll']['seconds']:.0f} s")
             if "greedy" not in crits:
                 t = time.perf_counter()
                 g_tokens = full_tokens if a.greedy_samples is None else full_tokens[: a.greedy_samples]
-                g = nbl_ext.greedy_selection(model, g_tokens, steps=a.greedy_steps or max(ks(n)), heldout=direct_ids,
-                                             batch_size=a.batch_size, **grid)
-                crits["greedy"] = {"scores": [float(g.order.index(i)) for i in range(n)], "order": g.order,
-                                   "chosen": g.chosen, "seconds": time.perf_counter() - t,
-                                   "calibration_passes": g.calibration_passes, "heldout_passes": g.heldout_passes,
-                                   "calibration_tokens": int(g_tokens.numel())}
+                g = nbl_ext.greedy_selection(
+                    model,
+                    g_tokens,
+                    steps=a.greedy_steps or max(ks(n)),
+                    heldout=direct_ids,
+                    batch_size=a.batch_size,
+                    **grid,
+                )
+                crits["greedy"] = {
+                    "scores": [float(g.order.index(i)) for i in range(n)],
+                    "order": g.order,
+                    "chosen": g.chosen,
+                    "seconds": time.perf_counter() - t,
+                    "calibration_passes": g.calibration_passes,
+                    "heldout_passes": g.heldout_passes,
+                    "calibration_tokens": int(g_tokens.numel()),
+                }
                 (self.work / name).mkdir(parents=True, exist_ok=True)
-                save_file({f"{i}.{part}": getattr(lc, part).contiguous() for i, lc in g.maps.items()
-                           for part in ("weight", "bias")}, self.work / name / "greedy_maps.safetensors")
+                save_file(
+                    {
+                        f"{i}.{part}": getattr(lc, part).contiguous()
+                        for i, lc in g.maps.items()
+                        for part in ("weight", "bias")
+                    },
+                    self.work / name / "greedy_maps.safetensors",
+                )
                 self.save()
                 log(f"greedy in {crits['greedy']['seconds']:.0f} s: {g.chosen}")
             if "truth" in rec:
@@ -294,18 +340,28 @@ class Study:
                 if key in pts or (crit not in ("drop", *STATISTICS) and crit not in rec.get("criteria", {})):
                     continue
                 if crit == "greedy" and k > len(rec["criteria"]["greedy"]["chosen"]):
-                    print(f"[{name}] {key}: skipped, greedy ran {len(rec['criteria']['greedy']['chosen'])} steps "
-                          "(--greedy-steps)", flush=True)
+                    print(
+                        f"[{name}] {key}: skipped, greedy ran {len(rec['criteria']['greedy']['chosen'])} steps "
+                        "(--greedy-steps)",
+                        flush=True,
+                    )
                     continue
                 t = time.perf_counter()
                 m = self.variant(name, rec, model, result, crit, k)
                 layers = m.config.nbl["layers"]
-                pts[key] = {"k": k, "criterion": crit, "layers": layers, **measure(m),
-                            "seconds": time.perf_counter() - t}
+                pts[key] = {
+                    "k": k,
+                    "criterion": crit,
+                    "layers": layers,
+                    **measure(m),
+                    "seconds": time.perf_counter() - t,
+                }
                 del m
                 self.save()
-                print(f"[{name}] {key}: c4 {pts[key]['c4']['ppl']:.2f}, wikitext2 {pts[key]['wikitext2']['ppl']:.2f}",
-                      flush=True)
+                print(
+                    f"[{name}] {key}: c4 {pts[key]['c4']['ppl']:.2f}, wikitext2 {pts[key]['wikitext2']['ppl']:.2f}",
+                    flush=True,
+                )
             for crit in PPL_CRITERIA:  # NLL(crit) - NLL(DROP) over the same windows, and its paired s.e.
                 key = f"{crit}/k{k}"
                 if key in pts and f"drop/k{k}" in pts:
@@ -326,36 +382,54 @@ class Study:
                 key = f"c4/{label}/{ridge}"
                 if key in out:
                     continue
-                kwargs = dict(folds=DEFAULT_FOLDS) if ridge == "ridge0" else dict(folds=DEFAULT_FOLDS,
-                                                                                  ridges=DEFAULT_RIDGES)
+                kwargs = (
+                    dict(folds=DEFAULT_FOLDS) if ridge == "ridge0" else dict(folds=DEFAULT_FOLDS, ridges=DEFAULT_RIDGES)
+                )
                 res, secs = self.calibrate(model, tokens, f"{name}/overfit-{label}-{ridge}", **kwargs)
                 held = heldout_nmse(model, nbl_ext.get_adapter(model), res, test_c4, a.context, bos)
-                out[key] = {"tokens": int(tokens.numel()), "seconds": secs, "in_sample": res.nmse,
-                            "cv": [lc.scores["cv_nmse"] for lc in res.layers], "heldout": held,
-                            "ridge": [lc.ridge for lc in res.layers]}
+                out[key] = {
+                    "tokens": int(tokens.numel()),
+                    "seconds": secs,
+                    "in_sample": res.nmse,
+                    "cv": [lc.scores["cv_nmse"] for lc in res.layers],
+                    "heldout": held,
+                    "ridge": [lc.ridge for lc in res.layers],
+                }
                 self.save()
-                print(f"[{name}] overfit {key}: median NMSE held out {_median(held):.3f}, in sample "
-                      f"{_median(res.nmse):.3f}", flush=True)
+                print(
+                    f"[{name}] overfit {key}: median NMSE held out {_median(held):.3f}, in sample "
+                    f"{_median(res.nmse):.3f}",
+                    flush=True,
+                )
         key = "self/validated"
         if a.self_samples and key not in out:
             t = time.perf_counter()
-            tokens = nbl_ext.load_calibration_tokens("self", tok, num_samples=a.self_samples, seq_len=a.seq_len,
-                                                     seed=0, model=model, progress=False)
+            tokens = nbl_ext.load_calibration_tokens(
+                "self", tok, num_samples=a.self_samples, seq_len=a.seq_len, seed=0, model=model, progress=False
+            )
             t_data = time.perf_counter() - t
-            res, secs = self.calibrate(model, tokens, f"{name}/overfit-self", folds=DEFAULT_FOLDS,
-                                       ridges=DEFAULT_RIDGES)
+            res, secs = self.calibrate(
+                model, tokens, f"{name}/overfit-self", folds=DEFAULT_FOLDS, ridges=DEFAULT_RIDGES
+            )
             held = heldout_nmse(model, nbl_ext.get_adapter(model), res, test_c4, a.context, bos)
-            out[key] = {"tokens": int(tokens.numel()), "sampling_seconds": t_data, "seconds": secs,
-                        "in_sample": res.nmse, "cv": [lc.scores["cv_nmse"] for lc in res.layers], "heldout": held,
-                        "ridge": [lc.ridge for lc in res.layers]}
+            out[key] = {
+                "tokens": int(tokens.numel()),
+                "sampling_seconds": t_data,
+                "seconds": secs,
+                "in_sample": res.nmse,
+                "cv": [lc.scores["cv_nmse"] for lc in res.layers],
+                "heldout": held,
+                "ridge": [lc.ridge for lc in res.layers],
+            }
             self.save()
 
     def best_criterion(self, rec) -> str:
         """The criterion with the highest Spearman with the ground truth (selection tokens only)."""
         crits = {c: v["spearman"] for c, v in rec.get("criteria", {}).items() if "spearman" in v and c != "nmse"}
         if not crits:
-            raise SystemExit("accuracy needs the truth and criteria parts first (the best criterion is chosen on "
-                             "the selection set)")
+            raise SystemExit(
+                "accuracy needs the truth and criteria parts first (the best criterion is chosen on the selection set)"
+            )
         return max(crits, key=crits.get)
 
     def accuracy(self, name, rec, model, tok, result):
@@ -374,12 +448,29 @@ class Study:
                 continue
             t = time.perf_counter()
             m = model if crit == "original" else self.variant(name, rec, model, result, crit, k)
-            out = run_tasks(m, tok, ZERO_SHOT_7, data_dir=EVAL, samples=samples, batch_size=8,
-                            max_length=a.context, log_samples=True)
-            acc[key] = {"k": k, "criterion": crit, "seconds": time.perf_counter() - t,
-                        "tasks": {tn: {"acc": r["metrics"].get("acc"), "n": r["n"],
-                                       "correct": [int(s["acc"]) for s in sorted(r["samples"], key=lambda s: s["doc_id"])]}
-                                  for tn, r in out.items()}}
+            out = run_tasks(
+                m,
+                tok,
+                ZERO_SHOT_7,
+                data_dir=EVAL,
+                samples=samples,
+                batch_size=8,
+                max_length=a.context,
+                log_samples=True,
+            )
+            acc[key] = {
+                "k": k,
+                "criterion": crit,
+                "seconds": time.perf_counter() - t,
+                "tasks": {
+                    tn: {
+                        "acc": r["metrics"].get("acc"),
+                        "n": r["n"],
+                        "correct": [int(s["acc"]) for s in sorted(r["samples"], key=lambda s: s["doc_id"])],
+                    }
+                    for tn, r in out.items()
+                },
+            }
             self.save()
             print(f"[{name}] accuracy {key} in {acc[key]['seconds']:.0f} s", flush=True)
 
@@ -391,11 +482,17 @@ class Study:
         fwd = time.perf_counter() - t
         # A fresh calibration in the same run (the cached one may come from another process or a resume).
         t = time.perf_counter()
-        nbl_ext.calibrate(model, tokens, batch_size=self.args.batch_size, progress=False, folds=DEFAULT_FOLDS,
-                          ridges=DEFAULT_RIDGES)
+        nbl_ext.calibrate(
+            model, tokens, batch_size=self.args.batch_size, progress=False, folds=DEFAULT_FOLDS, ridges=DEFAULT_RIDGES
+        )
         cal = time.perf_counter() - t
-        rec["speed"] = {"tokens": int(tokens.numel()), "forward_seconds": fwd, "calibrate_seconds": cal,
-                        "ratio": cal / fwd, "batch_size": self.args.batch_size}
+        rec["speed"] = {
+            "tokens": int(tokens.numel()),
+            "forward_seconds": fwd,
+            "calibrate_seconds": cal,
+            "ratio": cal / fwd,
+            "batch_size": self.args.batch_size,
+        }
         self.save()
         print(f"calibration {cal:.0f} s vs forward {fwd:.0f} s: {cal / fwd:.2f}x", flush=True)
 
@@ -410,29 +507,42 @@ def _median(v):
 
 def render(data: dict, raw_name: str = "docs/results/selection_study.json") -> str:
     """docs/selection.md from the raw JSON alone (every number below is computed here)."""
-    lines = ["# Layer selection and validated fits (issue 11)", "",
-             f"Generated by `scripts/selection_study.py --render` from `{raw_name}`; "
-             f"commit {data['setup']['commit']}, {data['setup']['device']}.", "",
-             "Sets (disjoint, fixed by seed): " + "; ".join(f"**{k}**: {v}" for k, v in data["setup"]["sets"].items()),
-             ""]
+    lines = [
+        "# Layer selection and validated fits (issue 11)",
+        "",
+        f"Generated by `scripts/selection_study.py --render` from `{raw_name}`; "
+        f"commit {data['setup']['commit']}, {data['setup']['device']}.",
+        "",
+        "Sets (disjoint, fixed by seed): " + "; ".join(f"**{k}**: {v}" for k, v in data["setup"]["sets"].items()),
+        "",
+    ]
     for name, rec in data["models"].items():
         n = rec["num_layers"]
         lines += [f"## {name} ({n} layers)", ""]
         if "truth" in rec and "criteria" in rec:
-            lines += ["### Criteria against the ground truth", "",
-                      f"Ground truth: held-out NLL increase per layer alone linearized, {rec['truth']['tokens']} "
-                      f"selection tokens, {rec['truth']['seconds']:.0f} s.", "",
-                      "| criterion | Spearman with the truth | cost |", "|---|---:|---|"]
+            lines += [
+                "### Criteria against the ground truth",
+                "",
+                f"Ground truth: held-out NLL increase per layer alone linearized, {rec['truth']['tokens']} "
+                f"selection tokens, {rec['truth']['seconds']:.0f} s.",
+                "",
+                "| criterion | Spearman with the truth | cost |",
+                "|---|---:|---|",
+            ]
             for crit, c in sorted(rec["criteria"].items(), key=lambda kv: -kv[1].get("spearman", -2)):
                 cost = c.get("cost") or f"{c['seconds']:.0f} s"
                 lines.append(f"| {crit} | {c.get('spearman', float('nan')):+.2f} | {cost} |")
             lines.append("")
         if "ppl" in rec:
-            lines += ["### Perplexity against k (NBL map; DROP removes)", "",
-                      "ΔNLL vs DROP: mean per-token NLL difference over the same windows ± paired s.e. "
-                      "(negative = better than DROP).", "",
-                      "| k | criterion | C4 ppl | ΔNLL vs DROP (C4) | WikiText-2 ppl | ΔNLL vs DROP (WT2) |",
-                      "|---:|---|---:|---:|---:|---:|"]
+            lines += [
+                "### Perplexity against k (NBL map; DROP removes)",
+                "",
+                "ΔNLL vs DROP: mean per-token NLL difference over the same windows ± paired s.e. "
+                "(negative = better than DROP).",
+                "",
+                "| k | criterion | C4 ppl | ΔNLL vs DROP (C4) | WikiText-2 ppl | ΔNLL vs DROP (WT2) |",
+                "|---:|---|---:|---:|---:|---:|",
+            ]
             o = rec["ppl"]["original"]
             lines.append(f"| 0 | original | {o['c4']['ppl']:.2f} | | {o['wikitext2']['ppl']:.2f} | |")
             for key, p in sorted(rec["ppl"].items(), key=lambda kv: (kv[1]["k"], kv[0])):
@@ -445,9 +555,12 @@ def render(data: dict, raw_name: str = "docs/results/selection_study.json") -> s
                 lines.append(f"| {p['k']} | {p['criterion']} | " + " | ".join(cells) + " |")
             lines.append("")
         if "overfit" in rec:
-            lines += ["### Overfitting: NMSE against calibration size (median layer)", "",
-                      "| calibration | tokens | in sample | cross-validated | held out (test C4) | held out / in sample |",
-                      "|---|---:|---:|---:|---:|---:|"]
+            lines += [
+                "### Overfitting: NMSE against calibration size (median layer)",
+                "",
+                "| calibration | tokens | in sample | cross-validated | held out (test C4) | held out / in sample |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
             for key, o in rec["overfit"].items():
                 ins, cv, ho = _median(o["in_sample"]), _median(o["cv"]), _median(o["heldout"])
                 ratio = f"{ho / ins:.2f}" if ins > 0 else "inf (the map interpolates: fewer tokens than parameters)"
@@ -455,9 +568,14 @@ def render(data: dict, raw_name: str = "docs/results/selection_study.json") -> s
             lines.append("")
         if rec.get("accuracy") and "original" in rec["accuracy"]:
             orig = rec["accuracy"]["original"]
-            lines += ["### 7-task zero-shot accuracy (paired against the original)", "",
-                      "Items per task: " + ", ".join(f"{t} {orig['tasks'][t]['n']}" for t in ZERO_SHOT_7) + ".", "",
-                      "| point | 7-task mean | Δ vs original ± paired s.e. | kept |", "|---|---:|---:|---:|"]
+            lines += [
+                "### 7-task zero-shot accuracy (paired against the original)",
+                "",
+                "Items per task: " + ", ".join(f"{t} {orig['tasks'][t]['n']}" for t in ZERO_SHOT_7) + ".",
+                "",
+                "| point | 7-task mean | Δ vs original ± paired s.e. | kept |",
+                "|---|---:|---:|---:|",
+            ]
             mean0 = sum(orig["tasks"][t]["acc"] for t in ZERO_SHOT_7) / 7
             for key, p in rec["accuracy"].items():
                 mean = sum(p["tasks"][t]["acc"] for t in ZERO_SHOT_7) / 7
@@ -466,10 +584,14 @@ def render(data: dict, raw_name: str = "docs/results/selection_study.json") -> s
             lines.append("")
         if "speed" in rec:
             s = rec["speed"]
-            lines += ["### Calibration time", "",
-                      f"{s['tokens']} tokens, batch {s['batch_size']}: calibration (folds {data['setup']['folds']}, "
-                      f"{len(data['setup']['ridges'])} ridges) {s['calibrate_seconds']:.0f} s, plain forward "
-                      f"{s['forward_seconds']:.0f} s: **{s['ratio']:.2f}x** (target <= 1.3x).", ""]
+            lines += [
+                "### Calibration time",
+                "",
+                f"{s['tokens']} tokens, batch {s['batch_size']}: calibration (folds {data['setup']['folds']}, "
+                f"{len(data['setup']['ridges'])} ridges) {s['calibrate_seconds']:.0f} s, plain forward "
+                f"{s['forward_seconds']:.0f} s: **{s['ratio']:.2f}x** (target <= 1.3x).",
+                "",
+            ]
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,7 @@ One module per concern:
 * :mod:`~nbl_ext.benchmark.report`: the one reader and renderer of benchmark results (the `nbl bench`
   tables, bench/summarize.py, scripts/performance_report.py).
 """
+
 from __future__ import annotations
 
 from nbl_ext.benchmark.calibration import (
@@ -58,9 +59,32 @@ from nbl_ext.benchmark.report import format_bench, format_bench_calibration
 from nbl_ext.benchmark.timing import PhaseTimes, time_call
 
 __all__ = [
-    "CALIBRATION_METHODS", "MODES", "SHAPES", "WARMUP_TOKENS", "PhaseTimes", "Shape", "cache_bytes",
-    "calibration_ceilings", "calibration_cost", "calibration_floor", "calibration_tokens", "compare",
-    "compare_calibration", "decode_cost", "floors", "format_bench", "format_bench_calibration", "last_layers",
-    "measure_ceilings", "random_model", "run_info", "shape_config", "store_all_bytes", "synthetic_linearize",
-    "synthetic_maps", "time_calibration", "time_call", "time_generation",
+    "CALIBRATION_METHODS",
+    "MODES",
+    "SHAPES",
+    "WARMUP_TOKENS",
+    "PhaseTimes",
+    "Shape",
+    "cache_bytes",
+    "calibration_ceilings",
+    "calibration_cost",
+    "calibration_floor",
+    "calibration_tokens",
+    "compare",
+    "compare_calibration",
+    "decode_cost",
+    "floors",
+    "format_bench",
+    "format_bench_calibration",
+    "last_layers",
+    "measure_ceilings",
+    "random_model",
+    "run_info",
+    "shape_config",
+    "store_all_bytes",
+    "synthetic_linearize",
+    "synthetic_maps",
+    "time_calibration",
+    "time_call",
+    "time_generation",
 ]

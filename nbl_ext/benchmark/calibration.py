@@ -7,6 +7,7 @@ then ``torch.cov``: the store-all baseline), and sets it against the floor of th
 The phases are timed through the engine's ``timer`` hook and the baseline's activations are kept through
 its ``accumulator_factory`` hook: no patching.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -52,8 +53,9 @@ class _StoredActivations:
         self.count = 0
 
     @classmethod
-    def factory(cls, dim_x: int, dim_y: int, *, device: torch.device | str | None = None,
-                precision: str = "float32") -> _StoredActivations:
+    def factory(
+        cls, dim_x: int, dim_y: int, *, device: torch.device | str | None = None, precision: str = "float32"
+    ) -> _StoredActivations:
         """The engine's ``accumulator_factory``. ``precision`` is ignored: store_all keeps the activations and
         computes float64 covariances at the end, there are no Gram products whose precision could be chosen."""
         return cls(dim_x, dim_y, device=device)
@@ -77,18 +79,21 @@ class _StoredActivations:
         mean = p.mean(dim=0)
         del p
         return CovarianceAccumulator.from_moments(
-            Moments(n, mean[:dx], mean[dx:], cov[:dx, :dx], cov[dx:, :dx], cov[dx:, dx:]))
+            Moments(n, mean[:dx], mean[dx:], cov[:dx, :dx], cov[dx:, :dx], cov[dx:, dx:])
+        )
 
 
 def store_all_bytes(model: nn.Module, num_samples: int, seq_len: int) -> int:
     """Host bytes the store-all approach keeps: every layer's X and A for every token, in the model dtype
     (:func:`calibration_cost`'s ``stored_activation_bytes``)."""
-    return calibration_cost(Shape.of(model), num_samples=num_samples, seq_len=seq_len,
-                            dtype=next(model.parameters()).dtype)["stored_activation_bytes"]
+    return calibration_cost(
+        Shape.of(model), num_samples=num_samples, seq_len=seq_len, dtype=next(model.parameters()).dtype
+    )["stored_activation_bytes"]
 
 
-def _calibrate_store_all(model: nn.Module, data: torch.Tensor, *, batch_size: int, ridge: float, progress: bool,
-                         phases: PhaseTimes) -> CalibrationResult:
+def _calibrate_store_all(
+    model: nn.Module, data: torch.Tensor, *, batch_size: int, ridge: float, progress: bool, phases: PhaseTimes
+) -> CalibrationResult:
     """The reference code's approach on nbl_ext's layer-by-layer forward: every layer's (X, A) for all
     tokens kept on the host, then per layer float64 ``torch.cov`` of the concatenation and the same
     LMMSE fit and scores (``nbl_ext.engine.score_layer``) as :func:`nbl_ext.calibrate`, timed in the
@@ -103,9 +108,16 @@ def _calibrate_store_all(model: nn.Module, data: torch.Tensor, *, batch_size: in
     in_memory = boundaries_fit(model, adapter, data)
     try:
         with tempfile.TemporaryDirectory(prefix="nbl-bench-spill-") as spill, eval_mode(model):
-            runner = LayerwiseRunner(model, adapter, data, batch_size=batch_size,
-                                     spill_dir=None if in_memory else Path(spill), pbar=pbar,
-                                     accumulator_factory=_StoredActivations.factory, timer=phases)
+            runner = LayerwiseRunner(
+                model,
+                adapter,
+                data,
+                batch_size=batch_size,
+                spill_dir=None if in_memory else Path(spill),
+                pbar=pbar,
+                accumulator_factory=_StoredActivations.factory,
+                timer=phases,
+            )
             for i in range(n_layers):
                 if pbar is not None:
                     pbar.set_postfix_str(f"layer {i}/{n_layers}")
@@ -124,15 +136,33 @@ def _calibrate_store_all(model: nn.Module, data: torch.Tensor, *, batch_size: in
         with phases("score"):
             layers.append(score_layer(LayerStats(i, acc, cos), ridge))
         del acc
-    meta = {"model_type": adapter.model_type, "num_layers": n_layers, "hidden_size": adapter.hidden_size,
-            "num_samples": int(data.shape[0]), "seq_len": int(data.shape[1]), "tokens": int(data.numel()),
-            "batch_size": batch_size, "ridge": float(ridge), "method": "store_all (benchmark baseline)"}
+    meta = {
+        "model_type": adapter.model_type,
+        "num_layers": n_layers,
+        "hidden_size": adapter.hidden_size,
+        "num_samples": int(data.shape[0]),
+        "seq_len": int(data.shape[1]),
+        "tokens": int(data.numel()),
+        "batch_size": batch_size,
+        "ridge": float(ridge),
+        "method": "store_all (benchmark baseline)",
+    }
     return CalibrationResult(layers, meta)
 
 
-def time_calibration(model: nn.Module, data: torch.Tensor, *, method: str = "streaming", batch_size: int = 1,
-                     ridge: float = 0.0, progress: bool = False, ceilings: dict[str, Any] | None = None,
-                     check_memory: bool = True, warmup: bool = True, return_result: bool = False) -> dict[str, Any]:
+def time_calibration(
+    model: nn.Module,
+    data: torch.Tensor,
+    *,
+    method: str = "streaming",
+    batch_size: int = 1,
+    ridge: float = 0.0,
+    progress: bool = False,
+    ceilings: dict[str, Any] | None = None,
+    check_memory: bool = True,
+    warmup: bool = True,
+    return_result: bool = False,
+) -> dict[str, Any]:
     """Time and peak memory of calibrating every layer of ``model`` on ``data`` (token ids, (samples, seq_len)).
 
     ``method``:
@@ -180,7 +210,8 @@ def time_calibration(model: nn.Module, data: torch.Tensor, *, method: str = "str
                 f"time_calibration: store_all would keep {need / 2**30:.1f} GiB of activations on the host "
                 f"({adapter.num_layers} layers x 2 x {num_samples * seq_len} tokens x {adapter.hidden_size} x "
                 f"{dtype.itemsize} bytes) but only {avail / 2**30:.1f} GiB is available; use fewer tokens "
-                "(its memory grows linearly with them; that is the point of streaming)")
+                "(its memory grows linearly with them; that is the point of streaming)"
+            )
     if warmup:  # touch every weight once (lazily mmapped checkpoints count in RSS when first read), warm kernels
         with eval_mode(model):
             model(input_ids=data[:1, : min(seq_len, 16)].to(device), use_cache=False)
@@ -192,42 +223,70 @@ def time_calibration(model: nn.Module, data: torch.Tensor, *, method: str = "str
         if method == "streaming":
             result = calibrate(model, data, batch_size=batch_size, progress=progress, ridge=ridge, timer=phases)
         else:
-            result = _calibrate_store_all(model, data, batch_size=batch_size, ridge=ridge, progress=progress,
-                                          phases=phases)
+            result = _calibrate_store_all(
+                model, data, batch_size=batch_size, ridge=ridge, progress=progress, phases=phases
+            )
             stored_bytes.append(need)
         sync(device)
         total = time.perf_counter() - t0
     tokens = num_samples * seq_len
-    cost = calibration_cost(Shape.of(model), num_samples=num_samples, seq_len=seq_len, batch_size=batch_size,
-                            dtype=dtype)
+    cost = calibration_cost(
+        Shape.of(model), num_samples=num_samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype
+    )
     rates = ceilings or {}
-    floor = calibration_floor(cost, matmul_flops_per_s=rates.get("matmul_flops_per_s"),
-                              gram_flops_per_s=rates.get("gram_flops_per_s") or (
-                                  rates.get("matmul_flops_per_s") if dtype == torch.float32 else None),
-                              bandwidth_bytes_per_s=rates.get("bandwidth_bytes_per_s"))
+    floor = calibration_floor(
+        cost,
+        matmul_flops_per_s=rates.get("matmul_flops_per_s"),
+        gram_flops_per_s=rates.get("gram_flops_per_s")
+        or (rates.get("matmul_flops_per_s") if dtype == torch.float32 else None),
+        bandwidth_bytes_per_s=rates.get("bandwidth_bytes_per_s"),
+    )
     out: dict[str, Any] = {
-        "method": method, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "num_layers": adapter.num_layers, "hidden_size": adapter.hidden_size, "num_samples": num_samples,
-        "seq_len": seq_len, "tokens": tokens, "batch_size": batch_size, "timer": "perf_counter (device synced)",
-        "total_s": total, "tokens_per_s": tokens / total,
+        "method": method,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "num_layers": adapter.num_layers,
+        "hidden_size": adapter.hidden_size,
+        "num_samples": num_samples,
+        "seq_len": seq_len,
+        "tokens": tokens,
+        "batch_size": batch_size,
+        "timer": "perf_counter (device synced)",
+        "total_s": total,
+        "tokens_per_s": tokens / total,
         "forward_s": max(0.0, total - phases.get("accumulate") - phases.get("score")),
-        "statistics_s": phases.get("accumulate"), "fit_s": phases.get("score"),
-        "peak_host_bytes": peak.host, "peak_cuda_bytes": peak.cuda, "peak_cuda_growth_bytes": peak.cuda_growth,
+        "statistics_s": phases.get("accumulate"),
+        "fit_s": phases.get("score"),
+        "peak_host_bytes": peak.host,
+        "peak_cuda_bytes": peak.cuda,
+        "peak_cuda_growth_bytes": peak.cuda_growth,
         "peak_memory_method": peak.method,
         "stored_activation_bytes": stored_bytes[0] if stored_bytes else 0,
-        "cost": cost, "floor": floor, "ceilings": ceilings,
+        "cost": cost,
+        "floor": floor,
+        "ceilings": ceilings,
         "pct_of_floor": 100.0 * floor["floor_s"] / total if floor["floor_s"] else None,
-        "bounds": result.bounds, "nmse": result.nmse, "cosines": result.cosines,
+        "bounds": result.bounds,
+        "nmse": result.nmse,
+        "cosines": result.cosines,
     }
     if return_result:
         out["result"] = result
     return out
 
 
-def compare_calibration(model: nn.Module, sample_counts: Sequence[int], *, seq_len: int = 2048,
-                        methods: Sequence[str] = CALIBRATION_METHODS, batch_size: int = 1,
-                        ceilings: dict[str, Any] | None = None, seed: int = 0, progress: bool = False,
-                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def compare_calibration(
+    model: nn.Module,
+    sample_counts: Sequence[int],
+    *,
+    seq_len: int = 2048,
+    methods: Sequence[str] = CALIBRATION_METHODS,
+    batch_size: int = 1,
+    ceilings: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """:func:`time_calibration` of each method at each number of samples (``seq_len`` tokens each), in one run.
 
     Random token ids (:func:`calibration_tokens`; the first ``s`` samples of one draw, so the counts nest).
@@ -249,13 +308,21 @@ def compare_calibration(model: nn.Module, sample_counts: Sequence[int], *, seq_l
         for m in methods:
             say(f"{m}: {count} x {seq_len} tokens")
             try:
-                r = time_calibration(model, data[:count], method=m, batch_size=batch_size, ceilings=ceilings,
-                                     progress=progress)
+                r = time_calibration(
+                    model, data[:count], method=m, batch_size=batch_size, ceilings=ceilings, progress=progress
+                )
             except ValueError as exc:
                 if m != "store_all" or "would keep" not in str(exc):
                     raise
-                runs.append({"method": m, "num_samples": count, "seq_len": seq_len, "tokens": count * seq_len,
-                             "skipped": str(exc)})
+                runs.append(
+                    {
+                        "method": m,
+                        "num_samples": count,
+                        "seq_len": seq_len,
+                        "tokens": count * seq_len,
+                        "skipped": str(exc),
+                    }
+                )
                 say(f"  skipped: {exc}")
                 continue
             runs.append(r)
@@ -269,10 +336,21 @@ def compare_calibration(model: nn.Module, sample_counts: Sequence[int], *, seq_l
         r["vs_streaming"] = {
             "time_ratio": r["total_s"] / o["total_s"],
             "peak_host_ratio": (r["peak_host_bytes"] / o["peak_host_bytes"])
-            if r["peak_host_bytes"] is not None and o["peak_host_bytes"] else None,
+            if r["peak_host_bytes"] is not None and o["peak_host_bytes"]
+            else None,
             "peak_cuda_ratio": (r["peak_cuda_bytes"] / o["peak_cuda_bytes"])
-            if r["peak_cuda_bytes"] is not None and o["peak_cuda_bytes"] else None,
+            if r["peak_cuda_bytes"] is not None and o["peak_cuda_bytes"]
+            else None,
         }
-    return {"settings": {"sample_counts": counts, "seq_len": seq_len, "methods": list(methods),
-                         "batch_size": batch_size, "seed": seed, "data": "random token ids"},
-            "ceilings": ceilings, "runs": runs}
+    return {
+        "settings": {
+            "sample_counts": counts,
+            "seq_len": seq_len,
+            "methods": list(methods),
+            "batch_size": batch_size,
+            "seed": seed,
+            "data": "random token ids",
+        },
+        "ceilings": ceilings,
+        "runs": runs,
+    }

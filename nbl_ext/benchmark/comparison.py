@@ -1,5 +1,6 @@
 """One comparison run of generation speed: the original model, then NBL-k and DROP-k variants, in every mode,
 with ratios to the original and each variant's decode floor."""
+
 from __future__ import annotations
 
 import statistics
@@ -34,11 +35,24 @@ def _merge_rounds(rs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def compare(model_factory: Callable[[], nn.Module], methods_and_ks: Sequence[tuple[str, int]], *,
-            modes: Sequence[str] = ("eager",), batch: int = 1, prompt_len: int = 256, new_tokens: int = 32,
-            warmup: int = 1, repeats: int = 3, compile: bool | str = True, prefill_chunk: int | None = None,
-            layers_for: Callable[[int, int], list[int]] = last_layers, ceilings: dict[str, Any] | None = None,
-            seed: int = 0, log: Callable[[str], None] | None = None, interleave: bool = False) -> dict[str, Any]:
+def compare(
+    model_factory: Callable[[], nn.Module],
+    methods_and_ks: Sequence[tuple[str, int]],
+    *,
+    modes: Sequence[str] = ("eager",),
+    batch: int = 1,
+    prompt_len: int = 256,
+    new_tokens: int = 32,
+    warmup: int = 1,
+    repeats: int = 3,
+    compile: bool | str = True,
+    prefill_chunk: int | None = None,
+    layers_for: Callable[[int, int], list[int]] = last_layers,
+    ceilings: dict[str, Any] | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    interleave: bool = False,
+) -> dict[str, Any]:
     """Original, then each ``(method, k)`` variant, in every mode, in one run; ratios to the original.
 
     ``model_factory()`` must return a fresh *original* model each call (the
@@ -68,8 +82,10 @@ def compare(model_factory: Callable[[], nn.Module], methods_and_ks: Sequence[tup
         if m not in MODES:
             raise ValueError(f"compare: mode must be one of {MODES}, got {m!r}")
     if interleave and any(m != "eager" for m in modes):
-        raise ValueError("compare: interleave=True times eager mode only (a static run compiles its own decode "
-                         "step, which one round at a time would re-time); run static mode without interleaving")
+        raise ValueError(
+            "compare: interleave=True times eager mode only (a static run compiles its own decode "
+            "step, which one round at a time would re-time); run static mode without interleaving"
+        )
     original = model_factory()
     adapter = get_adapter(original)
     n = adapter.num_layers
@@ -90,19 +106,34 @@ def compare(model_factory: Callable[[], nn.Module], methods_and_ks: Sequence[tup
     runs: list[dict[str, Any]] = []
 
     def finish(r: dict[str, Any], name: str, method: str | None, k: int, layers: list[int]) -> dict[str, Any]:
-        fl = floors(shape, k=k, method=method or "nbl", batch=batch, context=context, dtype=dtype,
-                    bandwidth=bw, peak_flops=peak)
+        fl = floors(
+            shape, k=k, method=method or "nbl", batch=batch, context=context, dtype=dtype, bandwidth=bw, peak_flops=peak
+        )
         floor = fl["linearized"]
-        r.update(variant=name, method=method, k=k, layers=layers, floor=dict(floor, context=context),
-                 ideal_decode_speedup=fl["ideal_speedup"],
-                 achieved_bandwidth_bytes_per_s=floor["bytes"] / r["decode_step_s"],
-                 pct_of_floor=(100.0 * floor["floor_s"] / r["decode_step_s"]) if floor["floor_s"] else None)
-        say(f"  {name} ({r['mode']}): decode {1e3 * r['decode_step_s']:.2f} ms/step, "
-            f"prefill {1e3 * r['prefill_s']:.1f} ms")
+        r.update(
+            variant=name,
+            method=method,
+            k=k,
+            layers=layers,
+            floor=dict(floor, context=context),
+            ideal_decode_speedup=fl["ideal_speedup"],
+            achieved_bandwidth_bytes_per_s=floor["bytes"] / r["decode_step_s"],
+            pct_of_floor=(100.0 * floor["floor_s"] / r["decode_step_s"]) if floor["floor_s"] else None,
+        )
+        say(
+            f"  {name} ({r['mode']}): decode {1e3 * r['decode_step_s']:.2f} ms/step, "
+            f"prefill {1e3 * r['prefill_s']:.1f} ms"
+        )
         return r
 
-    timing = dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, compile=compile,
-                  prefill_chunk=prefill_chunk, seed=seed)
+    timing = dict(
+        batch=batch,
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        compile=compile,
+        prefill_chunk=prefill_chunk,
+        seed=seed,
+    )
     if interleave:
         built: list[tuple[str, str | None, int, list[int], nn.Module]] = []
         for name, method, k in variants:
@@ -116,8 +147,9 @@ def compare(model_factory: Callable[[], nn.Module], methods_and_ks: Sequence[tup
             say(f"round {rnd + 1}/{repeats}: {', '.join(b[0] for b in built)}")
             for name, _, _, _, m in built:
                 for mode in modes:
-                    rounds[(name, mode)].append(time_generation(
-                        m, mode=mode, warmup=warmup if rnd == 0 else 0, repeats=1, **timing))
+                    rounds[(name, mode)].append(
+                        time_generation(m, mode=mode, warmup=warmup if rnd == 0 else 0, repeats=1, **timing)
+                    )
         for name, method, k, layers, _ in built:
             for mode in modes:
                 runs.append(finish(_merge_rounds(rounds[(name, mode)]), name, method, k, layers))
@@ -147,14 +179,27 @@ def compare(model_factory: Callable[[], nn.Module], methods_and_ks: Sequence[tup
             "e2e_speedup": r["e2e_tokens_per_s"] / o["e2e_tokens_per_s"],
             "kv_cache_ratio": (r["kv_cache_bytes"] / o["kv_cache_bytes"]) if o["kv_cache_bytes"] else None,
             "peak_memory_ratio": (r["peak_memory_bytes"] / o["peak_memory_bytes"])
-            if r["peak_memory_bytes"] is not None and o["peak_memory_bytes"] else None,
+            if r["peak_memory_bytes"] is not None and o["peak_memory_bytes"]
+            else None,
             "weights_ratio": r["weights_bytes"] / o["weights_bytes"],
         }
     return {
-        "settings": {"modes": list(modes), "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-                     "warmup": warmup, "repeats": repeats, "prefill_chunk": prefill_chunk, "seed": seed,
-                     "interleave": interleave,
-                     "dtype": str(dtype).removeprefix("torch."), "device": str(device),
-                     "variants": [v[0] for v in variants]},
-        "shape": asdict(shape), "num_layers": n, "ceilings": ceilings, "runs": runs,
+        "settings": {
+            "modes": list(modes),
+            "batch": batch,
+            "prompt_len": prompt_len,
+            "new_tokens": new_tokens,
+            "warmup": warmup,
+            "repeats": repeats,
+            "prefill_chunk": prefill_chunk,
+            "seed": seed,
+            "interleave": interleave,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": str(device),
+            "variants": [v[0] for v in variants],
+        },
+        "shape": asdict(shape),
+        "num_layers": n,
+        "ceilings": ceilings,
+        "runs": runs,
     }

@@ -1,6 +1,7 @@
 """Costs and floors: bytes and FLOPs of a decode step and of a calibration, and the same-run rates
 (memory bandwidth, matmul rate) that turn them into the fastest a run could be.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -38,9 +39,15 @@ class Shape:
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         d, h = int(text.hidden_size), int(text.num_attention_heads)
         head_dim = getattr(text, "head_dim", None) or d // h
-        return cls(hidden=d, layers=int(text.num_hidden_layers), heads=h,
-                   kv_heads=int(getattr(text, "num_key_value_heads", None) or h), head_dim=int(head_dim),
-                   intermediate=int(text.intermediate_size), vocab=int(text.vocab_size))
+        return cls(
+            hidden=d,
+            layers=int(text.num_hidden_layers),
+            heads=h,
+            kv_heads=int(getattr(text, "num_key_value_heads", None) or h),
+            head_dim=int(head_dim),
+            intermediate=int(text.intermediate_size),
+            vocab=int(text.vocab_size),
+        )
 
 
 def _element_size(dtype: str | torch.dtype) -> int:
@@ -48,8 +55,15 @@ def _element_size(dtype: str | torch.dtype) -> int:
     return torch.empty((), dtype=dt).element_size()
 
 
-def decode_cost(shape: Any, *, k: int = 0, method: str = "nbl", batch: int = 1, context: int = 1,
-                dtype: str | torch.dtype = torch.bfloat16) -> dict[str, int]:
+def decode_cost(
+    shape: Any,
+    *,
+    k: int = 0,
+    method: str = "nbl",
+    batch: int = 1,
+    context: int = 1,
+    dtype: str | torch.dtype = torch.bfloat16,
+) -> dict[str, int]:
     """Bytes read and FLOPs of one decode step (one new token per sequence), ``k`` attention blocks replaced.
 
     With ``d`` hidden, ``n`` layers, ``q = heads * head_dim``, ``kv = kv_heads * head_dim``,
@@ -85,14 +99,25 @@ def decode_cost(shape: Any, *, k: int = 0, method: str = "nbl", batch: int = 1, 
     kept = n - k
     weights = n * (mlp_mat + d) + kept * (attn_mat + d) + k * replacement + sh.vocab * d + d + batch * d
     kv_elems = kept * 2 * batch * kv * context
-    flops = (2 * batch * (n * mlp_mat + kept * attn_mat + sh.vocab * d)
-             + (k * 2 * batch * d * d if method == "nbl" else 0) + kept * 4 * batch * q * context)
+    flops = (
+        2 * batch * (n * mlp_mat + kept * attn_mat + sh.vocab * d)
+        + (k * 2 * batch * d * d if method == "nbl" else 0)
+        + kept * 4 * batch * q * context
+    )
     return {"weight_bytes": weights * s, "kv_bytes": kv_elems * s, "bytes": (weights + kv_elems) * s, "flops": flops}
 
 
-def floors(shape: Any, *, k: int = 0, method: str = "nbl", batch: int = 1, context: int = 1,
-           dtype: str | torch.dtype = torch.bfloat16, bandwidth: float | None = None,
-           peak_flops: float | None = None) -> dict[str, Any]:
+def floors(
+    shape: Any,
+    *,
+    k: int = 0,
+    method: str = "nbl",
+    batch: int = 1,
+    context: int = 1,
+    dtype: str | torch.dtype = torch.bfloat16,
+    bandwidth: float | None = None,
+    peak_flops: float | None = None,
+) -> dict[str, Any]:
     """Decode-step floors of the original model and of NBL-k / DROP-k, and the ideal speedup.
 
     For each variant (:func:`decode_cost`): ``memory_s = bytes / bandwidth``
@@ -110,28 +135,42 @@ def floors(shape: Any, *, k: int = 0, method: str = "nbl", batch: int = 1, conte
     ``1/n`` share of the KV reads. ``floor_speedup``: the same ratio of floors
     (None without bandwidth and peak_flops).
     """
+
     def variant(kk: int) -> dict[str, Any]:
         c: dict[str, Any] = dict(decode_cost(shape, k=kk, method=method, batch=batch, context=context, dtype=dtype))
         c["memory_s"] = c["bytes"] / bandwidth if bandwidth else None
         c["compute_s"] = c["flops"] / peak_flops if peak_flops else None
         given = [t for t in (c["memory_s"], c["compute_s"]) if t is not None]
         c["floor_s"] = max(given) if given else None
-        c["bound"] = (None if len(given) < 2 else "memory" if c["memory_s"] >= c["compute_s"] else "compute")
+        c["bound"] = None if len(given) < 2 else "memory" if c["memory_s"] >= c["compute_s"] else "compute"
         return c
 
     orig, lin = variant(0), variant(k)
     return {
-        "shape": asdict(Shape.of(shape)), "k": k, "method": method, "batch": batch, "context": context,
-        "dtype": str(dtype).removeprefix("torch."), "bandwidth": bandwidth, "peak_flops": peak_flops,
-        "original": orig, "linearized": lin,
+        "shape": asdict(Shape.of(shape)),
+        "k": k,
+        "method": method,
+        "batch": batch,
+        "context": context,
+        "dtype": str(dtype).removeprefix("torch."),
+        "bandwidth": bandwidth,
+        "peak_flops": peak_flops,
+        "original": orig,
+        "linearized": lin,
         "ideal_speedup": orig["bytes"] / lin["bytes"],
         "floor_speedup": (orig["floor_s"] / lin["floor_s"]) if orig["floor_s"] and lin["floor_s"] else None,
     }
 
 
 @torch.no_grad()
-def measure_ceilings(device: str | torch.device, dtype: str | torch.dtype | None = None, *,
-                     copy_mib: int | None = None, matmul_n: int | None = None, repeats: int = 10) -> dict[str, Any]:
+def measure_ceilings(
+    device: str | torch.device,
+    dtype: str | torch.dtype | None = None,
+    *,
+    copy_mib: int | None = None,
+    matmul_n: int | None = None,
+    repeats: int = 10,
+) -> dict[str, Any]:
     """Same-run attainable rates: memory bandwidth (a device-to-device copy, bytes read + written) and the
     matmul rate (an n x n x n product in ``dtype``); medians after a warm-up. Defaults: 1 GiB and n = 8192
     on CUDA, 256 MiB and n = 2048 on CPU."""
@@ -159,9 +198,13 @@ def measure_ceilings(device: str | torch.device, dtype: str | torch.dtype | None
 
     t_copy = copy_rate()
     t_mm = matmul_rate()
-    return {"bandwidth_bytes_per_s": 2 * mib * 2**20 / t_copy, "matmul_flops_per_s": 2 * n**3 / t_mm,
-            "method": f"median of {repeats}: copy of {mib} MiB (read + write counted); {n}^3 matmul in "
-                      f"{str(dt).removeprefix('torch.')}", "device": str(dev)}
+    return {
+        "bandwidth_bytes_per_s": 2 * mib * 2**20 / t_copy,
+        "matmul_flops_per_s": 2 * n**3 / t_mm,
+        "method": f"median of {repeats}: copy of {mib} MiB (read + write counted); {n}^3 matmul in "
+        f"{str(dt).removeprefix('torch.')}",
+        "device": str(dev),
+    }
 
 
 def calibration_ceilings(device: str | torch.device, dtype: str | torch.dtype | None = None) -> dict[str, Any]:
@@ -170,14 +213,16 @@ def calibration_ceilings(device: str | torch.device, dtype: str | torch.dtype | 
     dev = torch.device(device)
     c = measure_ceilings(dev, dtype)
     dt = resolve_dtype(dtype, dev, "calibration_ceilings")
-    c["gram_flops_per_s"] = c["matmul_flops_per_s"] if dt == torch.float32 else \
-        measure_ceilings(dev, torch.float32)["matmul_flops_per_s"]
+    c["gram_flops_per_s"] = (
+        c["matmul_flops_per_s"] if dt == torch.float32 else measure_ceilings(dev, torch.float32)["matmul_flops_per_s"]
+    )
     c["method"] += "; gram rate: the same matmul in float32"
     return c
 
 
-def calibration_cost(shape: Any, *, num_samples: int, seq_len: int, batch_size: int = 1,
-                     dtype: str | torch.dtype = torch.bfloat16) -> dict[str, int]:
+def calibration_cost(
+    shape: Any, *, num_samples: int, seq_len: int, batch_size: int = 1, dtype: str | torch.dtype = torch.bfloat16
+) -> dict[str, int]:
     """FLOPs and bytes of calibrating every decoder layer on ``num_samples x seq_len`` tokens.
 
     With ``n = num_samples * seq_len`` tokens, ``L`` layers, ``d`` hidden, ``q = heads * head_dim``,
@@ -207,16 +252,26 @@ def calibration_cost(shape: Any, *, num_samples: int, seq_len: int, batch_size: 
     attention = 4 * q * L * num_samples * (seq_len * (seq_len + 1) // 2)
     gram = L * 2 * n * 3 * d * d
     return {
-        "tokens": n, "forward_flops": linear + attention, "linear_flops": linear, "attention_flops": attention,
-        "gram_flops": gram, "weight_bytes": L * batches * s * (layer_mat + 2 * d),
-        "activation_bytes": L * 2 * n * d * s, "bytes": L * batches * s * (layer_mat + 2 * d) + L * 2 * n * d * s,
-        "stored_activation_bytes": L * 2 * n * d * s, "state_bytes": 8 * (3 * d * d + 2 * d),
+        "tokens": n,
+        "forward_flops": linear + attention,
+        "linear_flops": linear,
+        "attention_flops": attention,
+        "gram_flops": gram,
+        "weight_bytes": L * batches * s * (layer_mat + 2 * d),
+        "activation_bytes": L * 2 * n * d * s,
+        "bytes": L * batches * s * (layer_mat + 2 * d) + L * 2 * n * d * s,
+        "stored_activation_bytes": L * 2 * n * d * s,
+        "state_bytes": 8 * (3 * d * d + 2 * d),
     }
 
 
-def calibration_floor(cost: dict[str, int], *, matmul_flops_per_s: float | None = None,
-                      gram_flops_per_s: float | None = None,
-                      bandwidth_bytes_per_s: float | None = None) -> dict[str, Any]:
+def calibration_floor(
+    cost: dict[str, int],
+    *,
+    matmul_flops_per_s: float | None = None,
+    gram_flops_per_s: float | None = None,
+    bandwidth_bytes_per_s: float | None = None,
+) -> dict[str, Any]:
     """Seconds the work of :func:`calibration_cost` needs at the given rates (None where a rate is missing).
 
     ``forward_s = forward_flops / matmul rate`` (model dtype), ``gram_s = gram_flops / gram rate`` (float32:
@@ -229,6 +284,11 @@ def calibration_floor(cost: dict[str, int], *, matmul_flops_per_s: float | None 
     compute = fwd + gram if fwd is not None and gram is not None else None
     mem = cost["bytes"] / bandwidth_bytes_per_s if bandwidth_bytes_per_s else None
     known = [t for t in (compute, mem) if t is not None]
-    return {"forward_s": fwd, "gram_s": gram, "compute_s": compute, "memory_s": mem,
-            "floor_s": max(known) if known else None,
-            "bound": None if len(known) < 2 else ("compute" if compute >= mem else "memory")}
+    return {
+        "forward_s": fwd,
+        "gram_s": gram,
+        "compute_s": compute,
+        "memory_s": mem,
+        "floor_s": max(known) if known else None,
+        "bound": None if len(known) < 2 else ("compute" if compute >= mem else "memory"),
+    }

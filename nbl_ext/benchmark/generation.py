@@ -28,6 +28,7 @@ Both modes are greedy and mask the EOS logit(s) exactly as generate's
 ``min_new_tokens`` does, so they produce the same tokens as plain
 ``model.generate(..., do_sample=False, min_new_tokens=n, max_new_tokens=n)``.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -93,15 +94,26 @@ def _prefill(model: nn.Module, prompt: torch.Tensor, cache: Any, chunk: int | No
     logits = None
     step = chunk or prompt.shape[1]
     for s in range(0, prompt.shape[1], step):
-        logits = model(prompt[:, s:s + step], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(prompt[:, s : s + step], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     return logits[:, -1]
 
 
 @torch.no_grad()
-def time_generation(model: nn.Module, *, batch: int = 1, prompt_len: int = 256, new_tokens: int = 32,
-                    mode: str = "eager", warmup: int = 1, repeats: int = 3, compile: bool | str = True,
-                    prefill_chunk: int | None = None, seed: int = 0, prompt: torch.Tensor | None = None,
-                    return_tokens: bool = False) -> dict[str, Any]:
+def time_generation(
+    model: nn.Module,
+    *,
+    batch: int = 1,
+    prompt_len: int = 256,
+    new_tokens: int = 32,
+    mode: str = "eager",
+    warmup: int = 1,
+    repeats: int = 3,
+    compile: bool | str = True,
+    prefill_chunk: int | None = None,
+    seed: int = 0,
+    prompt: torch.Tensor | None = None,
+    return_tokens: bool = False,
+) -> dict[str, Any]:
     """Time greedy generation of ``new_tokens`` tokens after a ``prompt_len``-token prompt, ``batch`` sequences.
 
     ``mode``: "eager" (HF generate, dynamic cache) or "static" (static cache +
@@ -151,8 +163,11 @@ def time_generation(model: nn.Module, *, batch: int = 1, prompt_len: int = 256, 
     was_training = model.training
     model.eval()
     try:
-        run = _EagerRunner(model, prompt, eos_list, prefill_chunk) if mode == "eager" else \
-            _StaticRunner(model, prompt, eos, new_tokens, compile, prefill_chunk)
+        run = (
+            _EagerRunner(model, prompt, eos_list, prefill_chunk)
+            if mode == "eager"
+            else _StaticRunner(model, prompt, eos, new_tokens, compile, prefill_chunk)
+        )
         prefill, ttft, e2e, steps = [], [], [], []
         with PeakMemory(device) as peak:  # warm-up included: its first allocations are this run's own
             for _ in range(warmup):
@@ -168,10 +183,16 @@ def time_generation(model: nn.Module, *, batch: int = 1, prompt_len: int = 256, 
     decode_step = statistics.median(steps)
     e2e_med = statistics.median(e2e)
     out: dict[str, Any] = {
-        "mode": mode, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "warmup": warmup, "repeats": repeats, "device": str(device),
+        "mode": mode,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "warmup": warmup,
+        "repeats": repeats,
+        "device": str(device),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "compile": run.compile_desc if mode == "static" else None, "prefill_chunk": prefill_chunk,
+        "compile": run.compile_desc if mode == "static" else None,
+        "prefill_chunk": prefill_chunk,
         "timer": "cuda_events" if device.type == "cuda" else "perf_counter",
         "prefill_s": statistics.median(prefill),
         "ttft_s": statistics.median(ttft),
@@ -203,8 +224,16 @@ class _EagerRunner:
         self.mask = torch.ones_like(prompt)
         pad = eos_list[0] if eos_list else 0
         self.config = lambda n: GenerationConfig(
-            max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1, eos_token_id=eos_list or None,
-            pad_token_id=pad, return_dict_in_generate=True, disable_compile=True, prefill_chunk_size=prefill_chunk)
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos_list or None,
+            pad_token_id=pad,
+            return_dict_in_generate=True,
+            disable_compile=True,
+            prefill_chunk_size=prefill_chunk,
+        )
 
     def __call__(self, n: int) -> dict[str, Any]:
         from transformers import DynamicCache, LogitsProcessorList
@@ -222,16 +251,27 @@ class _EagerRunner:
         sync(self.device)
         clock = Clock(self.device)
         clock.mark()
-        out = self.model.generate(self.prompt, attention_mask=self.mask, generation_config=self.config(n),
-                                  logits_processor=LogitsProcessorList([_clock_processor(clock)]))
+        out = self.model.generate(
+            self.prompt,
+            attention_mask=self.mask,
+            generation_config=self.config(n),
+            logits_processor=LogitsProcessorList([_clock_processor(clock)]),
+        )
         clock.mark()
         t = clock.seconds()  # start, one mark per generated token, end
         if len(t) != n + 2 or out.sequences.shape[1] != self.prompt.shape[1] + n:
-            raise RuntimeError(f"time_generation: generate produced {out.sequences.shape[1] - self.prompt.shape[1]} "
-                               f"tokens with {len(t) - 2} clock marks, expected {n}")
-        return {"prefill_s": prefill_s, "ttft_s": t[1], "e2e_s": t[-1],
-                "steps": [b - a for a, b in zip(t[1:-2], t[2:-1])],
-                "kv_cache_bytes": cache_bytes(out.past_key_values), "tokens": out.sequences}
+            raise RuntimeError(
+                f"time_generation: generate produced {out.sequences.shape[1] - self.prompt.shape[1]} "
+                f"tokens with {len(t) - 2} clock marks, expected {n}"
+            )
+        return {
+            "prefill_s": prefill_s,
+            "ttft_s": t[1],
+            "e2e_s": t[-1],
+            "steps": [b - a for a, b in zip(t[1:-2], t[2:-1])],
+            "kv_cache_bytes": cache_bytes(out.past_key_values),
+            "tokens": out.sequences,
+        }
 
 
 class _StaticRunner:
@@ -282,5 +322,11 @@ class _StaticRunner:
             tokens.append(tok)
             clock.mark()
         t = clock.seconds()
-        return {"prefill_s": t[1], "ttft_s": t[1], "e2e_s": t[-1], "steps": [b - a for a, b in zip(t[1:], t[2:])],
-                "kv_cache_bytes": cache_bytes(self.cache), "tokens": torch.cat([self.prompt, *tokens], dim=1)}
+        return {
+            "prefill_s": t[1],
+            "ttft_s": t[1],
+            "e2e_s": t[-1],
+            "steps": [b - a for a, b in zip(t[1:], t[2:])],
+            "kv_cache_bytes": cache_bytes(self.cache),
+            "tokens": torch.cat([self.prompt, *tokens], dim=1),
+        }

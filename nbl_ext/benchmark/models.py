@@ -4,6 +4,7 @@ Speed does not depend on weight values, so the speed claims use real model shape
 (:func:`random_model`) and random affine maps (:func:`synthetic_linearize`, no calibration); real weights
 (``nbl_ext.models.load_model``) work the same way.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,26 +19,67 @@ from nbl_ext.linearize import SUMMARY_ATTR, apply_structure, is_linearized
 from nbl_ext.result import METHODS, check_layer_list
 from nbl_ext.validation import check_count, parse_dtype
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 #: Named model shapes for random-weight models: Hugging Face config arguments (model_type first).
 SHAPES: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": dict(
-        model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=128, intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072,
-        rope_parameters=_LLAMA3_ROPE, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=128000, eos_token_id=128001),
+        model_type="llama",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=14336,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_parameters=_LLAMA3_ROPE,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
     "mistral-7b": dict(  # Mistral-7B-v0.3
-        model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        head_dim=128, intermediate_size=14336, vocab_size=32768, max_position_embeddings=32768,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, sliding_window=None, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+        model_type="mistral",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=14336,
+        vocab_size=32768,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        sliding_window=None,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     "smollm2-135m": dict(
-        model_type="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        head_dim=64, intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, rms_norm_eps=1e-5,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+        model_type="llama",
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        intermediate_size=1536,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    ),
 }
 
 
@@ -62,8 +104,14 @@ def shape_config(shape: str, num_layers: int | None = None):
     return AutoConfig.for_model(model_type, attn_implementation="sdpa", **kwargs)
 
 
-def random_model(shape: str, *, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-                 num_layers: int | None = None, seed: int = 0) -> nn.Module:
+def random_model(
+    shape: str,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    num_layers: int | None = None,
+    seed: int = 0,
+) -> nn.Module:
     """A causal LM of a named shape (:data:`SHAPES`) with random weights, built from its config (no download).
 
     The parameters are allocated directly on ``device`` (a ``torch.device``
@@ -87,8 +135,13 @@ def random_model(shape: str, *, dtype: str | torch.dtype | None = None, device: 
     wrong = {p.device for p in model.parameters() if p.device.type != dev.type}
     if wrong:  # pragma: no cover - a transformers change that allocates elsewhere first
         raise RuntimeError(f"random_model: parameters landed on {wrong}, not {dev}")
-    model.config.nbl_source = {"kind": "random", "shape": shape, "num_layers": config.num_hidden_layers,
-                               "seed": seed, "description": f"random weights, {shape} shape"}
+    model.config.nbl_source = {
+        "kind": "random",
+        "shape": shape,
+        "num_layers": config.num_hidden_layers,
+        "seed": seed,
+        "description": f"random weights, {shape} shape",
+    }
     return model.eval()
 
 
@@ -98,8 +151,9 @@ def last_layers(num_layers: int, k: int) -> list[int]:
     return list(range(num_layers - k, num_layers))
 
 
-def synthetic_maps(hidden_size: int, layers: Iterable[int], *, seed: int = 0, scale: float = 0.01
-                   ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def synthetic_maps(
+    hidden_size: int, layers: Iterable[int], *, seed: int = 0, scale: float = 0.01
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Random affine maps ``{layer: (W, b)}``: ``W ~ N(0, scale^2 / d)`` (spectral norm ~ 2 scale),
     ``b ~ N(0, scale^2)``.
 
@@ -114,8 +168,9 @@ def synthetic_maps(hidden_size: int, layers: Iterable[int], *, seed: int = 0, sc
     return out
 
 
-def synthetic_linearize(model: nn.Module, layers: Any, method: str = "nbl", *, seed: int = 0,
-                        scale: float = 0.01) -> nn.Module:
+def synthetic_linearize(
+    model: nn.Module, layers: Any, method: str = "nbl", *, seed: int = 0, scale: float = 0.01
+) -> nn.Module:
     """Linearize (``"nbl"``) or drop (``"drop"``) ``layers`` in place *without calibration*.
 
     Same structure as :func:`nbl_ext.linearize` (it goes through
@@ -132,7 +187,17 @@ def synthetic_linearize(model: nn.Module, layers: Any, method: str = "nbl", *, s
     chosen = check_layer_list(layers, adapter.num_layers, "synthetic_linearize")
     weights = synthetic_maps(adapter.hidden_size, chosen, seed=seed, scale=scale) if method == "nbl" else None
     apply_structure(model, adapter, method, chosen, weights, None)
-    setattr(model, SUMMARY_ATTR, {"synthetic_maps": {"method": method, "layers": chosen, "seed": seed,
-                                                     "scale": scale if method == "nbl" else None,
-                                                     "note": "random maps for speed measurements, not calibrated"}})
+    setattr(
+        model,
+        SUMMARY_ATTR,
+        {
+            "synthetic_maps": {
+                "method": method,
+                "layers": chosen,
+                "seed": seed,
+                "scale": scale if method == "nbl" else None,
+                "note": "random maps for speed measurements, not calibrated",
+            }
+        },
+    )
     return model

@@ -1,5 +1,6 @@
 """Provenance of a benchmark result: device, versions, git commit, environment (:func:`run_info`), and the
 pieces bench/conftest.py stamps pytest-benchmark's machine_info with (:func:`git_info`, :func:`cuda_info`)."""
+
 from __future__ import annotations
 
 import os
@@ -22,12 +23,17 @@ def run_info(device: str | torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "device": {"type": dev.type},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                     "nbl_ext": nbl_ext.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "nbl_ext": nbl_ext.__version__,
+        },
         "extension": nbl_ext.extension_info(),
         "git": git_info(),
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES")
-                if k in os.environ},
+        "env": {
+            k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "CUDA_VISIBLE_DEVICES") if k in os.environ
+        },
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     for dist in ("transformers", "accelerate"):
@@ -45,8 +51,12 @@ def run_info(device: str | torch.device) -> dict[str, Any]:
 def cuda_info(device: str | torch.device = "cuda") -> dict[str, Any]:
     """Name, compute capability, total memory and SM count of a CUDA device."""
     props = torch.cuda.get_device_properties(torch.device(device))
-    return {"name": props.name, "capability": f"{props.major}.{props.minor}",
-            "total_memory_bytes": props.total_memory, "sm_count": props.multi_processor_count}
+    return {
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "total_memory_bytes": props.total_memory,
+        "sm_count": props.multi_processor_count,
+    }
 
 
 def _cpu_name() -> str:

@@ -6,6 +6,7 @@
   bench/summarize.py prints and scripts/performance_report.py puts on docs/performance.md, with what both
   read from that JSON (:func:`suite_of`, :func:`row_device`) and the accumulator variants in one order.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,10 +24,11 @@ def format_bench_calibration(report: dict) -> str:
     dev = report.get("device", {})
     done = [r for r in runs if "skipped" not in r]
     dtype = done[0]["dtype"] if done else "?"
-    lines = [f"{report.get('model', {}).get('name', '?')}: calibration of all layers, {dtype} on "
-             f"{dev.get('name', '?')}",
-             f"{'method':<10} {'samples x len':>14} {'tokens':>9} {'time s':>8} {'fwd s':>7} {'stats s':>7} "
-             f"{'fit s':>6} {'tokens/s':>9} {'host MiB':>9} {'GPU MiB':>8} {'floor s':>8} {'% floor':>7} {'x time':>6}"]
+    lines = [
+        f"{report.get('model', {}).get('name', '?')}: calibration of all layers, {dtype} on {dev.get('name', '?')}",
+        f"{'method':<10} {'samples x len':>14} {'tokens':>9} {'time s':>8} {'fwd s':>7} {'stats s':>7} "
+        f"{'fit s':>6} {'tokens/s':>9} {'host MiB':>9} {'GPU MiB':>8} {'floor s':>8} {'% floor':>7} {'x time':>6}",
+    ]
     for r in runs:
         head = f"{r['method']:<10} {str(r['num_samples']) + ' x ' + str(r['seq_len']):>14} {r['tokens']:>9}"
         if "skipped" in r:
@@ -41,14 +43,19 @@ def format_bench_calibration(report: dict) -> str:
             f"{r['tokens_per_s']:>9.0f} {mib(r['peak_host_bytes']):>9} {mib(r['peak_cuda_bytes']):>8} "
             f"{'-' if fl is None else f'{fl:.1f}':>8} "
             f"{'-' if pct is None else f'{pct:.0f}%':>7} "
-            f"{'-' if x is None else f'{x:.2f}':>6}")
+            f"{'-' if x is None else f'{x:.2f}':>6}"
+        )
     c = report.get("ceilings")
     if c:
-        lines.append(f"same-run ceilings: matmul {c['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({dtype}), float32 "
-                     f"{c['gram_flops_per_s'] / 1e9:.0f} GFLOP/s, copy {c['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s")
-    lines.append("host MiB: peak RSS growth over the loaded model; GPU MiB: peak allocated (weights included); "
-                 "floor: forward FLOPs / matmul rate + Gram FLOPs / float32 rate (or bytes / bandwidth); "
-                 "x time: / streaming at the same tokens")
+        lines.append(
+            f"same-run ceilings: matmul {c['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({dtype}), float32 "
+            f"{c['gram_flops_per_s'] / 1e9:.0f} GFLOP/s, copy {c['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s"
+        )
+    lines.append(
+        "host MiB: peak RSS growth over the loaded model; GPU MiB: peak allocated (weights included); "
+        "floor: forward FLOPs / matmul rate + Gram FLOPs / float32 rate (or bytes / bandwidth); "
+        "x time: / streaming at the same tokens"
+    )
     return "\n".join(lines)
 
 
@@ -56,10 +63,12 @@ def format_bench(report: dict) -> str:
     """The table `nbl bench` prints: one row per variant and mode, ratios to the original in that mode."""
     s = report["settings"]
     dev = report.get("device", {})
-    lines = [f"{report.get('model', {}).get('name', '?')}: batch {s['batch']}, prompt {s['prompt_len']}, "
-             f"{s['new_tokens']} new tokens, {s['dtype']} on {dev.get('name', s['device'])}",
-             f"{'variant':<10} {'mode':<6} {'prefill ms':>10} {'decode ms':>9} {'tok/s':>9} {'e2e tok/s':>9} "
-             f"{'x decode':>8} {'x e2e':>6} {'ideal x':>7} {'KV MiB':>8} {'peak MiB':>8} {'GB/s':>7}"]
+    lines = [
+        f"{report.get('model', {}).get('name', '?')}: batch {s['batch']}, prompt {s['prompt_len']}, "
+        f"{s['new_tokens']} new tokens, {s['dtype']} on {dev.get('name', s['device'])}",
+        f"{'variant':<10} {'mode':<6} {'prefill ms':>10} {'decode ms':>9} {'tok/s':>9} {'e2e tok/s':>9} "
+        f"{'x decode':>8} {'x e2e':>6} {'ideal x':>7} {'KV MiB':>8} {'peak MiB':>8} {'GB/s':>7}",
+    ]
     for r in report["runs"]:
         v = r["vs_original"]
         peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}"
@@ -67,14 +76,19 @@ def format_bench(report: dict) -> str:
             f"{r['variant']:<10} {r['mode']:<6} {1e3 * r['prefill_s']:>10.1f} {1e3 * r['decode_step_s']:>9.2f} "
             f"{r['decode_tokens_per_s']:>9.1f} {r['e2e_tokens_per_s']:>9.1f} {v['decode_speedup']:>8.3f} "
             f"{v['e2e_speedup']:>6.3f} {r['ideal_decode_speedup']:>7.3f} {r['kv_cache_bytes'] / 2**20:>8.1f} "
-            f"{peak:>8} {r['achieved_bandwidth_bytes_per_s'] / 1e9:>7.1f}")
+            f"{peak:>8} {r['achieved_bandwidth_bytes_per_s'] / 1e9:>7.1f}"
+        )
     c = report.get("ceilings")
     if c:
-        lines.append(f"same-run ceilings: copy {c['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, matmul "
-                     f"{c['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s; decode floor (memory) of the original at "
-                     f"mid-generation: {1e3 * report['runs'][0]['floor']['floor_s']:.2f} ms/step")
-    lines.append("x decode / x e2e: speedup over the original in the same mode; ideal x: bytes per decode step "
-                 "original / variant (weights + KV); GB/s: those bytes / measured step")
+        lines.append(
+            f"same-run ceilings: copy {c['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s, matmul "
+            f"{c['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s; decode floor (memory) of the original at "
+            f"mid-generation: {1e3 * report['runs'][0]['floor']['floor_s']:.2f} ms/step"
+        )
+    lines.append(
+        "x decode / x e2e: speedup over the original in the same mode; ideal x: bytes per decode step "
+        "original / variant (weights + KV); GB/s: those bytes / measured step"
+    )
     return "\n".join(lines)
 
 
@@ -136,23 +150,39 @@ def accumulator_rows(benches: list[dict]) -> list[dict]:
     """The accumulator suite's ``extra_info`` rows, float32 first, then by d, tokens and variant."""
     order = {v: i for i, v in enumerate(ACCUMULATOR_VARIANTS)}
     out = [b["extra_info"] for b in benches if "d_x" in b.get("extra_info", {})]
-    return sorted(out, key=lambda e: (str(e.get("device")), e["dtype"] != "float32", e["dtype"], e["d_x"], e["tokens"],
-                                      order.get(e["variant"], len(order)), e["variant"]))
+    return sorted(
+        out,
+        key=lambda e: (
+            str(e.get("device")),
+            e["dtype"] != "float32",
+            e["dtype"],
+            e["d_x"],
+            e["tokens"],
+            order.get(e["variant"], len(order)),
+            e["variant"],
+        ),
+    )
 
 
 def accumulator_table(benches: list[dict]) -> list[str]:
     """Markdown table of the accumulator suite; ``x store_all`` = store_all's median / this one."""
     ex = accumulator_rows(benches)
-    store = {(e.get("device"), e["dtype"], e["d_x"], e["tokens"]): e["median_s"]
-             for e in ex if e["variant"] == "store_all"}
-    out = ["| variant | dtype | d | tokens | median ms | tokens/s | GFLOP/s | % of fp32 GEMM | floor ms | x store_all "
-           "| peak MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    store = {
+        (e.get("device"), e["dtype"], e["d_x"], e["tokens"]): e["median_s"] for e in ex if e["variant"] == "store_all"
+    }
+    out = [
+        "| variant | dtype | d | tokens | median ms | tokens/s | GFLOP/s | % of fp32 GEMM | floor ms | x store_all "
+        "| peak MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for e in ex:
         base = store.get((e.get("device"), e["dtype"], e["d_x"], e["tokens"]))
-        out.append(f"| {e['variant']} | {e['dtype']} | {e['d_x']} | {e['tokens']} | {1e3 * e['median_s']:.1f} "
-                   f"| {e['tokens_per_s']:,.0f} | {e['gflops']:.1f} | {fmt(e.get('pct_of_gemm_fp32'), '.0f')}% "
-                   f"| {fmt(1e3 * e['floor_s_fp32'] if e.get('floor_s_fp32') else None, '.1f')} "
-                   f"| {fmt(base / e['median_s'] if base else None, '.2f')} | {fmt(e.get('peak_mem_mb'), '.0f')} |")
+        out.append(
+            f"| {e['variant']} | {e['dtype']} | {e['d_x']} | {e['tokens']} | {1e3 * e['median_s']:.1f} "
+            f"| {e['tokens_per_s']:,.0f} | {e['gflops']:.1f} | {fmt(e.get('pct_of_gemm_fp32'), '.0f')}% "
+            f"| {fmt(1e3 * e['floor_s_fp32'] if e.get('floor_s_fp32') else None, '.1f')} "
+            f"| {fmt(base / e['median_s'] if base else None, '.2f')} | {fmt(e.get('peak_mem_mb'), '.0f')} |"
+        )
     return out
 
 
@@ -175,16 +205,23 @@ def generation_rows(benches: list[dict]) -> list[dict]:
     out = []
     for e in ex:
         o = base.get((e.get("device"), generation_case(e)))
-        out.append({**e, "x_decode": o["decode_step_s"] / e["decode_step_s"] if o else None,
-                    "x_e2e": e["e2e_tokens_per_s"] / o["e2e_tokens_per_s"] if o else None})
+        out.append(
+            {
+                **e,
+                "x_decode": o["decode_step_s"] / e["decode_step_s"] if o else None,
+                "x_e2e": e["e2e_tokens_per_s"] / o["e2e_tokens_per_s"] if o else None,
+            }
+        )
     return out
 
 
 def generation_table(benches: list[dict]) -> list[str]:
     """Markdown table of the generate suite (ratios from :func:`generation_rows`)."""
-    out = ["| model | mode | batch | prompt+new | variant | prefill ms | decode ms/step | decode tok/s | e2e tok/s "
-           "| x decode | x e2e | ideal x | KV MiB | peak MiB | % floor |",
-           "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| model | mode | batch | prompt+new | variant | prefill ms | decode ms/step | decode tok/s | e2e tok/s "
+        "| x decode | x e2e | ideal x | KV MiB | peak MiB | % floor |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for e in generation_rows(benches):
         out.append(
             f"| {e['model']}{' (random)' if e.get('weights') == 'random' else ''} | {e['mode']} | {e['batch']} "
@@ -192,7 +229,8 @@ def generation_table(benches: list[dict]) -> list[str]:
             f"| {1e3 * e['decode_step_s']:.2f} | {e['decode_tokens_per_s']:,.1f} | {e['e2e_tokens_per_s']:,.1f} "
             f"| {fmt(e['x_decode'], '.3f')} | {fmt(e['x_e2e'], '.3f')} | {fmt(e.get('ideal_decode_speedup'), '.3f')} "
             f"| {e['kv_cache_bytes'] / 2**20:,.1f} | {_mib(e.get('peak_memory_bytes'))} "
-            f"| {_pct(e.get('pct_of_floor'))} |")
+            f"| {_pct(e.get('pct_of_floor'))} |"
+        )
     return out
 
 
@@ -227,13 +265,17 @@ def calibration_rows(benches: list[dict]) -> list[dict]:
 
 def calibration_table(benches: list[dict]) -> list[str]:
     """Markdown table of the calibration suite (:func:`calibration_rows`); % of floor = floor / time."""
-    out = ["| model | method | tokens | time s | tokens/s | peak host MiB | peak GPU MiB | floor s | % of floor |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| model | method | tokens | time s | tokens/s | peak host MiB | peak GPU MiB | floor s | % of floor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in calibration_rows(benches):
         pct = 100 * r["floor_s"] / r["time_s"] if r["floor_s"] and r["time_s"] else None
-        out.append(f"| {r['model']} | {r['method'] or '-'} | {fmt(r['tokens'], ',')} | {fmt(r['time_s'], '.2f')} "
-                   f"| {fmt(r['tokens_per_s'], ',.0f')} | {_mib(r['peak_host_bytes'])} | {_mib(r['peak_gpu_bytes'])} "
-                   f"| {fmt(r['floor_s'], '.2f')} | {_pct(pct)} |")
+        out.append(
+            f"| {r['model']} | {r['method'] or '-'} | {fmt(r['tokens'], ',')} | {fmt(r['time_s'], '.2f')} "
+            f"| {fmt(r['tokens_per_s'], ',.0f')} | {_mib(r['peak_host_bytes'])} | {_mib(r['peak_gpu_bytes'])} "
+            f"| {fmt(r['floor_s'], '.2f')} | {_pct(pct)} |"
+        )
     return out
 
 
@@ -241,25 +283,35 @@ def calibration_table(benches: list[dict]) -> list[str]:
 def affine_rows(benches: list[dict]) -> list[dict]:
     """The affine suite's ``extra_info`` rows with a kernel time, by shape, dtype and rows."""
     ex = [b.get("extra_info") or {} for b in benches]
-    return sorted((e for e in ex if e.get("rows") is not None and e.get("kernel_median_s")),
-                  key=lambda e: (e.get("shape", ""), e.get("dtype", ""), e["rows"]))
+    return sorted(
+        (e for e in ex if e.get("rows") is not None and e.get("kernel_median_s")),
+        key=lambda e: (e.get("shape", ""), e.get("dtype", ""), e["rows"]),
+    )
 
 
 def affine_table(benches: list[dict]) -> list[str]:
     """Markdown table of the affine suite: kernel, reference, bare GEMM and attention-branch times and ratios."""
-    out = ["| shape | dtype | rows | kernel us | reference us | GEMM us | attention us | ref / kernel "
-           "| kernel / GEMM | kernel / attention | % floor | % bandwidth |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [
+        "| shape | dtype | rows | kernel us | reference us | GEMM us | attention us | ref / kernel "
+        "| kernel / GEMM | kernel / attention | % floor | % bandwidth |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for e in affine_rows(benches):
         us = {k: e.get(f"{k}_median_s") for k in ("kernel", "reference", "gemm", "attention")}
-        out.append(f"| {e.get('shape', '?')} | {e.get('dtype', '?')} | {e['rows']} "
-                   + " ".join(f"| {fmt(v * 1e6 if v else None, '.1f')}" for v in us.values())
-                   + f" | {fmt(e.get('kernel_vs_reference'), '.2f')} | {fmt(e.get('kernel_vs_gemm'), '.2f')} "
-                   f"| {fmt(e.get('kernel_vs_attention'), '.3f')} | {fmt(e.get('pct_of_floor'), '.0f')} "
-                   f"| {fmt(e.get('pct_of_bandwidth'), '.0f')} |")
+        out.append(
+            f"| {e.get('shape', '?')} | {e.get('dtype', '?')} | {e['rows']} "
+            + " ".join(f"| {fmt(v * 1e6 if v else None, '.1f')}" for v in us.values())
+            + f" | {fmt(e.get('kernel_vs_reference'), '.2f')} | {fmt(e.get('kernel_vs_gemm'), '.2f')} "
+            f"| {fmt(e.get('kernel_vs_attention'), '.3f')} | {fmt(e.get('pct_of_floor'), '.0f')} "
+            f"| {fmt(e.get('pct_of_bandwidth'), '.0f')} |"
+        )
     return out
 
 
 #: suite -> its Markdown table, in the order the pages show them.
-TABLES = {"accumulator": accumulator_table, "affine": affine_table, "generate": generation_table,
-          "calibration": calibration_table}
+TABLES = {
+    "accumulator": accumulator_table,
+    "affine": affine_table,
+    "generate": generation_table,
+    "calibration": calibration_table,
+}

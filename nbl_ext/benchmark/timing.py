@@ -6,6 +6,7 @@
 * :class:`PeakMemory`: peak host RSS growth (VmHWM, reset at the start) and peak CUDA memory over a block;
   :func:`proc_status`, :func:`reset_peak_rss` and :func:`available_host_bytes` read Linux's /proc.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -134,9 +135,12 @@ class PeakMemory:
 
     @property
     def method(self) -> str:
-        host = ("host: peak RSS (VmHWM, reset at the start) minus RSS at the start: the growth over the loaded "
-                "model; a lower bound where the allocator reuses memory kept from earlier work"
-                if self.host is not None else "host: unavailable (the RSS high-water mark cannot be reset here)")
+        host = (
+            "host: peak RSS (VmHWM, reset at the start) minus RSS at the start: the growth over the loaded "
+            "model; a lower bound where the allocator reuses memory kept from earlier work"
+            if self.host is not None
+            else "host: unavailable (the RSS high-water mark cannot be reset here)"
+        )
         if self.device.type == "cuda":
             host += "; CUDA: torch.cuda.max_memory_allocated (weights included) and its growth over the start"
         return host
