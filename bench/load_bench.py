@@ -22,7 +22,8 @@ new interpreter each of:
 and records, per run, the load time (after imports, Llama's modeling module included), the process's
 peak RSS (VmHWM) after loading, and the time and peak after reading every weight once (the
 safetensors files are memory-mapped, so loading alone reads lazily). The
-JSON (``--out``, default bench/results/load_<device>_<UTC>_<commit>.json) has the medians and the
+JSON (``--out``, default bench/results/load/load_<device>_<UTC>_<commit>.json: a folder of its own, since
+docs/performance.md reads the pytest-benchmark JSON in bench/results) has the medians and the
 ratios to ``transformers`` (target: <= 1.2 in time and peak memory).
 """
 
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": "ratio <= 1.2 in load time and peak RSS for nbl_from_pretrained / nbl_load_pretrained",
     }
     stamp = time.strftime("%Y%m%dT%H%M%SZ", now)
-    out = args.out or ROOT / "bench" / "results" / f"load_{device}_{stamp}_{_commit()}.json"
+    out = args.out or ROOT / "bench" / "results" / "load" / f"load_{device}_{stamp}_{_commit()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print("\nvariant                 load s   peak RSS MB   x transformers (time, memory)")
