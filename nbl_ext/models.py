@@ -484,7 +484,12 @@ def _from_pretrained(name_or_path: str, torch_dtype, dev: torch.device, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device_map = None if dev.type == "cpu" else str(dev)
-    lm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, device_map=device_map, **kw)
+    model_kw = dict(kw)
+    if kw.get("local_files_only"):
+        # With peft installed, transformers 5.23 looks for an adapter config on the hub without passing
+        # local_files_only on (about 23 s of retries offline): pass it to that lookup too.
+        model_kw["adapter_kwargs"] = {"local_files_only": True}
+    lm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype, device_map=device_map, **model_kw)
     tok = AutoTokenizer.from_pretrained(name_or_path, **kw)
     return lm, tok
 
