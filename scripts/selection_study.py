@@ -94,11 +94,13 @@ SHARED = (ROOT / ".." / "shared" / "data").resolve()
 C4 = SHARED / "calib" / "c4_demo.json"
 EVAL = SHARED / "eval"
 MODELS = ("smollm2-135m", "gemma3-270m")
-PARTS = ("truth", "criteria", "ppl", "overfit", "accuracy", "speed")
+PARTS = ("truth", "criteria", "ppl", "greedy", "overfit", "accuracy", "speed")
 SELECTION_FRACTION, SELECTION_SEED = 0.15, 1
 K_FRACTIONS = (0.1, 0.2, 0.3, 0.4)  # the k grid; 0.2 and 0.4 are the headline points
 #: Criteria that select layers for the NBL map in the ppl part (DROP is added beside them).
 PPL_CRITERIA = ("cca_bound", "cv_nmse", "residual_ratio", "cosine", "direct_nll", "greedy")
+#: The default of --ppl-criteria (cosine with the NBL map left out to save CPU time; pass it to add it).
+DEFAULT_PPL_CRITERIA = ("cca_bound", "cv_nmse", "residual_ratio", "direct_nll", "greedy")
 STATISTICS = ("cca_bound", "nmse", "cosine", "cv_nmse", "residual_ratio")
 
 
@@ -214,54 +216,58 @@ class Study:
             self.save()
         log = lambda msg: print(f"[{name}] {msg}", flush=True)  # noqa: E731
 
-        if "truth" in parts and "truth" not in rec:
-            t = time.perf_counter()
-            base = heldout_nll(model, truth_ids, batch_size=a.batch_size)
-            delta = []
-            for i in range(n):
-                lin = nbl_ext.linearize(copy.deepcopy(model), result, [i])
-                delta.append(heldout_nll(lin, truth_ids, batch_size=a.batch_size) - base)
-                del lin
-            rec["truth"] = {
-                "tokens": int(truth_ids.numel()),
-                "nll_original": base,
-                "delta": delta,
-                "seconds": time.perf_counter() - t,
-                "forward_passes": n + 1,
-            }
-            self.save()
-            log(f"ground truth in {rec['truth']['seconds']:.0f} s")
-
-        if "criteria" in parts:
-            crits = rec.setdefault("criteria", {})
-            for crit in STATISTICS:
-                if crit not in crits:
-                    crits[crit] = {
-                        "scores": [lc.score(crit) for lc in result.layers],
-                        "seconds": None,
-                        "cost": "in the calibration pass",
-                    }
-            if "direct_nll" not in crits:
+        for part in parts:  # in the order given (ppl may come twice: before and after greedy)
+            if part == "truth" and "truth" not in rec:
                 t = time.perf_counter()
-                s = nbl_ext.score_criteria(model, result, "direct_nll", heldout=direct_ids, batch_size=a.batch_size)[
-                    "direct_nll"
-                ]
-                crits["direct_nll"] = {
-                    "scores": s,
+                base = heldout_nll(model, truth_ids, batch_size=a.batch_size)
+                delta = []
+                for i in range(n):
+                    lin = nbl_ext.linearize(copy.deepcopy(model), result, [i])
+                    delta.append(heldout_nll(lin, truth_ids, batch_size=a.batch_size) - base)
+                    del lin
+                rec["truth"] = {
+                    "tokens": int(truth_ids.numel()),
+                    "nll_original": base,
+                    "delta": delta,
                     "seconds": time.perf_counter() - t,
                     "forward_passes": n + 1,
-                    "tokens": int(direct_ids.numel()),
                 }
                 self.save()
-                log(f"direct_nll in {crits['direct_nll']['seconds']:.0f} s")
-            if "greedy" not in crits:
+                log(f"ground truth in {rec['truth']['seconds']:.0f} s")
+
+            if part == "criteria":
+                crits = rec.setdefault("criteria", {})
+                for crit in STATISTICS:
+                    if crit not in crits:
+                        crits[crit] = {
+                            "scores": [lc.score(crit) for lc in result.layers],
+                            "seconds": None,
+                            "cost": "in the calibration pass",
+                        }
+                if "direct_nll" not in crits:
+                    t = time.perf_counter()
+                    s = nbl_ext.score_criteria(
+                        model, result, "direct_nll", heldout=direct_ids, batch_size=a.batch_size
+                    )["direct_nll"]
+                    crits["direct_nll"] = {
+                        "scores": s,
+                        "seconds": time.perf_counter() - t,
+                        "forward_passes": n + 1,
+                        "tokens": int(direct_ids.numel()),
+                    }
+                    self.save()
+                    log(f"direct_nll in {crits['direct_nll']['seconds']:.0f} s")
+                self.spearmans(rec)
+            if part == "greedy" and "greedy" not in rec.get("criteria", {}):
+                crits = rec.setdefault("criteria", {})
                 t = time.perf_counter()
                 g_tokens = full_tokens if a.greedy_samples is None else full_tokens[: a.greedy_samples]
                 g = nbl_ext.greedy_selection(
                     model,
                     g_tokens,
                     steps=a.greedy_steps or max(ks(n)),
-                    heldout=direct_ids,
+                    heldout=direct_ids[: a.greedy_heldout_samples],
+                    base=a.greedy_base,
                     batch_size=a.batch_size,
                     **grid,
                 )
@@ -273,31 +279,37 @@ class Study:
                     "calibration_passes": g.calibration_passes,
                     "heldout_passes": g.heldout_passes,
                     "calibration_tokens": int(g_tokens.numel()),
+                    "base": a.greedy_base,
+                    "heldout_tokens": int(direct_ids[: a.greedy_heldout_samples].numel()),
                 }
                 (self.work / name).mkdir(parents=True, exist_ok=True)
                 save_file(
                     {
-                        f"{i}.{part}": getattr(lc, part).contiguous()
+                        f"{i}.{piece}": getattr(lc, piece).contiguous()
                         for i, lc in g.maps.items()
-                        for part in ("weight", "bias")
+                        for piece in ("weight", "bias")
                     },
                     self.work / name / "greedy_maps.safetensors",
                 )
                 self.save()
                 log(f"greedy in {crits['greedy']['seconds']:.0f} s: {g.chosen}")
-            if "truth" in rec:
-                for crit, c in crits.items():
-                    c["spearman"] = spearman(signed(crit, c["scores"]), rec["truth"]["delta"])
-                self.save()
+                self.spearmans(rec)
 
-        if "ppl" in parts:
-            self.ppl(name, rec, model, tok, result, bos)
-        if "overfit" in parts:
-            self.overfit(name, rec, model, tok, calib_docs, bos)
-        if "accuracy" in parts:
-            self.accuracy(name, rec, model, tok, result)
-        if "speed" in parts and "speed" not in rec:
-            self.speed(rec, model, full_tokens, result, secs)
+            if part == "ppl":
+                self.ppl(name, rec, model, tok, result, bos)
+            if part == "overfit":
+                self.overfit(name, rec, model, tok, calib_docs, bos)
+            if part == "accuracy":
+                self.accuracy(name, rec, model, tok, result)
+            if part == "speed" and "speed" not in rec:
+                self.speed(rec, model, full_tokens, result, secs)
+
+    def spearmans(self, rec):
+        """Each criterion's Spearman correlation with the ground truth (when both are there)."""
+        if "truth" in rec:
+            for crit, c in rec.get("criteria", {}).items():
+                c["spearman"] = spearman(signed(crit, c["scores"]), rec["truth"]["delta"])
+            self.save()
 
     # --- variants ------------------------------------------------------------------------------
     def variant(self, name, rec, model, result, crit, k):
@@ -334,11 +346,32 @@ class Study:
         if "original" not in pts:
             pts["original"] = {"k": 0, **measure(model)}
             self.save()
+        crit_list = [c for c in a.ppl_criteria.split(",") if c]
         for k in ks(rec["num_layers"]):
-            for crit in (*PPL_CRITERIA, "drop"):
+            for crit in (*crit_list, "drop"):
                 key = f"{crit}/k{k}"
                 if key in pts or (crit not in ("drop", *STATISTICS) and crit not in rec.get("criteria", {})):
                     continue
+                if crit not in ("drop", "greedy"):  # the same layers with the same maps: the same model
+                    layers = sorted(result.select(k, crit)) if crit in result.layers[0].scores else None
+                    if layers is None and crit in rec.get("criteria", {}):
+                        layers = sorted(get_criterion(crit).order(rec["criteria"][crit]["scores"])[:k])
+                    twin = next(
+                        (
+                            q
+                            for q, p in pts.items()
+                            if p.get("k") == k
+                            and p.get("criterion") not in ("drop", "greedy", None)
+                            and p.get("layers") == layers
+                            and "same_as" not in p
+                        ),
+                        None,
+                    )
+                    if twin is not None:
+                        pts[key] = {**copy.deepcopy(pts[twin]), "criterion": crit, "same_as": twin, "seconds": 0.0}
+                        self.save()
+                        print(f"[{name}] {key}: the layers of {twin}", flush=True)
+                        continue
                 if crit == "greedy" and k > len(rec["criteria"]["greedy"]["chosen"]):
                     print(
                         f"[{name}] {key}: skipped, greedy ran {len(rec['criteria']['greedy']['chosen'])} steps "
@@ -362,7 +395,7 @@ class Study:
                     f"[{name}] {key}: c4 {pts[key]['c4']['ppl']:.2f}, wikitext2 {pts[key]['wikitext2']['ppl']:.2f}",
                     flush=True,
                 )
-            for crit in PPL_CRITERIA:  # NLL(crit) - NLL(DROP) over the same windows, and its paired s.e.
+            for crit in crit_list:  # NLL(crit) - NLL(DROP) over the same windows, and its paired s.e.
                 key = f"{crit}/k{k}"
                 if key in pts and f"drop/k{k}" in pts:
                     for corpus in corpora:
@@ -611,6 +644,21 @@ def main(argv=None):
     ap.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (default: all that fit)")
     ap.add_argument("--greedy-samples", type=int, default=None, help="calibration sequences greedy re-fits on")
     ap.add_argument("--greedy-steps", type=int, default=None, help="greedy steps (default: the largest k)")
+    ap.add_argument(
+        "--greedy-base", default="direct_nll", help="the score greedy ranks candidates by at each step (%(default)s)"
+    )
+    ap.add_argument(
+        "--greedy-heldout-samples",
+        type=int,
+        default=None,
+        help="direct-score sequences greedy's direct_nll steps use (default: all --direct-samples)",
+    )
+    ap.add_argument(
+        "--ppl-criteria",
+        default=",".join(DEFAULT_PPL_CRITERIA),
+        help="criteria whose layers get the NBL map in the ppl part, DROP beside "
+        f"(choose from {', '.join(PPL_CRITERIA)}; default: %(default)s)",
+    )
     ap.add_argument("--direct-samples", type=int, default=8, help="selection sequences for the direct score")
     ap.add_argument("--truth-samples", type=int, default=16, help="selection sequences for the ground truth")
     ap.add_argument("--self-samples", type=int, default=32, help="self-generated calibration sequences (0: skip)")
@@ -631,6 +679,9 @@ def main(argv=None):
         args.direct_samples, args.truth_samples, args.self_samples = 2, 4, 6
         args.ppl_tokens, args.nmse_tokens, args.acc_n = 512, 256, 0
     names, parts = args.models.split(","), args.parts.split(",")
+    bad_crit = set(args.ppl_criteria.split(",")) - set(PPL_CRITERIA)
+    if bad_crit:
+        sys.exit(f"unknown --ppl-criteria {sorted(bad_crit)}; choose from {', '.join(PPL_CRITERIA)}")
     for bad, known, what in ((set(names) - set(MODELS), MODELS, "model"), (set(parts) - set(PARTS), PARTS, "part")):
         if bad:
             sys.exit(f"unknown {what} {sorted(bad)}; choose from {', '.join(known)}")
