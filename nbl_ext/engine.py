@@ -114,7 +114,8 @@ def _to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _hidden(out: Any) -> torch.Tensor:
+def layer_output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returned (a tensor, or the first item of a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -209,9 +210,9 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict)
     kwargs["past_key_values"] = None
     kwargs["use_cache"] = False
     if args:
-        return _hidden(layer(hidden, *args[1:], **kwargs))
+        return layer_output(layer(hidden, *args[1:], **kwargs))
     kwargs["hidden_states"] = hidden
-    return _hidden(layer(**kwargs))
+    return layer_output(layer(**kwargs))
 
 
 # --- the layer-by-layer engine ----------------------------------------------------------

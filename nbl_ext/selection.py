@@ -50,6 +50,7 @@ from nbl_ext.engine import (
     all_reduce_stats,
     check_token_data,
     eval_mode,
+    layer_output,
     score_layer,
     shard,
 )
@@ -92,6 +93,84 @@ def linearized_layers(model: nn.Module, maps: Mapping[int, tuple[torch.Tensor, t
             layers[i] = layer
 
 
+class _Resume(nn.Module):
+    """Stands in for decoder layer j < i while layer i's variant runs: identity, and for j = i - 1 the
+    cached output of the original layer i - 1 (what layer i receives, computed once per batch)."""
+
+    def __init__(self, cached: torch.Tensor | None) -> None:
+        super().__init__()
+        self._cached = cached
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._cached is not None:
+            return self._cached
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def _nll_sum(model: nn.Module, chunk: torch.Tensor) -> float:
+    """Summed next-token NLL (float64 sum of float32 cross-entropies) of the model on a batch of ids."""
+    logits = model(input_ids=chunk, use_cache=False).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
+        chunk[:, 1:].reshape(-1),
+        reduction="none",
+    )
+    return float(nll.double().sum())
+
+
+def layer_nll_increases(
+    model: nn.Module,
+    maps: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+    ids: torch.Tensor,
+    *,
+    batch_size: int = 4,
+) -> tuple[float, dict[int, float]]:
+    """The model's mean next-token NLL on ``ids`` and, per layer in ``maps``, its increase with that layer
+    alone replaced by its affine map ``(W, b)``; the model is unchanged afterwards.
+
+    Each batch runs the original model once, keeping every decoder layer's output; the variant of layer i
+    then resumes from layer i - 1's output (layers below i are skipped), so scoring all L layers costs the
+    original forward plus, per layer, the layers from i up and the head: about (L + 1) / 2 forwards of the
+    decoder stack and L + 1 of the head, instead of L + 1 full forwards. Memory: one batch's layer outputs
+    (batch x seq_len x hidden x L) and one decoder layer's copy.
+    """
+    adapter = get_adapter(model)
+    layers = adapter.layers()
+    order = sorted(maps)
+    for i in order:
+        if is_linearized(layers[i]):
+            raise ValueError(f"decoder layer {i} is already linearized")
+    device = model.get_input_embeddings().weight.device
+    base_sum, sums, count = 0.0, dict.fromkeys(order, 0.0), 0
+    with eval_mode(model):
+        for chunk in ids.split(batch_size):
+            chunk = chunk.to(device)
+            outs: dict[int, torch.Tensor] = {}
+            hooks = [
+                layer.register_forward_hook(lambda _m, _a, out, j=j, outs=outs: outs.__setitem__(j, layer_output(out)))
+                for j, layer in enumerate(layers)
+                if j + 1 in maps
+            ]
+            try:
+                base_sum += _nll_sum(model, chunk)
+            finally:
+                for h in hooks:
+                    h.remove()
+            for i in order:
+                originals = [layers[j] for j in range(i)]
+                try:
+                    for j in range(i):
+                        layers[j] = _Resume(outs[j] if j == i - 1 else None)
+                    with linearized_layers(model, {i: maps[i]}):
+                        sums[i] += _nll_sum(model, chunk)
+                finally:
+                    for j, layer in enumerate(originals):
+                        layers[j] = layer
+            count += chunk[:, 1:].numel()
+    base = base_sum / count
+    return base, {i: sums[i] / count - base for i in order}
+
+
 def _nll(ctx: LayerContext, model: nn.Module, key: str) -> float:
     """The held-out NLL of ``model`` as it is, computed once per scoring call and key."""
     if key not in ctx.shared:
@@ -100,9 +179,16 @@ def _nll(ctx: LayerContext, model: nn.Module, key: str) -> float:
 
 
 def _direct_nll(ctx: LayerContext) -> float:
-    base = _nll(ctx, ctx.model, "original_nll")
-    with linearized_layers(ctx.model, {ctx.layer: (ctx.weight, ctx.bias)}):
-        return heldout_nll(ctx.model, ctx.holdout, batch_size=ctx.options.get("batch_size", 4)) - base
+    if "direct_nll" not in ctx.shared:  # every layer in one pass (the layers' maps come with the call)
+        maps = ctx.options.get("maps")
+        if maps is None:  # scored one layer at a time (no maps of the other layers at hand)
+            base = _nll(ctx, ctx.model, "original_nll")
+            with linearized_layers(ctx.model, {ctx.layer: (ctx.weight, ctx.bias)}):
+                return heldout_nll(ctx.model, ctx.holdout, batch_size=ctx.options.get("batch_size", 4)) - base
+        ctx.shared["direct_nll"] = layer_nll_increases(
+            ctx.model, maps, ctx.holdout, batch_size=ctx.options.get("batch_size", 4)
+        )[1]
+    return ctx.shared["direct_nll"][ctx.layer]
 
 
 @dataclass
@@ -207,11 +293,9 @@ def greedy_selection(
         )
         cal_passes += 1
         if crit.name == "direct_nll":
-            base_nll = heldout_nll(work, heldout, batch_size=batch_size)
-            scores = {}
-            for i in remaining:
-                with linearized_layers(work, {i: (fits[i].weight, fits[i].bias)}):
-                    scores[i] = heldout_nll(work, heldout, batch_size=batch_size) - base_nll
+            _, scores = layer_nll_increases(
+                work, {i: (fits[i].weight, fits[i].bias) for i in remaining}, heldout, batch_size=batch_size
+            )
             held_passes += len(remaining) + 1
         else:
             scores = {i: fits[i].score(crit.name) for i in remaining}
@@ -309,7 +393,12 @@ def score_criteria(
         if missing:
             arg = {"holdout": "heldout=", "data": "data=", "cv": "a calibration with folds", "model": "model"}
             raise ValueError(f"score_criteria: {crit.name!r} needs {', '.join(arg[m] for m in missing)}")
-    opts = dict(options, batch_size=batch_size, metadata=result.metadata)
+    opts = dict(
+        options,
+        batch_size=batch_size,
+        metadata=result.metadata,
+        maps={lc.layer: (lc.weight, lc.bias) for lc in result.layers},
+    )
     out: dict[str, list[float]] = {}
     for crit in crits:
         shared: dict[str, Any] = {}
@@ -333,4 +422,11 @@ def score_criteria(
     return out
 
 
-__all__ = ["GreedySelection", "greedy_selection", "heldout_nll", "linearized_layers", "score_criteria"]
+__all__ = [
+    "GreedySelection",
+    "greedy_selection",
+    "heldout_nll",
+    "layer_nll_increases",
+    "linearized_layers",
+    "score_criteria",
+]

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import nbl_ext
-from hf_tiny import tiny_model, token_data
+from hf_tiny import FAMILIES, tiny_model, token_data
 from nbl_ext.criteria import criterion_names
 from nbl_ext.crossval import DEFAULT_RIDGES
 from nbl_ext.linearize import is_linearized
-from nbl_ext.selection import heldout_nll
+from nbl_ext.selection import heldout_nll, layer_nll_increases
 
 RIDGES = [0.0, 1e-3, 1e-1, 1.0, 10.0]
 K = 3
@@ -207,6 +207,33 @@ def test_direct_nll_is_the_heldout_nll_increase_of_each_layer_linearized_alone(f
         nbl_ext.score_criteria(model, result, "direct_nll")
     with pytest.raises(ValueError, match="unknown selection criterion 'nll'"):
         nbl_ext.score_criteria(model, result, "nll", heldout=heldout)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_nll_increases_resume_from_the_cached_layer_outputs(family):
+    """The prefix-cached scores equal full forwards of models built by linearize, for every layer (layer 0,
+    whose variant has no cached input, and the last) and every family (Gemma 3: per-layer masks and RoPE)."""
+    model = tiny_model(family, 4, dtype=torch.float64, seed=5)
+    data, heldout = token_data(6, 24), token_data(5, 20, seed=12)  # 5 samples, batch 2: a short last batch
+    result = nbl_ext.calibrate(model, data, batch_size=3, progress=False)
+    maps = {lc.layer: (lc.weight, lc.bias) for lc in result.layers}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    base, inc = layer_nll_increases(model, maps, heldout, batch_size=2)
+    assert base == pytest.approx(heldout_nll(model, heldout), rel=1e-12)
+    for i in range(4):
+        lin = nbl_ext.linearize(copy.deepcopy(model), result, [i])
+        assert inc[i] == pytest.approx(heldout_nll(lin, heldout) - base, rel=1e-9, abs=1e-12), i
+        assert abs(inc[i]) > 1e-8  # random maps of a random model: every layer costs something
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [type(m) for m in model.model.layers] == [type(model.model.layers[0])] * 4  # layers put back
+    # a subset, in any order, scores the same; a layer already linearized is refused
+    assert layer_nll_increases(model, {3: maps[3], 1: maps[1]}, heldout, batch_size=2)[1] == pytest.approx(
+        {1: inc[1], 3: inc[3]}, rel=1e-12
+    )
+    lin = nbl_ext.linearize(copy.deepcopy(model), result, [2])
+    with pytest.raises(ValueError, match="decoder layer 2 is already linearized"):
+        layer_nll_increases(lin, {2: maps[2]}, heldout)
 
 
 def test_greedy_refits_on_the_partially_linearized_model_and_differs_from_one_shot():
