@@ -22,9 +22,12 @@ from torch import nn
 from nbl_ext.adapters import get_adapter
 from nbl_ext.calibrate import calibrate
 from nbl_ext.config import NBLConfig
+from nbl_ext.criteria import get_criterion
 from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, load_calibration_tokens, split_documents
+from nbl_ext.engine import check_token_data
 from nbl_ext.linearize import linearize
 from nbl_ext.result import CalibrationResult
+from nbl_ext.selection import score_criteria
 
 
 def default_k(num_layers: int) -> int:
@@ -61,7 +64,11 @@ def calibration_tokens(
     model: nn.Module, data: Any, config: NBLConfig, *, tokenizer: Any = None, progress: bool = False
 ) -> torch.Tensor:
     """The token ids ``config`` calibrates on: ``data`` itself when it is a tensor (its shape must be
-    num_samples x seq_len), else ``data`` as a calibration source (see :func:`nbl_ext.load_calibration_tokens`)."""
+    num_samples x seq_len), else ``data`` as a calibration source (see :func:`nbl_ext.load_calibration_tokens`).
+
+    When the criterion scores layers on held-out tokens (:attr:`NBLConfig.needs_selection`), a source
+    yields ``selection_samples`` more sequences after the calibration ones: rows ``num_samples:`` of the
+    result are the selection tokens (see :func:`split_selection`)."""
     if isinstance(data, torch.Tensor):
         shape = (config.num_samples, config.seq_len)
         if tuple(data.shape) != shape:
@@ -77,14 +84,38 @@ def calibration_tokens(
             "or pass token ids (a LongTensor)"
         )
     source, _ = holdout_split(data, config.holdout)
+    extra = config.selection_samples if config.needs_selection else 0
     return load_calibration_tokens(
         source,
         tokenizer,
-        num_samples=config.num_samples,
+        num_samples=config.num_samples + extra,
         seq_len=config.seq_len,
         seed=config.seed,
         model=model,
         progress=progress,
+    )
+
+
+def split_selection(
+    tokens: torch.Tensor, config: NBLConfig, selection: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(calibration ids, selection ids or None) from what :func:`calibration_tokens` returned.
+
+    Token ids the caller passed (exactly num_samples rows) carry no selection rows: a criterion that needs
+    them takes ``selection`` (held-out token ids, never the calibration ones); a source's extra rows are
+    used otherwise. Packed document text may continue one document across the boundary of the two sets.
+    """
+    if not config.needs_selection:
+        return tokens[: config.num_samples], None
+    if selection is not None:
+        return tokens[: config.num_samples], selection
+    if tokens.shape[0] > config.num_samples:
+        return tokens[: config.num_samples], tokens[config.num_samples :]
+    raise ValueError(
+        f"compress: criterion {config.criterion!r} scores layers on held-out tokens; with token ids as data "
+        "pass selection= (LongTensor of other tokens, e.g. 4 x seq_len), or give a calibration source "
+        "(file, 'self') so that selection_samples more sequences are drawn from it, or choose a statistics "
+        "criterion such as 'cv_nmse'"
     )
 
 
@@ -94,12 +125,16 @@ def compress(
     config: NBLConfig | None = None,
     *,
     tokenizer: Any = None,
+    selection: torch.Tensor | None = None,
     progress: bool = False,
     timer: Callable[[str], AbstractContextManager[Any]] | None = None,
 ) -> tuple[nn.Module, CalibrationResult]:
     """Calibrate ``model`` on ``data``, select layers and linearize them in place, as ``config`` says.
 
-    ``data``: token ids (num_samples, seq_len), or a calibration source with ``tokenizer``.
+    ``data``: token ids (num_samples, seq_len), or a calibration source with ``tokenizer``. ``selection``:
+    held-out token ids for criteria that score layers on them (``"direct_nll"``, ``"greedy"``); by default
+    a source gives ``config.selection_samples`` more sequences for them. The criteria that need the model
+    are scored after calibration (:func:`nbl_ext.score_criteria`) inside the "select" phase.
     ``timer(phase)`` is entered around the "calibrate", "select" and "linearize" steps.
     Returns ``(model, result)``; ``model.config.nbl["config"]`` is the config that ran (k filled in).
     """
@@ -116,7 +151,11 @@ def compress(
         config = config.replace(k=k)
     elif config.layers and config.layers[-1] >= n:
         raise ValueError(f"compress: layer {config.layers[-1]} is out of range for the model's {n} layers")
-    tokens = calibration_tokens(model, data, config, tokenizer=tokenizer, progress=progress)
+    if selection is not None:
+        selection = check_token_data(selection, adapter.vocab_size, "compress(selection)")
+    tokens, selection = split_selection(
+        calibration_tokens(model, data, config, tokenizer=tokenizer, progress=progress), config, selection
+    )
     with phase("calibrate"):
         result = calibrate(
             model,
@@ -130,7 +169,21 @@ def compress(
             ridges=config.calibration_ridges,
         )
     with phase("select"):
-        layers = list(config.layers) if config.layers is not None else result.select(config.k, config.criterion)
+        if config.layers is not None:
+            layers = list(config.layers)
+        else:
+            if get_criterion(config.criterion).needs:  # scored on the model: direct_nll, greedy
+                options = {"steps": config.k} if config.criterion == "greedy" else {}
+                score_criteria(
+                    model,
+                    result,
+                    config.criterion,
+                    heldout=selection,
+                    data=tokens,
+                    batch_size=config.batch_size,
+                    **options,
+                )
+            layers = result.select(config.k, config.criterion)
     with phase("linearize"):
         linearize(
             model,

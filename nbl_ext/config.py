@@ -28,6 +28,12 @@ CONFIG_VERSION = 1
 _WHAT = "NBLConfig"
 
 
+def needs_selection(criterion: str) -> bool:
+    """Whether a criterion scores layers on held-out selection tokens (direct_nll; greedy, ranking by it)."""
+    crit = get_criterion(criterion)
+    return "holdout" in crit.needs or crit.name == "greedy"
+
+
 @dataclass(frozen=True)
 class NBLConfig:
     """How to compress a model with NBL.
@@ -44,6 +50,9 @@ class NBLConfig:
     these must be their shape), ``batch_size`` samples per forward, ``gram_precision``, ``activations``
     (see :func:`nbl_ext.calibrate`), ``seed`` (data packing and sampling) and ``holdout`` (the fraction
     of a document file's documents left out of calibration; None: the package default for files).
+    Criteria that score layers on held-out tokens (``"direct_nll"``; ``"greedy"``, whose steps rank by it)
+    get ``selection_samples`` more sequences of ``seq_len`` tokens from the same source, never fitted on
+    (:attr:`needs_selection` says whether the criterion uses them).
     """
 
     criterion: str = "cca_bound"
@@ -61,6 +70,7 @@ class NBLConfig:
     activations: str = "auto"
     seed: int = 0
     holdout: float | None = None
+    selection_samples: int = 4
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalized values are stored once, here
@@ -106,6 +116,7 @@ class NBLConfig:
         check_int(self.seq_len, "seq_len", 2, what=_WHAT)
         check_int(self.batch_size, "batch_size", 1, what=_WHAT)
         check_int(self.seed, "seed", 0, what=_WHAT)
+        check_int(self.selection_samples, "selection_samples", 1, what=_WHAT)
         check_choice(self.gram_precision, GRAM_PRECISIONS, "gram_precision", what=_WHAT)
         check_choice(self.activations, ACTIVATIONS, "activations", what=_WHAT)
         if self.holdout is not None:
@@ -116,6 +127,11 @@ class NBLConfig:
             ):
                 raise ValueError(f"{_WHAT}: holdout must be None or a fraction in [0, 1), got {self.holdout!r}")
             set_(self, "holdout", float(self.holdout))
+
+    @property
+    def needs_selection(self) -> bool:
+        """Whether the criterion scores layers on held-out selection tokens (and no ``layers`` are given)."""
+        return self.layers is None and needs_selection(self.criterion)
 
     @property
     def calibration_folds(self) -> int:

@@ -137,6 +137,14 @@ def check_out(out: Path, given: str, overwrite: bool) -> None:
         ) from None
 
 
+def _samples(args) -> int:
+    """The sequences `nbl compress` draws: SAMPLES, plus the selection ones when the criterion needs them."""
+    from nbl_ext.config import NBLConfig, needs_selection
+
+    crit = getattr(args, "criterion", None) or ("cosine" if args.method == "drop" else NBLConfig().criterion)
+    return args.samples + (getattr(args, "selection_samples", 0) if needs_selection(crit) else 0)
+
+
 def _check_calibration_size(source, holdout, args, tokenizer_dir: str) -> None:
     """SAMPLES x SEQ_LEN tokens must fit in the calibration file (counted with the model's own tokenizer)."""
     from transformers import AutoTokenizer
@@ -149,7 +157,7 @@ def _check_calibration_size(source, holdout, args, tokenizer_dir: str) -> None:
         return  # the model load reports a broken tokenizer in full; the count then happens there
     try:
         load_calibration_tokens(
-            source, tokenizer, num_samples=args.samples, seq_len=args.seq_len, seed=args.seed, progress=False
+            source, tokenizer, num_samples=_samples(args), seq_len=args.seq_len, seed=args.seed, progress=False
         )
     except ValueError as exc:
         kept = f" less the {holdout:.0%} held out" if holdout else ""

@@ -373,3 +373,41 @@ def test_compress_folds_choose_the_ridge_and_print_the_heldout_nmse(tmp_path, ti
     assert cli.main(base + ["--folds", "5", "--out", str(tmp_path / "b")]) == 2
     assert "folds=5 is more than num_samples=4" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.filterwarnings("ignore::nbl_ext.numerics.SingularWarning")
+def test_compress_with_a_criterion_scored_on_heldout_text(tmp_path, tiny_model_dir, calib_file, capsys):
+    """--criterion direct_nll draws --selection-samples more sequences, scores every layer on them (never on
+    the calibration ones) and replaces the layer whose replacement costs the least held-out NLL."""
+    from nbl_ext.selection import layer_nll_increases
+
+    out = tmp_path / "out"
+    args = ["compress", str(tiny_model_dir), "--layers", "1", "--calib", str(calib_file), "--samples", "4"]
+    args += ["--seq-len", "32", "--criterion", "direct_nll", "--selection-samples", "3", "--no-progress"]
+    assert cli.main(args + ["--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "+ 3 x 32 held out for selection by direct_nll" in printed.err
+    assert "direct_nll" in printed.out and "chosen by direct_nll" in printed.out
+    run = json.loads((out / "nbl_run.json").read_text())
+    assert run["criterion"] == "direct_nll" and run["selection_samples"] == 3 and run["seconds"]["select"] > 0
+    rows = json.loads((out / "nbl_calibration.json").read_text())["layers"]
+    scores = [r["direct_nll"] for r in rows]
+    assert run["layers"] == [min(range(len(scores)), key=scores.__getitem__)]
+    # the scores are the held-out NLL increases on the 3 sequences after the 4 calibration ones
+    model, tok = nbl_ext.load_model(str(tiny_model_dir))
+    ids = nbl_ext.load_calibration_tokens(
+        nbl_ext.api.holdout_split(calib_file, None)[0], tok, num_samples=7, seq_len=32, progress=False
+    )
+    maps = nbl_ext.calibrate(
+        model, ids[:4], batch_size=4, progress=False, folds=4, ridges=nbl_ext.crossval.DEFAULT_RIDGES
+    )
+    _, inc = layer_nll_increases(model, {lc.layer: (lc.weight, lc.bias) for lc in maps.layers}, ids[4:])
+    assert scores == pytest.approx([inc[i] for i in range(len(scores))], rel=1e-4, abs=1e-6)
+    # --method drop keeps DROP's cosine unless a criterion is named
+    assert cli.main(args[:-5] + ["--method", "drop", "--no-progress", "--out", str(tmp_path / "d")]) == 0
+    assert json.loads((tmp_path / "d" / "nbl_run.json").read_text())["criterion"] == "cosine"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args[:-5] + ["--criterion", "best", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2 and "invalid choice: 'best'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -93,3 +93,27 @@ def test_compress_defaults_and_bad_input():
         nbl_ext.compress(copy.deepcopy(model), "self", NBLConfig(num_samples=2, seq_len=40))
     with pytest.raises(TypeError, match="config must be an NBLConfig"):
         nbl_ext.compress(copy.deepcopy(model), token_data(2, 40), {"k": 1})
+
+
+def test_compress_scores_heldout_criteria_on_selection_tokens_only():
+    """direct_nll: the chosen layer is the one whose replacement costs the least NLL on ``selection``; the
+    maps are fitted on ``data`` alone (the same as a statistics criterion's)."""
+    from nbl_ext.selection import layer_nll_increases
+
+    model = tiny_model("llama", 4, dtype=torch.float64, seed=2)
+    data, sel = token_data(3, 40), token_data(2, 40, seed=7)
+    config = NBLConfig(criterion="direct_nll", k=1, num_samples=3, seq_len=40, folds=1, ridges=None, ridge=1e-3)
+    assert config.needs_selection and not NBLConfig(criterion="cv_nmse").needs_selection
+    assert NBLConfig(criterion="greedy").needs_selection and not config.replace(layers=[1], k=None).needs_selection
+    compressed, result = nbl_ext.compress(copy.deepcopy(model), data, config, selection=sel)
+    ref = nbl_ext.calibrate(model, data, progress=False, ridge=1e-3)
+    _, inc = layer_nll_increases(model, {lc.layer: (lc.weight, lc.bias) for lc in ref.layers}, sel)
+    assert [lc.scores["direct_nll"] for lc in result.layers] == pytest.approx([inc[i] for i in range(4)], rel=1e-9)
+    assert compressed.config.nbl["layers"] == [min(inc, key=inc.get)]
+    assert compressed.config.nbl["config"]["criterion"] == "direct_nll"
+    with pytest.raises(ValueError, match="criterion 'direct_nll' scores layers on held-out tokens; .*pass selection="):
+        nbl_ext.compress(copy.deepcopy(model), data, config)
+    with pytest.raises(ValueError, match=r"compress\(selection\): token ids must lie in"):
+        nbl_ext.compress(copy.deepcopy(model), data, config, selection=sel + 10**6)
+    with pytest.raises(ValueError, match="selection_samples must be"):
+        NBLConfig(selection_samples=0)

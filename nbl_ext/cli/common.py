@@ -65,12 +65,18 @@ def non_negative(text):
 _EXACT_NMSE = 1e-6
 
 
-def print_table(rows: list[dict], chosen: set[int], method: str | None, out=None) -> None:
+def print_table(rows: list[dict], chosen: set[int], method: str | None, criterion: str | None = None, out=None) -> None:
+    """The per-layer table: bound, nmse (cv_nmse and ridge with folds), cosine, and the score of
+    ``criterion`` (the one that chose the layers) when it is not among those columns."""
     out = out or sys.stdout
     # Calibrated with folds: the cross-validated (held-out) NMSE and the chosen ridge beside the in-sample NMSE.
     folds = any("cv_nmse" in r for r in rows)
     head = f"  {'cv_nmse':>10}  {'ridge':>8}" if folds else ""
-    print(f"{'layer':>5}  {'bound':>10}  {'nmse':>10}{head}  {'cosine':>8}  chosen", file=out)
+    extra = criterion if criterion and criterion not in ("bound", "cca_bound", "nmse", "cv_nmse", "cosine") else None
+    if extra and not all(extra in r for r in rows):
+        extra = None
+    head_extra = f"  {extra:>14}" if extra else ""
+    print(f"{'layer':>5}  {'bound':>10}  {'nmse':>10}{head}  {'cosine':>8}{head_extra}  chosen", file=out)
     exact = 0
     for r in rows:
         mark = f"<- {method}" if r["layer"] in chosen else ""
@@ -82,8 +88,10 @@ def print_table(rows: list[dict], chosen: set[int], method: str | None, out=None
             cells = (f" {cv:>10.4g}" if cv is not None else f" {'-':>10}") + (
                 f"  {ridge:>8.2g} " if ridge is not None else f"  {'-':>8} "
             )
+        cell_extra = f"  {r[extra]:>14.4g}" if extra else ""
         print(
-            f"{r['layer']:>5}  {r['bound']:>10.4f}  {r['nmse']:>10.4f}{star}{cells} {r['cosine']:>8.4f}  {mark}",
+            f"{r['layer']:>5}  {r['bound']:>10.4f}  {r['nmse']:>10.4f}{star}{cells} {r['cosine']:>8.4f}"
+            f"{cell_extra}  {mark}",
             file=out,
         )
     if exact:

@@ -71,7 +71,24 @@ def add_parser(sub) -> None:
         "--method",
         choices=["nbl", "drop"],
         default="nbl",
-        help="nbl: affine map fitted by LMMSE (default); drop: remove the block (baseline)",
+        help="nbl: affine map fitted by LMMSE (default); drop: remove the block (baseline; chooses the "
+        "blocks by DROP's cosine unless --criterion says otherwise)",
+    )
+    c.add_argument(
+        "--criterion",
+        choices=_criteria(),
+        default=None,
+        metavar="NAME",
+        help=f"how the K blocks are chosen (default: {_default_criterion()} with --method nbl, cosine with drop): "
+        f"{', '.join(_criteria())}",
+    )
+    c.add_argument(
+        "--selection-samples",
+        type=positive(int),
+        default=4,
+        metavar="N",
+        help="for criteria scored on held-out text (direct_nll, greedy): N more sequences of SEQ_LEN "
+        "tokens from the calibration source, never fitted on (default 4)",
     )
     c.add_argument(
         "--calib",
@@ -148,12 +165,24 @@ def add_parser(sub) -> None:
     )
 
 
+def _criteria() -> list[str]:
+    from nbl_ext.criteria import criterion_names
+
+    return criterion_names()
+
+
+def _default_criterion() -> str:
+    from nbl_ext.config import NBLConfig
+
+    return NBLConfig().criterion
+
+
 def run(args) -> int:
     import torch
 
     import nbl_ext
     from nbl_ext._io import atomic_write_json
-    from nbl_ext.api import default_k
+    from nbl_ext.api import default_k, split_selection
     from nbl_ext.data import load_calibration_tokens
     from nbl_ext.linearize import resolve_replacement
     from nbl_ext.models import DEFAULT_MODEL, load_model
@@ -177,7 +206,8 @@ def run(args) -> int:
         preflight.warn_few_tokens(args.samples * args.seq_len, hidden)
 
     config = nbl_ext.NBLConfig(
-        criterion=args.method,
+        criterion=args.criterion or ("cosine" if args.method == "drop" else nbl_ext.NBLConfig().criterion),
+        selection_samples=args.selection_samples,
         k=k,
         replacement=resolve_replacement(None, args.method, "nbl compress"),
         refit=None if args.refit == "none" else args.refit,
@@ -194,29 +224,33 @@ def run(args) -> int:
     )
     source, holdout = pre["calibration"]
     config = config.replace(holdout=holdout)  # the fraction actually held out
+    extra = config.selection_samples if config.needs_selection else 0
     print(
         f"nbl compress: calibration data: {args.calib}{f' minus {holdout:.0%} held out' if holdout else ''}, "
-        f"{args.samples} x {args.seq_len} tokens",
+        f"{args.samples} x {args.seq_len} tokens"
+        + (f" (+ {extra} x {args.seq_len} held out for selection by {config.criterion})" if extra else ""),
         file=sys.stderr,
     )
     t_data = time.perf_counter()
     tokens = load_calibration_tokens(
         source,
         tokenizer,
-        num_samples=config.num_samples,
+        num_samples=config.num_samples + extra,
         seq_len=config.seq_len,
         seed=config.seed,
         model=model,
         progress=progress,
     )
+    tokens, selection = split_selection(tokens, config)
     t1 = time.perf_counter()
     seconds: dict[str, float] = {}
     with preflight.singular_summary():
-        model, result = nbl_ext.compress(model, tokens, config, progress=progress, timer=_stopwatch(seconds))
+        model, result = nbl_ext.compress(
+            model, tokens, config, selection=selection, progress=progress, timer=_stopwatch(seconds)
+        )
     layers = model.config.nbl["layers"]
-    print_table(result.table(), set(layers), args.method)
+    print_table(result.table(), set(layers), args.method, config.criterion)
     nbl_ext.save_pretrained(model, out, tokenizer, calibration=result)
-    linearize_s = seconds["select"] + seconds["linearize"]
     atomic_write_json(
         out / RUN,
         {
@@ -224,6 +258,7 @@ def run(args) -> int:
             "layers": layers,
             "model": args.model or DEFAULT_MODEL,
             "method": args.method,
+            "criterion": config.criterion,
             "calib": str(args.calib),
             "device": device,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -232,7 +267,8 @@ def run(args) -> int:
                 "load": round(t_data - t0, 2),
                 "data": round(t1 - t_data, 2),
                 "calibrate": round(seconds["calibrate"], 2),
-                "linearize": round(linearize_s, 2),
+                "select": round(seconds["select"], 2),
+                "linearize": round(seconds["linearize"], 2),
             },
             "nbl_ext": nbl_ext.__version__,
             "torch": torch.__version__,
@@ -241,8 +277,9 @@ def run(args) -> int:
     data_what = "sampling" if args.calib == "self" else "data"
     print(
         f"\nnbl compress: {args.method} on {len(layers)} of {n_layers} attention blocks {layers}; "
-        f"load {t_data - t0:.1f} s, {data_what} {t1 - t_data:.1f} s, calibration {seconds['calibrate']:.1f} s, "
-        f"linearize {linearize_s:.1f} s, total {time.perf_counter() - t0:.1f} s; saved to {out}\n"
+        f"chosen by {config.criterion}; load {t_data - t0:.1f} s, {data_what} {t1 - t_data:.1f} s, calibration "
+        f"{seconds['calibrate']:.1f} s, selection {seconds['select']:.1f} s, linearize {seconds['linearize']:.1f} s, "
+        f"total {time.perf_counter() - t0:.1f} s; saved to {out}\n"
         f"  reload with: model, tokenizer = nbl_ext.load_model({str(out)!r})   |   inspect with: nbl report {out}"
     )
     return 0
