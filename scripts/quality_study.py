@@ -1,7 +1,7 @@
-"""The quality study behind docs/results.md: NBL vs DROP vs NBL + sequential refit, k = 0 .. L/2.
+"""The quality study behind docs/quality_study.md: NBL vs DROP vs NBL + sequential refit, k = 0 .. L/2.
 
     .venv/bin/python scripts/quality_study.py                 # compute what is missing, then render
-    .venv/bin/python scripts/quality_study.py --render-only   # docs/results.md + plots from the JSON
+    .venv/bin/python scripts/quality_study.py --render-only   # docs/quality_study.md + plots from the JSON
     .venv/bin/python scripts/quality_study.py --fresh         # recompute everything from scratch
 
 For each model (SmolLM2-135M-Instruct, Gemma 3 270M; the two offline real models) and each
@@ -13,7 +13,7 @@ same documents for every model and method, so differences are paired). Per layer
 the in-sample NMSE of the fitted map, and its NMSE measured on held-out C4 text.
 
 Everything is written to docs/results/quality_study.json after each point (a rerun resumes), and
-docs/results.md + docs/results/*.png are regenerated from that JSON alone. CPU only, float32.
+docs/quality_study.md + docs/results/*.png are regenerated from that JSON alone. CPU only, float32.
 """
 
 from __future__ import annotations
@@ -297,8 +297,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: %(default)s)")
     ap.add_argument("--calibs", default=",".join(CALIBS), help="calibration sources to run (default: %(default)s)")
-    ap.add_argument("--render-only", action="store_true", help="only regenerate docs/results.md and the plots")
-    ap.add_argument("--docs", default=str(DOCS), help="where results.md and results/ go (default: docs/)")
+    ap.add_argument("--render-only", action="store_true", help="only regenerate docs/quality_study.md and the plots")
+    ap.add_argument("--docs", default=str(DOCS), help="where quality_study.md and results/ go (default: docs/)")
     ap.add_argument("--fresh", action="store_true", help="ignore the existing JSON and recompute everything")
     ap.add_argument("--samples", type=int, default=16, help="calibration sequences (default 16)")
     ap.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (default 512)")
@@ -326,7 +326,7 @@ def main(argv=None):
         name: {**spec, "calibs": list(CALIBS), "methods": list(METHODS), "acc_methods": list(ACC_METHODS)}
         for name, spec in MODELS.items()
     }
-    render(docs / "results" / "quality_study.json", docs / "results.md", docs / "results", plan)
+    render(docs / "results" / "quality_study.json", docs / "quality_study.md", docs / "results", plan)
 
 
 if __name__ == "__main__":
