@@ -80,7 +80,7 @@ from nbl_ext.criteria import get_criterion
 from nbl_ext.crossval import DEFAULT_FOLDS, DEFAULT_RIDGES
 from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, split_documents
 from nbl_ext.evaluate import _bos_for, c4_heldout_ids, perplexity_stats, run_tasks, versions, wikitext2_ids
-from nbl_ext.selection import heldout_nll
+from nbl_ext.selection import layer_nll_increases
 from nbl_ext.tasks import OFFLINE_TASKS, ZERO_SHOT_7
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -207,12 +207,9 @@ class Study:
         for part in parts:  # in the order given (ppl may come twice: before and after greedy)
             if part == "truth" and "truth" not in rec:
                 t = time.perf_counter()
-                base = heldout_nll(model, truth_ids, batch_size=a.batch_size)
-                delta = []
-                for i in range(n):
-                    lin = nbl_ext.linearize(copy.deepcopy(model), result, [i])
-                    delta.append(heldout_nll(lin, truth_ids, batch_size=a.batch_size) - base)
-                    del lin
+                maps = {lc.layer: (lc.weight, lc.bias) for lc in result.layers}  # each layer alone linearized
+                base, inc = layer_nll_increases(model, maps, truth_ids, batch_size=a.batch_size)
+                delta = [inc[i] for i in range(n)]
                 rec["truth"] = {
                     "tokens": int(truth_ids.numel()),
                     "nll_original": base,
