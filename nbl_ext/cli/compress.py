@@ -17,16 +17,20 @@ what it does:
      file, hf:NAME for a Hugging Face dataset when online, or 'self': text the model samples
      itself, which needs no data)
   3. streams every decoder layer's attention input X and output A into float64 statistics,
-     layer by layer, and scores each layer: the NBL bound (canonical correlations between X and
-     X + A; lower = more linear), the NMSE of the fitted affine map, and DROP's cosine similarity
-  4. replaces the K best attention blocks (method nbl: by an affine map h + W h + b;
-     method drop: removes them) and writes a self-contained checkpoint to OUT
+     layer by layer (one accumulator per cross-validation fold), fits each layer's affine map with
+     the ridge its held-out error prefers, and scores each layer: the NBL bound (canonical
+     correlations between X and X + A), the in-sample and cross-validated NMSE of the map, the
+     map's held-out error relative to the residual stream, and DROP's cosine similarity
+  4. chooses K blocks by --criterion (direct_nll and greedy also run the model on
+     --selection-samples held-out sequences), replaces them (method nbl: by the affine map
+     h + W h + b; method drop: removes them) and writes a self-contained checkpoint to OUT
      (safetensors + config + calibration summary), loadable with nbl_ext.load_pretrained(OUT)
 
 examples:
   nbl compress                                   # the defaults, offline
   nbl compress --layers 10 --calib ../shared/data/calib/c4_demo.json --samples 64 --seq-len 512
   nbl compress my/hf-model-dir --method drop --layers 8 --out drop8/
+  nbl compress --criterion cca_bound --layers 8  # the paper's CCA-bound selection
   nbl compress model.gguf --device cuda --dtype bfloat16 --refit sequential
 
 afterwards:
