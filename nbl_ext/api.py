@@ -27,7 +27,7 @@ from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, load_calibration_tokens
 from nbl_ext.engine import check_token_data
 from nbl_ext.linearize import linearize
 from nbl_ext.result import CalibrationResult
-from nbl_ext.selection import score_criteria
+from nbl_ext.selection import greedy_selection, score_criteria
 
 
 def default_k(num_layers: int) -> int:
@@ -172,16 +172,27 @@ def compress(
         if config.layers is not None:
             layers = list(config.layers)
         else:
-            if get_criterion(config.criterion).needs:  # scored on the model: direct_nll, greedy
-                options = {"steps": config.k} if config.criterion == "greedy" else {}
-                score_criteria(
+            if config.criterion == "greedy":  # k steps; the chosen layers keep the maps greedy re-fitted
+                g = greedy_selection(
                     model,
-                    result,
-                    config.criterion,
+                    tokens,
+                    steps=config.k,
                     heldout=selection,
-                    data=tokens,
                     batch_size=config.batch_size,
-                    **options,
+                    ridge=config.ridge,
+                    folds=config.calibration_folds,
+                    ridges=config.calibration_ridges,
+                )
+                result.set_scores("greedy", [float(g.order.index(i)) for i in range(n)])
+                for i, fit in g.maps.items():
+                    result.layers[i].weight, result.layers[i].bias, result.layers[i].ridge = (
+                        fit.weight,
+                        fit.bias,
+                        fit.ridge,
+                    )
+            elif get_criterion(config.criterion).needs:  # scored on the model: direct_nll
+                score_criteria(
+                    model, result, config.criterion, heldout=selection, data=tokens, batch_size=config.batch_size
                 )
             layers = result.select(config.k, config.criterion)
     with phase("linearize"):

@@ -117,3 +117,21 @@ def test_compress_scores_heldout_criteria_on_selection_tokens_only():
         nbl_ext.compress(copy.deepcopy(model), data, config, selection=sel + 10**6)
     with pytest.raises(ValueError, match="selection_samples must be"):
         NBLConfig(selection_samples=0)
+
+
+def test_compress_with_greedy_keeps_the_refitted_maps():
+    model = tiny_model("llama", 4, dtype=torch.float64, seed=3)
+    data, sel = token_data(4, 24), token_data(3, 20, seed=11)
+    config = NBLConfig(criterion="greedy", k=2, num_samples=4, seq_len=24, batch_size=2, folds=2)
+    compressed, result = nbl_ext.compress(copy.deepcopy(model), data, config, selection=sel)
+    g = nbl_ext.greedy_selection(model, data, steps=2, heldout=sel, batch_size=2, folds=2, ridges=config.ridges)
+    assert compressed.config.nbl["layers"] == sorted(g.chosen)
+    assert result.select(2, "greedy") == sorted(g.chosen)
+    for i in g.chosen:  # the second choice's map was fitted with the first one linearized
+        torch.testing.assert_close(result.layers[i].weight, g.maps[i].weight, rtol=0, atol=0)
+    first, second = g.chosen
+    plain = nbl_ext.calibrate(model, data, progress=False, folds=2, ridges=config.ridges).layers[second].weight
+    if second > first:  # its inputs changed when `first` was linearized: the re-fit differs
+        assert not torch.allclose(result.layers[second].weight, plain)
+    else:  # an earlier layer's inputs do not depend on `first`
+        torch.testing.assert_close(result.layers[second].weight, plain)
