@@ -107,32 +107,52 @@ class _Resume(nn.Module):
         return args[0] if args else kwargs["hidden_states"]
 
 
-def _nll_sum(model: nn.Module, chunk: torch.Tensor) -> float:
-    """Summed next-token NLL (float64 sum of float32 cross-entropies) of the model on a batch of ids."""
+def _log_probs(model: nn.Module, chunk: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities (batch x (seq_len - 1) x vocab, at least float32) on a batch of ids."""
     logits = model(input_ids=chunk, use_cache=False).logits[:, :-1]
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
-        chunk[:, 1:].reshape(-1),
-        reduction="none",
-    )
-    return float(nll.double().sum())
+    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
-def layer_nll_increases(
+def _nll_sum(logp: torch.Tensor, chunk: torch.Tensor) -> float:
+    """Summed next-token NLL (a float64 sum) of log-probabilities on the batch's next tokens."""
+    return float(-logp.gather(-1, chunk[:, 1:, None]).double().sum())
+
+
+def _kl_sum(logp_ref: torch.Tensor, logp: torch.Tensor) -> float:
+    """Summed KL(p_ref || p) over the positions (a float64 sum): the divergence from the reference's
+    next-token distributions, over the whole vocabulary (no labels)."""
+    return float((logp_ref.exp() * (logp_ref - logp)).sum(-1).double().sum())
+
+
+@dataclass
+class LayerDamage:
+    """What replacing each layer alone costs on held-out token ids (see :func:`layer_damage`): the original's
+    mean next-token ``nll``, per layer the increase of the mean NLL (``nll_increase``) and the mean KL
+    divergence from the original's next-token distributions (``kl``), over ``tokens`` predicted tokens."""
+
+    nll: float
+    nll_increase: dict[int, float]
+    kl: dict[int, float]
+    tokens: int
+
+
+def layer_damage(
     model: nn.Module,
     maps: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
     ids: torch.Tensor,
     *,
     batch_size: int = 4,
-) -> tuple[float, dict[int, float]]:
-    """The model's mean next-token NLL on ``ids`` and, per layer in ``maps``, its increase with that layer
-    alone replaced by its affine map ``(W, b)``; the model is unchanged afterwards.
+) -> LayerDamage:
+    """Per layer in ``maps``, what replacing it alone by its affine map ``(W, b)`` costs on ``ids``: the
+    increase of the mean next-token NLL and the mean KL divergence from the original model's next-token
+    distributions. The model is unchanged afterwards.
 
-    Each batch runs the original model once, keeping every decoder layer's output; the variant of layer i
-    then resumes from layer i - 1's output (layers below i are skipped), so scoring all L layers costs the
-    original forward plus, per layer, the layers from i up and the head: about (L + 1) / 2 forwards of the
-    decoder stack and L + 1 of the head, instead of L + 1 full forwards. Memory: one batch's layer outputs
-    (batch x seq_len x hidden x L) and one decoder layer's copy.
+    Each batch runs the original model once, keeping every decoder layer's output and the log-probabilities;
+    the variant of layer i then resumes from layer i - 1's output (layers below i are skipped), so scoring
+    all L layers costs the original forward plus, per layer, the layers from i up and the head: about
+    (L + 1) / 2 forwards of the decoder stack and L + 1 of the head, instead of L + 1 full forwards.
+    Memory: one batch's layer outputs (batch x seq_len x hidden x L), its log-probabilities (batch x seq_len
+    x vocab, twice) and one decoder layer's copy.
     """
     adapter = get_adapter(model)
     layers = adapter.layers()
@@ -141,7 +161,7 @@ def layer_nll_increases(
         if is_linearized(layers[i]):
             raise ValueError(f"decoder layer {i} is already linearized")
     device = model.get_input_embeddings().weight.device
-    base_sum, sums, count = 0.0, dict.fromkeys(order, 0.0), 0
+    base_sum, sums, kls, count = 0.0, dict.fromkeys(order, 0.0), dict.fromkeys(order, 0.0), 0
     with eval_mode(model):
         for chunk in ids.split(batch_size):
             chunk = chunk.to(device)
@@ -152,43 +172,66 @@ def layer_nll_increases(
                 if j + 1 in maps
             ]
             try:
-                base_sum += _nll_sum(model, chunk)
+                ref = _log_probs(model, chunk)
             finally:
                 for h in hooks:
                     h.remove()
+            base_sum += _nll_sum(ref, chunk)
             for i in order:
                 originals = [layers[j] for j in range(i)]
                 try:
                     for j in range(i):
                         layers[j] = _Resume(outs[j] if j == i - 1 else None)
                     with linearized_layers(model, {i: maps[i]}):
-                        sums[i] += _nll_sum(model, chunk)
+                        logp = _log_probs(model, chunk)
                 finally:
                     for j, layer in enumerate(originals):
                         layers[j] = layer
+                sums[i] += _nll_sum(logp, chunk)
+                kls[i] += _kl_sum(ref, logp)
+                del logp
             count += chunk[:, 1:].numel()
     base = base_sum / count
-    return base, {i: sums[i] / count - base for i in order}
+    return LayerDamage(
+        nll=base,
+        nll_increase={i: sums[i] / count - base for i in order},
+        kl={i: kls[i] / count for i in order},
+        tokens=count,
+    )
 
 
-def _nll(ctx: LayerContext, model: nn.Module, key: str) -> float:
-    """The held-out NLL of ``model`` as it is, computed once per scoring call and key."""
-    if key not in ctx.shared:
-        ctx.shared[key] = heldout_nll(model, ctx.holdout, batch_size=ctx.options.get("batch_size", 4))
-    return ctx.shared[key]
+def layer_nll_increases(
+    model: nn.Module,
+    maps: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+    ids: torch.Tensor,
+    *,
+    batch_size: int = 4,
+) -> tuple[float, dict[int, float]]:
+    """(the model's mean next-token NLL on ``ids``, per layer in ``maps`` its increase with that layer alone
+    replaced by its affine map): :func:`layer_damage`'s NLL part."""
+    damage = layer_damage(model, maps, ids, batch_size=batch_size)
+    return damage.nll, damage.nll_increase
+
+
+def _damage(ctx: LayerContext) -> LayerDamage:
+    """Every layer's :func:`layer_damage` in one pass (the maps score_criteria passes), computed once per
+    scoring call and shared by direct_nll and direct_kl; a layer outside it is scored alone."""
+    damage = ctx.shared.get("damage")
+    if damage is None or ctx.layer not in damage.kl:
+        maps = ctx.options.get("maps") or {}
+        if ctx.layer not in maps:
+            maps = {ctx.layer: (ctx.weight, ctx.bias)}
+        damage = layer_damage(ctx.model, maps, ctx.holdout, batch_size=ctx.options.get("batch_size", 4))
+        ctx.shared["damage"] = damage
+    return damage
 
 
 def _direct_nll(ctx: LayerContext) -> float:
-    if "direct_nll" not in ctx.shared:  # every layer in one pass (the layers' maps come with the call)
-        maps = ctx.options.get("maps")
-        if maps is None:  # scored one layer at a time (no maps of the other layers at hand)
-            base = _nll(ctx, ctx.model, "original_nll")
-            with linearized_layers(ctx.model, {ctx.layer: (ctx.weight, ctx.bias)}):
-                return heldout_nll(ctx.model, ctx.holdout, batch_size=ctx.options.get("batch_size", 4)) - base
-        ctx.shared["direct_nll"] = layer_nll_increases(
-            ctx.model, maps, ctx.holdout, batch_size=ctx.options.get("batch_size", 4)
-        )[1]
-    return ctx.shared["direct_nll"][ctx.layer]
+    return _damage(ctx).nll_increase[ctx.layer]
+
+
+def _direct_kl(ctx: LayerContext) -> float:
+    return _damage(ctx).kl[ctx.layer]
 
 
 @dataclass
@@ -344,6 +387,14 @@ register_criterion(
     description="held-out NLL increase with this layer alone linearized (L + 1 held-out forwards)",
 )
 register_criterion(
+    "direct_kl",
+    _direct_kl,
+    direction="lower",
+    needs=("model", "holdout"),
+    description="mean KL divergence from the original's next-token distributions with this layer alone "
+    "linearized (the same passes as direct_nll; no labels, less noise)",
+)
+register_criterion(
     "greedy",
     _greedy,
     direction="lower",
@@ -400,8 +451,8 @@ def score_criteria(
         maps={lc.layer: (lc.weight, lc.bias) for lc in result.layers},
     )
     out: dict[str, list[float]] = {}
+    shared: dict[str, Any] = {}  # one scoring call: direct_nll and direct_kl share their passes
     for crit in crits:
-        shared: dict[str, Any] = {}
         scores = []
         for lc in result.layers:
             ctx = LayerContext(
@@ -424,7 +475,9 @@ def score_criteria(
 
 __all__ = [
     "GreedySelection",
+    "LayerDamage",
     "greedy_selection",
+    "layer_damage",
     "heldout_nll",
     "layer_nll_increases",
     "linearized_layers",

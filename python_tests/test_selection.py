@@ -15,7 +15,7 @@ from hf_tiny import FAMILIES, tiny_model, token_data
 from nbl_ext.criteria import criterion_names
 from nbl_ext.crossval import DEFAULT_RIDGES
 from nbl_ext.linearize import is_linearized
-from nbl_ext.selection import heldout_nll, layer_nll_increases
+from nbl_ext.selection import heldout_nll, layer_damage, layer_nll_increases
 
 RIDGES = [0.0, 1e-3, 1e-1, 1.0, 10.0]
 K = 3
@@ -234,6 +234,38 @@ def test_layer_nll_increases_resume_from_the_cached_layer_outputs(family):
     lin = nbl_ext.linearize(copy.deepcopy(model), result, [2])
     with pytest.raises(ValueError, match="decoder layer 2 is already linearized"):
         layer_nll_increases(lin, {2: maps[2]}, heldout)
+
+
+def _kl_reference(p_model, q_model, ids):
+    """Mean KL(p || q) of the next-token distributions over every predicted position, float64."""
+    with torch.no_grad():
+        lp = torch.log_softmax(p_model(ids, use_cache=False).logits[:, :-1].double(), -1)
+        lq = torch.log_softmax(q_model(ids, use_cache=False).logits[:, :-1].double(), -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_direct_kl_is_the_divergence_from_the_original(family):
+    model = tiny_model(family, 3, dtype=torch.float64, seed=4)
+    data, heldout = token_data(6, 24), token_data(3, 20, seed=13)
+    result = nbl_ext.calibrate(model, data, batch_size=3, progress=False)
+    damage = layer_damage(model, {lc.layer: (lc.weight, lc.bias) for lc in result.layers}, heldout, batch_size=2)
+    assert damage.tokens == 3 * 19
+    for i in range(3):
+        lin = nbl_ext.linearize(copy.deepcopy(model), result, [i])
+        assert damage.kl[i] == pytest.approx(_kl_reference(model, lin, heldout), rel=1e-9)
+        assert damage.kl[i] > 0
+    # the registered criterion: both direct scores from one scoring call, stored in the result
+    scores = nbl_ext.score_criteria(model, result, ["direct_kl", "direct_nll"], heldout=heldout, batch_size=2)
+    assert scores["direct_kl"] == pytest.approx([damage.kl[i] for i in range(3)], rel=1e-12)
+    assert scores["direct_nll"] == pytest.approx([damage.nll_increase[i] for i in range(3)], rel=1e-9, abs=1e-12)
+    assert result.select(1, "direct_kl") == [min(range(3), key=lambda i: damage.kl[i])]
+    # a layer scored alone (no maps of the others at hand) gives the same value
+    from nbl_ext.criteria import LayerContext, get_criterion
+
+    lc = result.layers[1]
+    ctx = LayerContext(layer=1, accumulator=None, weight=lc.weight, bias=lc.bias, model=model, holdout=heldout)
+    assert get_criterion("direct_kl").score(ctx) == pytest.approx(damage.kl[1], rel=1e-12)
 
 
 def test_greedy_refits_on_the_partially_linearized_model_and_differs_from_one_shot():
