@@ -280,6 +280,10 @@ def _refit_remaining(
     return out
 
 
+#: The criteria greedy_selection scores on held-out tokens at each step (layer_damage's two parts).
+_DIRECT = ("direct_nll", "direct_kl")
+
+
 def greedy_selection(
     model: nn.Module,
     data: torch.Tensor,
@@ -312,13 +316,13 @@ def greedy_selection(
     crit = get_criterion(base)
     if crit.name == "greedy":
         raise ValueError("greedy_selection: base must be another criterion than 'greedy'")
-    if crit.name == "direct_nll":
+    if crit.name in _DIRECT:
         if heldout is None:
-            raise ValueError("greedy_selection: base='direct_nll' needs held-out token ids (heldout=)")
+            raise ValueError(f"greedy_selection: base={crit.name!r} needs held-out token ids (heldout=)")
         heldout = check_token_data(heldout, adapter.vocab_size, "greedy_selection(heldout)")
     elif crit.needs and set(crit.needs) - {"cv"}:
         raise ValueError(
-            f"greedy_selection: base must be 'direct_nll' or a statistics criterion; {crit.name!r} "
+            f"greedy_selection: base must be 'direct_nll', 'direct_kl' or a statistics criterion; {crit.name!r} "
             f"needs {', '.join(crit.needs)}"
         )
     data = check_token_data(data, adapter.vocab_size, "greedy_selection(data)")
@@ -335,10 +339,11 @@ def greedy_selection(
             work, wadapter, data, remaining, batch_size=batch_size, ridge=ridge, folds=folds, ridges=ridges
         )
         cal_passes += 1
-        if crit.name == "direct_nll":
-            _, scores = layer_nll_increases(
+        if crit.name in _DIRECT:
+            damage = layer_damage(
                 work, {i: (fits[i].weight, fits[i].bias) for i in remaining}, heldout, batch_size=batch_size
             )
+            scores = damage.kl if crit.name == "direct_kl" else damage.nll_increase
             held_passes += len(remaining) + 1
         else:
             scores = {i: fits[i].score(crit.name) for i in remaining}

@@ -97,9 +97,9 @@ PARTS = ("truth", "criteria", "ppl", "greedy", "overfit", "accuracy", "speed")
 SELECTION_FRACTION, SELECTION_SEED = 0.15, 1
 K_FRACTIONS = (0.1, 0.2, 0.3, 0.4)  # the k grid; 0.2 and 0.4 are the headline points
 #: Criteria that select layers for the NBL map in the ppl part (DROP is added beside them).
-PPL_CRITERIA = ("cca_bound", "cv_nmse", "residual_ratio", "cosine", "direct_nll", "greedy")
+PPL_CRITERIA = ("cca_bound", "cv_nmse", "residual_ratio", "cosine", "direct_nll", "direct_kl", "greedy")
 #: The default of --ppl-criteria (cosine with the NBL map left out to save CPU time; pass it to add it).
-DEFAULT_PPL_CRITERIA = ("cca_bound", "cv_nmse", "residual_ratio", "direct_nll", "greedy")
+DEFAULT_PPL_CRITERIA = ("cca_bound", "cv_nmse", "residual_ratio", "direct_nll", "direct_kl", "greedy")
 STATISTICS = ("cca_bound", "nmse", "cosine", "cv_nmse", "residual_ratio")
 
 
@@ -229,19 +229,21 @@ class Study:
                             "seconds": None,
                             "cost": "in the calibration pass",
                         }
-                if "direct_nll" not in crits:
+                todo = [c for c in ("direct_nll", "direct_kl") if c not in crits]  # one pass serves both
+                if todo:
                     t = time.perf_counter()
-                    s = nbl_ext.score_criteria(
-                        model, result, "direct_nll", heldout=direct_ids, batch_size=a.batch_size
-                    )["direct_nll"]
-                    crits["direct_nll"] = {
-                        "scores": s,
-                        "seconds": time.perf_counter() - t,
-                        "forward_passes": n + 1,
-                        "tokens": int(direct_ids.numel()),
-                    }
+                    got = nbl_ext.score_criteria(model, result, todo, heldout=direct_ids, batch_size=a.batch_size)
+                    secs = time.perf_counter() - t
+                    for c in todo:
+                        crits[c] = {
+                            "scores": got[c],
+                            "seconds": secs,
+                            "forward_passes": n + 1,
+                            "tokens": int(direct_ids.numel()),
+                            "shared_with": [o for o in todo if o != c],
+                        }
                     self.save()
-                    log(f"direct_nll in {crits['direct_nll']['seconds']:.0f} s")
+                    log(f"{', '.join(todo)} in {secs:.0f} s")
                 self.spearmans(rec)
             if part == "greedy" and "greedy" not in rec.get("criteria", {}):
                 crits = rec.setdefault("criteria", {})
