@@ -71,10 +71,19 @@ def calibration_tokens(
     result are the selection tokens (see :func:`split_selection`)."""
     if isinstance(data, torch.Tensor):
         shape = (config.num_samples, config.seq_len)
-        if tuple(data.shape) != shape:
+        rows = [config.num_samples] + (
+            [config.num_samples + config.selection_samples] if config.needs_selection else []
+        )
+        if data.dim() != 2 or data.shape[0] not in rows or data.shape[1] != config.seq_len:
+            also = (
+                f" (or {rows[1]} rows: the last selection_samples={config.selection_samples} are the held-out "
+                f"selection tokens of {config.criterion})"
+                if len(rows) > 1
+                else ""
+            )
             raise ValueError(
                 f"compress: the token ids have shape {tuple(data.shape)} but the config says "
-                f"num_samples x seq_len = {shape}; pass NBLConfig(num_samples={data.shape[0]}, "
+                f"num_samples x seq_len = {shape}{also}; pass NBLConfig(num_samples={data.shape[0]}, "
                 f"seq_len={data.shape[-1]}) or matching tokens"
             )
         return data
@@ -93,7 +102,14 @@ def calibration_tokens(
         seed=config.seed,
         model=model,
         progress=progress,
+        batch_size=sampling_batch(config.num_samples + extra),
     )
+
+
+def sampling_batch(num_samples: int) -> int:
+    """Sequences sampled per batch for the 'self' source: all of them up to 32 (a decode step costs about the
+    same for 16 or 32 sequences on a CPU, so one batch beats two), at least 16 (the loader's default)."""
+    return min(32, max(16, num_samples))
 
 
 def split_selection(
@@ -101,9 +117,10 @@ def split_selection(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(calibration ids, selection ids or None) from what :func:`calibration_tokens` returned.
 
-    Token ids the caller passed (exactly num_samples rows) carry no selection rows: a criterion that needs
-    them takes ``selection`` (held-out token ids, never the calibration ones); a source's extra rows are
-    used otherwise. Packed document text may continue one document across the boundary of the two sets.
+    Rows after the first num_samples (a source's extra sequences, or token ids passed with
+    num_samples + selection_samples rows) are the selection tokens; ``selection`` (held-out token ids,
+    never the calibration ones) replaces them. Packed document text may continue one document across the
+    boundary of the two sets.
     """
     if not config.needs_selection:
         return tokens[: config.num_samples], None
@@ -113,9 +130,10 @@ def split_selection(
         return tokens[: config.num_samples], tokens[config.num_samples :]
     raise ValueError(
         f"compress: criterion {config.criterion!r} scores layers on held-out tokens; with token ids as data "
-        "pass selection= (LongTensor of other tokens, e.g. 4 x seq_len), or give a calibration source "
-        "(file, 'self') so that selection_samples more sequences are drawn from it, or choose a statistics "
-        "criterion such as 'cv_nmse'"
+        f"pass selection= (LongTensor of other tokens, e.g. {config.selection_samples} x {config.seq_len}) or "
+        f"{config.num_samples + config.selection_samples} rows (the last {config.selection_samples} are held "
+        "out), or give a calibration source (file, 'self') so that selection_samples more sequences are drawn "
+        "from it, or choose a statistics criterion such as 'cca_bound'"
     )
 
 

@@ -55,7 +55,7 @@ class NBLConfig:
     (:attr:`needs_selection` says whether the criterion uses them).
     """
 
-    criterion: str = "cca_bound"
+    criterion: str = "direct_kl"
     k: int | None = None
     layers: tuple[int, ...] | None = None
     replacement: str = "affine"

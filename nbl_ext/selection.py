@@ -11,20 +11,23 @@ registration) with ``needs`` naming what the statistics pass does not have, and 
 
 * ``"direct_nll"`` (needs model, holdout): for each layer alone, its attention branch replaced by the
   calibrated affine map, the increase of the model's mean next-token NLL on the held-out token ids
-  (lower = cheaper to replace). Cost: L + 1 forward passes over the held-out tokens (the original once,
-  then each of the L layers linearized alone) and a copy of one decoder layer at a time; no calibration
-  pass.
+  (lower = cheaper to replace); ``"direct_kl"`` (the same passes): the mean KL divergence from the original
+  model's next-token distributions over the whole vocabulary (no labels: less noise per token). Cost, both
+  together (:func:`layer_damage`): the original forward once, then for each layer the layers from it up and
+  the head, resumed from the cached output of the layer below: about (L + 1) / 2 decoder-stack forwards and
+  L + 1 head forwards over the held-out tokens; a copy of one decoder layer at a time; no calibration pass.
 * ``"greedy"`` (needs model, data; holdout too with the default ``base``): layers chosen one at a time;
   before each step, one layer-by-layer pass of the engine over the calibration tokens ``data`` re-fits the
   maps of all remaining candidates on the model with the layers chosen so far already linearized (the
-  inputs they will see), and the candidate with the best ``base`` score is chosen (``base="direct_nll"``:
-  the smallest held-out NLL increase on top of the partially linearized model; or any statistics criterion,
+  inputs they will see), and the candidate with the best ``base`` score is chosen (``base="direct_kl"``,
+  the default: the smallest KL divergence from the partially linearized model's own predictions with the
+  candidate linearized too; "direct_nll": the smallest held-out NLL increase; or any statistics criterion,
   e.g. "cca_bound", computed from the re-fitted statistics). The score of a layer is its position in the
   greedy order: the first ``steps`` positions (option ``steps``; default: every layer) are the greedy
   choices, the rest follow in the order of the last step's ``base`` scores, so ``select(k, "greedy")`` is
   the greedy choice for every k <= steps. Cost: ``steps`` calibration
-  passes over ``data`` (each about one forward pass over the calibration tokens), plus with base
-  "direct_nll" sum_{s < steps} (L - s + 1) forward passes over the held-out tokens; one copy of the model
+  passes over ``data`` (each about one forward pass over the calibration tokens), plus with a direct base
+  the direct passes over the held-out tokens at each step for the L - s remaining layers; one copy of the model
   (the partially linearized one).
   The maps of the chosen layers are re-fitted in that order (``greedy_selection`` returns them); the
   criterion's scores only order the layers.
@@ -289,7 +292,7 @@ def greedy_selection(
     data: torch.Tensor,
     *,
     steps: int | None = None,
-    base: str = "direct_nll",
+    base: str = "direct_kl",
     heldout: torch.Tensor | None = None,
     batch_size: int = 4,
     ridge: float = 0.0,
@@ -299,8 +302,8 @@ def greedy_selection(
     """Choose layers one at a time, re-fitting the remaining candidates on the partially linearized model.
 
     ``data``: calibration token ids (as for :func:`nbl_ext.calibrate`); ``steps``: how many layers to
-    choose greedily (default: all); ``base``: the score each step ranks the candidates by ("direct_nll",
-    which needs ``heldout`` token ids, or a statistics criterion such as "cca_bound" or "cv_nmse", the
+    choose greedily (default: all); ``base``: the score each step ranks the candidates by ("direct_kl" or
+    "direct_nll", which need ``heldout`` token ids, or a statistics criterion such as "cca_bound" or "cv_nmse", the
     latter needing ``folds`` >= 2); ``ridge``/``folds``/``ridges``: the re-fits' settings, as for calibrate.
     The model itself is not changed (the work happens on a copy). Cost: see the module docstring.
     """
@@ -374,7 +377,7 @@ def _greedy(ctx: LayerContext) -> float:
             ctx.model,
             ctx.data,
             steps=ctx.options.get("steps"),
-            base=ctx.options.get("base", "direct_nll"),
+            base=ctx.options.get("base", "direct_kl"),
             heldout=ctx.holdout,
             batch_size=ctx.options.get("batch_size", 4),
             ridge=float(meta.get("ridge", 0.0)),

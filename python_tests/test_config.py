@@ -82,11 +82,17 @@ def test_compress_is_calibrate_select_linearize(criterion, replacement, tmp_path
 
 def test_compress_defaults_and_bad_input():
     model = tiny_model("llama", 4, dtype=torch.float64)
-    compressed, _ = nbl_ext.compress(copy.deepcopy(model), token_data(2, 40), NBLConfig(num_samples=2, seq_len=40))
+    # the default criterion scores layers on held-out rows: 2 calibration + 4 selection sequences
+    config = NBLConfig(num_samples=2, seq_len=40)
+    compressed, result = nbl_ext.compress(copy.deepcopy(model), token_data(6, 40), config)
     assert len(compressed.config.nbl["layers"]) == 1  # a quarter of 4 layers
     assert compressed.config.nbl["config"]["k"] == 1
+    assert result.layers[0].tokens == 2 * 40  # the maps saw the 2 calibration rows only
+    assert compressed.config.nbl["config"]["criterion"] == NBLConfig().criterion
     with pytest.raises(ValueError, match=r"shape \(2, 40\) but the config says num_samples x seq_len = \(16, 256\)"):
         nbl_ext.compress(copy.deepcopy(model), token_data(2, 40))
+    with pytest.raises(ValueError, match=r"or 6 rows: the last selection_samples=4 are the held-out"):
+        nbl_ext.compress(copy.deepcopy(model), token_data(5, 40), config)
     with pytest.raises(ValueError, match="k=5 is more than the model's 4 layers"):
         nbl_ext.compress(copy.deepcopy(model), token_data(2, 40), NBLConfig(k=5, num_samples=2, seq_len=40))
     with pytest.raises(TypeError, match="needs tokenizer="):

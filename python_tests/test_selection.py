@@ -274,7 +274,7 @@ def test_greedy_refits_on_the_partially_linearized_model_and_differs_from_one_sh
     data, heldout = token_data(4, 24), token_data(3, 20, seed=11)
     result = nbl_ext.calibrate(model, data, batch_size=2, progress=False)
     one_shot = nbl_ext.score_criteria(model, copy.deepcopy(result), "direct_nll", heldout=heldout)["direct_nll"]
-    g = nbl_ext.greedy_selection(model, data, steps=2, heldout=heldout, batch_size=2)
+    g = nbl_ext.greedy_selection(model, data, steps=2, heldout=heldout, batch_size=2, base="direct_nll")
     assert g.calibration_passes == 2 and g.heldout_passes == (4 + 1) + (3 + 1)
     # Step 1 runs on the original model: its re-fits are the calibration's maps, its scores the one-shot ones.
     assert g.step_scores[0] == pytest.approx(dict(enumerate(one_shot)), rel=1e-9, abs=1e-12)
@@ -295,14 +295,21 @@ def test_greedy_refits_on_the_partially_linearized_model_and_differs_from_one_sh
     one_shot_pair = sorted(sorted(range(4), key=lambda i: one_shot[i])[:2])
     assert sorted(g.chosen) != one_shot_pair and g.chosen[0] in one_shot_pair
     # As a registered criterion (one step, to stay fast): the greedy order, stored in the result; deterministic.
-    scores = nbl_ext.score_criteria(model, result, "greedy", data=data, heldout=heldout, steps=1, batch_size=2)
+    scores = nbl_ext.score_criteria(
+        model, result, "greedy", data=data, heldout=heldout, steps=1, batch_size=2, base="direct_nll"
+    )
     rest = sorted(set(range(4)) - {first}, key=lambda i: g.step_scores[0][i])
     assert sorted(range(4), key=lambda i: scores["greedy"][i]) == [first] + rest
     assert result.select(1, "greedy") == [first]
     with pytest.raises(ValueError, match="steps must be an int between 0 and the number of layers \\(4\\)"):
         nbl_ext.greedy_selection(model, data, steps=5, heldout=heldout)
-    with pytest.raises(ValueError, match="base='direct_nll' needs held-out token ids"):
+    with pytest.raises(ValueError, match="base='direct_kl' needs held-out token ids"):
         nbl_ext.greedy_selection(model, data, steps=1)
+    # the default base, direct_kl: the first choice is the layer with the smallest KL from the original
+    kl = nbl_ext.score_criteria(model, copy.deepcopy(result), "direct_kl", heldout=heldout)["direct_kl"]
+    assert nbl_ext.greedy_selection(model, data, steps=1, heldout=heldout).chosen == [
+        min(range(4), key=lambda i: kl[i])
+    ]
     with pytest.raises(ValueError, match=r"'greedy' needs data="):
         nbl_ext.score_criteria(model, result, "greedy", heldout=heldout)
 

@@ -186,7 +186,7 @@ def run(args) -> int:
 
     import nbl_ext
     from nbl_ext._io import atomic_write_json
-    from nbl_ext.api import default_k, split_selection
+    from nbl_ext.api import default_k, sampling_batch, split_selection
     from nbl_ext.data import load_calibration_tokens
     from nbl_ext.linearize import resolve_replacement
     from nbl_ext.models import DEFAULT_MODEL, load_model
@@ -244,6 +244,7 @@ def run(args) -> int:
         seed=config.seed,
         model=model,
         progress=progress,
+        batch_size=sampling_batch(config.num_samples + extra),
     )
     tokens, selection = split_selection(tokens, config)
     t1 = time.perf_counter()
