@@ -285,7 +285,7 @@ class Study:
             if part == "ppl":
                 self.ppl(name, rec, model, tok, result, bos)
             if part == "overfit":
-                self.overfit(name, rec, model, tok, calib_docs, bos)
+                self.overfit(name, rec, model, tok, calib_docs, bos, result)
             if part == "accuracy":
                 self.accuracy(name, rec, model, tok, result)
             if part == "speed" and "speed" not in rec:
@@ -334,7 +334,7 @@ class Study:
             pts["original"] = {"k": 0, **measure(model)}
             self.save()
         crit_list = [c for c in a.ppl_criteria.split(",") if c]
-        for k in ks(rec["num_layers"]):
+        for k in a.ppl_ks or ks(rec["num_layers"]):
             for crit in (*crit_list, "drop"):
                 key = f"{crit}/k{k}"
                 if key in pts or (crit not in ("drop", *STATISTICS) and crit not in rec.get("criteria", {})):
@@ -389,38 +389,42 @@ class Study:
                         pts[key][corpus]["vs_drop"] = paired_nll(pts[f"drop/k{k}"], pts[key], corpus)
             self.save()
 
-    def overfit(self, name, rec, model, tok, calib_docs, bos):
+    def overfit(self, name, rec, model, tok, calib_docs, bos, result):
         a = self.args
         out = rec.setdefault("overfit", {})
         test_c4 = c4_heldout_ids(tok, C4, a.nmse_tokens)[0]
         sizes = {"8k": max(2, 8192 // a.seq_len), "32k": max(2, 32768 // a.seq_len), "all": a.calib_samples}
         if a.smoke:
             sizes = {"8k": 6, "all": a.calib_samples}
-        for label, samples in sizes.items():
+        # The full-data validated point first (it is the main calibration: no new pass), then the curve.
+        order = [("all", "validated")] + [(lb, r) for lb in sizes for r in ("ridge0", "validated")]
+        for label, ridge in dict.fromkeys(order):
+            samples = sizes[label]
+            key = f"c4/{label}/{ridge}"
+            if key in out:
+                continue
             tokens = self.calib_tokens(tok, calib_docs, samples)
-            for ridge in ("ridge0", "validated"):
-                key = f"c4/{label}/{ridge}"
-                if key in out:
-                    continue
+            if (label, ridge) == ("all", "validated"):
+                res, secs = result, rec["calibration"]["seconds"]
+            else:
                 kwargs = (
                     dict(folds=DEFAULT_FOLDS) if ridge == "ridge0" else dict(folds=DEFAULT_FOLDS, ridges=DEFAULT_RIDGES)
                 )
                 res, secs = self.calibrate(model, tokens, f"{name}/overfit-{label}-{ridge}", **kwargs)
-                held = heldout_nmse(model, nbl_ext.get_adapter(model), res, test_c4, a.context, bos)
-                out[key] = {
-                    "tokens": int(tokens.numel()),
-                    "seconds": secs,
-                    "in_sample": res.nmse,
-                    "cv": [lc.scores["cv_nmse"] for lc in res.layers],
-                    "heldout": held,
-                    "ridge": [lc.ridge for lc in res.layers],
-                }
-                self.save()
-                print(
-                    f"[{name}] overfit {key}: median NMSE held out {_median(held):.3f}, in sample "
-                    f"{_median(res.nmse):.3f}",
-                    flush=True,
-                )
+            held = heldout_nmse(model, nbl_ext.get_adapter(model), res, test_c4, a.context, bos)
+            out[key] = {
+                "tokens": int(tokens.numel()),
+                "seconds": secs,
+                "in_sample": res.nmse,
+                "cv": [lc.scores["cv_nmse"] for lc in res.layers],
+                "heldout": held,
+                "ridge": [lc.ridge for lc in res.layers],
+            }
+            self.save()
+            print(
+                f"[{name}] overfit {key}: median NMSE held out {_median(held):.3f}, in sample {_median(res.nmse):.3f}",
+                flush=True,
+            )
         key = "self/validated"
         if a.self_samples and key not in out:
             t = time.perf_counter()
@@ -554,6 +558,12 @@ def main(argv=None):
         default=",".join(DEFAULT_PPL_CRITERIA),
         help="criteria whose layers get the NBL map in the ppl part, DROP beside "
         f"(choose from {', '.join(PPL_CRITERIA)}; default: %(default)s)",
+    )
+    ap.add_argument(
+        "--ppl-ks",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=None,
+        help="k values of the ppl part (default: 10, 20, 30 and 40%% of the layers)",
     )
     ap.add_argument("--direct-samples", type=int, default=8, help="selection sequences for the direct score")
     ap.add_argument("--truth-samples", type=int, default=16, help="selection sequences for the ground truth")
