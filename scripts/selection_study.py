@@ -131,7 +131,14 @@ class Study:
         commit = subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
+        old = self.data.get("setup", {})
+        notes = list(old.get("notes", []))
+        if old.get("commit") and old["commit"] != commit:  # a resumed study: say which parts ran where
+            note = f"parts computed before commit {commit} ran on commit {old['commit']} (resumed)"
+            if note not in notes:
+                notes.append(note)
         self.data["setup"] = {
+            "notes": notes,
             "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads), float32",
             "versions": versions(),
             "commit": commit,
