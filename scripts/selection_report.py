@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -25,6 +26,7 @@ COLOR = {
     "cv_nmse": "tab:orange",
     "residual_ratio": "tab:green",
     "direct_nll": "tab:purple",
+    "direct_kl": "black",
     "greedy": "tab:brown",
     "cosine": "tab:pink",
     "drop": "tab:red",
@@ -165,7 +167,7 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str]]:
 # --- plots --------------------------------------------------------------------------------------
 
 
-def plot_ppl(name: str, rec: dict, png: Path) -> None:
+def plot_ppl(name: str, rec: dict, png: Path, default: str) -> None:
     ppl = rec["ppl"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, (corpus, title) in zip(axes, CORPORA.items()):
@@ -177,10 +179,13 @@ def plot_ppl(name: str, rec: dict, png: Path) -> None:
                 [ppl["original"][corpus]["ppl"]] + [v for _, v in pts],
                 "o-" if crit != "drop" else "s--",
                 color=COLOR.get(crit),
-                label=LABEL.get(crit, crit),
+                label=LABEL.get(crit, crit) + (" (default)" if crit == default else ""),
                 alpha=0.85,
+                lw=2.5 if crit == default else 1.3,
             )
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("attention blocks replaced (k)")
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(f"{name}: {title}")
@@ -319,7 +324,7 @@ def render(data: dict, raw_name: str, default: str, plots: Path | None = None) -
             ]
         if rec.get("ppl") and "original" in rec["ppl"]:
             if plots is not None:
-                plot_ppl(name, rec, plots / f"selection_ppl_{name}.png")
+                plot_ppl(name, rec, plots / f"selection_ppl_{name}.png", default)
                 lines += [f"![perplexity vs k]({plots.name}/selection_ppl_{name}.png)", ""]
             o = rec["ppl"]["original"]
             lines += [
