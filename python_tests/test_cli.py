@@ -406,6 +406,10 @@ def test_compress_with_a_criterion_scored_on_heldout_text(tmp_path, tiny_model_d
     # --method drop keeps DROP's cosine unless a criterion is named
     assert cli.main(args[:-5] + ["--method", "drop", "--no-progress", "--out", str(tmp_path / "d")]) == 0
     assert json.loads((tmp_path / "d" / "nbl_run.json").read_text())["criterion"] == "cosine"
+    # nbl report shows the choosing criterion's column and a panel for it
+    capsys.readouterr()
+    assert cli.main(["report", str(out)]) == 0
+    assert "direct_nll" in capsys.readouterr().out and (out / "layers.png").stat().st_size > 0
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         cli.main(args[:-5] + ["--criterion", "best", "--out", str(tmp_path / "x")])

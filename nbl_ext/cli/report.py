@@ -20,8 +20,9 @@ def add_parser(sub) -> None:
     r.add_argument("--plot", default=None, metavar="PNG", help="where to write the plot (default: DIR/layers.png)")
 
 
-def _load_report(path: Path) -> tuple[list[dict], set[int], str | None]:
-    """Per-layer rows and the chosen layers from a checkpoint (save_pretrained) or calibration directory."""
+def _load_report(path: Path) -> tuple[list[dict], set[int], str | None, str | None]:
+    """Per-layer rows, the chosen layers, the method and the criterion that chose them, from a checkpoint
+    (save_pretrained) or calibration directory."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; pass the --out directory of `nbl compress`")
     from nbl_ext.result import CALIBRATION_JSON
@@ -39,28 +40,33 @@ def _load_report(path: Path) -> tuple[list[dict], set[int], str | None]:
     rows = summary.get("layers") if isinstance(summary, dict) else None
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{summary_file} has no per-layer scores")
-    chosen, method = set(), None
+    chosen, method, criterion = set(), None, None
     config = path / CONFIG
     if config.is_file():
         nbl = json.loads(config.read_text()).get("nbl") or {}
         chosen, method = set(nbl.get("layers", [])), nbl.get("method")
-    return rows, chosen, method
+        criterion = (nbl.get("config") or {}).get("criterion")
+    return rows, chosen, method, criterion
 
 
-def plot_layers(rows: list[dict], chosen: set[int], method: str | None, png: Path) -> Path:
-    """Bound, NMSE and cosine per layer, chosen layers marked; written to ``png``."""
+def plot_layers(
+    rows: list[dict], chosen: set[int], method: str | None, png: Path, criterion: str | None = None
+) -> Path:
+    """Bound, NMSE, cosine (and the choosing criterion's score) per layer, chosen layers marked; to ``png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     idx = [r["layer"] for r in rows]
-    fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.3 * len(idx) + 3), 7.5), sharex=True)
     series = [
         ("bound", "NBL bound  sum(1 - rho^2)  (lower = more linear)"),
         ("nmse", "NMSE of the affine fit  (lower = better)"),
         ("cosine", "cos(X, X + A)  (DROP score; higher = drop first)"),
     ]
+    if criterion and criterion not in ("cca_bound", "nmse", "cosine") and all(criterion in r for r in rows):
+        series.append((criterion, f"{criterion}  (the criterion that chose the layers)"))
+    fig, axes = plt.subplots(len(series), 1, figsize=(max(6, 0.3 * len(idx) + 3), 2.5 * len(series)), sharex=True)
     for ax, (key, label) in zip(axes, series):
         vals = [r[key] for r in rows]
         colors = ["tab:red" if i in chosen else "tab:blue" for i in idx]
@@ -85,8 +91,8 @@ def plot_layers(rows: list[dict], chosen: set[int], method: str | None, png: Pat
 
 def run(args) -> int:
     path = Path(args.dir)
-    rows, chosen, method = _load_report(path)
-    print_table(rows, chosen, method)
-    png = plot_layers(rows, chosen, method, Path(args.plot) if args.plot else path / "layers.png")
+    rows, chosen, method, criterion = _load_report(path)
+    print_table(rows, chosen, method, criterion)
+    png = plot_layers(rows, chosen, method, Path(args.plot) if args.plot else path / "layers.png", criterion)
     print(f"\nplot: {png}")
     return 0
