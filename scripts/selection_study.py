@@ -137,6 +137,9 @@ class Study:
             note = f"parts computed before commit {commit} ran on commit {old['commit']} (resumed)"
             if note not in notes:
                 notes.append(note)
+        for note in self.args.note:
+            if note not in notes:
+                notes.append(note)
         self.data["setup"] = {
             "notes": notes,
             "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads), float32",
@@ -543,6 +546,7 @@ def main(argv=None):
         help="merge these raw JSON files (e.g. one per model, run as separate processes) into --raw first",
     )
     ap.add_argument("--render", action="store_true", help="only render the page from the JSON")
+    ap.add_argument("--note", action="append", default=[], help="a note on how this run was made (kept in the JSON)")
     ap.add_argument("--fresh", action="store_true", help="ignore the existing JSON")
     ap.add_argument("--smoke", action="store_true", help="tiny budget to check the script; needs --out, no page")
     ap.add_argument("--out", default=None, help="with --smoke: where the JSON, the work files and the page go")
