@@ -345,8 +345,11 @@ def render(data: dict, raw_name: str, default: str, plots: Path | None = None) -
                 if key == "original":
                     continue
                 cells = []
+                drop = rec["ppl"].get(f"drop/k{p['k']}")
                 for corpus in CORPORA:
                     vs = p[corpus].get("vs_drop")
+                    if vs is None and drop is not None and p["criterion"] != "drop":
+                        vs = paired_nll(drop, p, corpus)  # measured before DROP's point was
                     cells += [f"{p[corpus]['ppl']:.2f}", _fmt_se(*vs) if vs else ""]
                 crit = f"**{p['criterion']}**" if p["criterion"] == default else p["criterion"]
                 lines.append(f"| {p['k']} | {crit} | {p['layers']} | " + " | ".join(cells) + " |")
