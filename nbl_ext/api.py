@@ -151,9 +151,10 @@ def compress(
     """Calibrate ``model`` on ``data``, select layers and linearize them in place, as ``config`` says.
 
     ``data``: token ids (num_samples, seq_len), or a calibration source with ``tokenizer``. ``selection``:
-    held-out token ids for criteria that score layers on them (``"direct_nll"``, ``"greedy"``); by default
-    a source gives ``config.selection_samples`` more sequences for them. The criteria that need the model
-    are scored after calibration (:func:`nbl_ext.score_criteria`) inside the "select" phase.
+    held-out token ids for criteria that score layers on them (``"direct_kl"``, ``"direct_nll"``,
+    ``"greedy"``); by default a source gives ``config.selection_samples`` more sequences for them. The
+    criteria that need the model are scored after calibration (:func:`nbl_ext.score_criteria`) inside the
+    "select" phase.
     ``timer(phase)`` is entered around the "calibrate", "select" and "linearize" steps.
     Returns ``(model, result)``; ``model.config.nbl["config"]`` is the config that ran (k filled in).
     """
@@ -209,7 +210,7 @@ def compress(
                         fit.bias,
                         fit.ridge,
                     )
-            elif get_criterion(config.criterion).needs:  # scored on the model: direct_nll
+            elif get_criterion(config.criterion).needs:  # scored on the model: direct_kl, direct_nll
                 score_criteria(
                     model, result, config.criterion, heldout=selection, data=tokens, batch_size=config.batch_size
                 )

@@ -29,7 +29,7 @@ _WHAT = "NBLConfig"
 
 
 def needs_selection(criterion: str) -> bool:
-    """Whether a criterion scores layers on held-out selection tokens (direct_nll; greedy, ranking by it)."""
+    """Whether a criterion scores layers on held-out selection tokens (direct_kl, direct_nll; greedy)."""
     crit = get_criterion(criterion)
     return "holdout" in crit.needs or crit.name == "greedy"
 
@@ -38,8 +38,9 @@ def needs_selection(criterion: str) -> bool:
 class NBLConfig:
     """How to compress a model with NBL.
 
-    Selection: ``criterion`` (a registered name or alias, see :mod:`nbl_ext.criteria`; default the CCA
-    bound) picks ``k`` layers, or ``layers`` names them (then ``k``, if given, must be their number);
+    Selection: ``criterion`` (a registered name or alias, see :mod:`nbl_ext.criteria`; default
+    ``"direct_kl"``, the criterion the selection study found to rank layers by their damage) picks
+    ``k`` layers, or ``layers`` names them (then ``k``, if given, must be their number);
     with neither, a quarter of the layers (at least one). Replacement: ``replacement`` "affine" (the
     fitted map) or "remove"; ``refit`` None or "sequential" (affine only). Fit: ``folds`` cross-validation
     folds of whole samples (None, the default: :data:`~nbl_ext.crossval.DEFAULT_FOLDS`, or ``num_samples``
@@ -50,7 +51,8 @@ class NBLConfig:
     these must be their shape), ``batch_size`` samples per forward, ``gram_precision``, ``activations``
     (see :func:`nbl_ext.calibrate`), ``seed`` (data packing and sampling) and ``holdout`` (the fraction
     of a document file's documents left out of calibration; None: the package default for files).
-    Criteria that score layers on held-out tokens (``"direct_nll"``; ``"greedy"``, whose steps rank by it)
+    Criteria that score layers on held-out tokens (``"direct_kl"``, ``"direct_nll"``; ``"greedy"``, whose
+    steps rank by them)
     get ``selection_samples`` more sequences of ``seq_len`` tokens from the same source, never fitted on
     (:attr:`needs_selection` says whether the criterion uses them).
     """

@@ -96,6 +96,8 @@ class Study:
                 },
             },
             "calibration": f"{a.calib_samples} x {a.seq_len} tokens of the training documents, seed 0",
+            "selection": f"NBL: NBLConfig's default criterion on {a.selection_samples} x {a.seq_len} tokens of the "
+            "early-stopping documents (seed 1; nothing is fitted on them); DROP: cosine",
             "healing": {
                 "train": f"{a.samples} x {a.seq_len} tokens of the training documents",
                 "heldout": f"{a.heldout_samples} x {a.seq_len} tokens of the early-stopping documents",
@@ -173,11 +175,26 @@ class Study:
         heldout = nbl_ext.load_calibration_tokens(
             stop_docs, tok, num_samples=a.heldout_samples, seq_len=a.seq_len, seed=0, progress=False
         )
-        res = nbl_ext.calibrate(model, calib, batch_size=4, progress=False)
-        rec["calibration"] = {"tokens": int(calib.numel()), "seconds": time.perf_counter() - t}
+        # The product's defaults (NBLConfig): validated ridge per layer; NBL's layers by the default criterion
+        # (direct_kl) on sequences of the early-stopping documents (nothing is fitted on them); DROP's by cosine.
+        cfg = nbl_ext.NBLConfig(num_samples=a.calib_samples, seq_len=a.seq_len)
+        res = nbl_ext.calibrate(
+            model, calib, batch_size=4, progress=False, folds=cfg.calibration_folds, ridges=cfg.calibration_ridges
+        )
+        if cfg.needs_selection:
+            selection = nbl_ext.load_calibration_tokens(
+                stop_docs, tok, num_samples=a.selection_samples, seq_len=a.seq_len, seed=1, progress=False
+            )
+            nbl_ext.score_criteria(model, res, cfg.criterion, heldout=selection, data=calib, batch_size=4)
+        rec["calibration"] = {
+            "tokens": int(calib.numel()),
+            "criterion": cfg.criterion,
+            "selection_tokens": int(selection.numel()) if cfg.needs_selection else 0,
+            "seconds": time.perf_counter() - t,
+        }
         for k in ks:
             for method, heals in HEALS.items():
-                sel = res.select(k, method)
+                sel = res.select(k, cfg.criterion if method == "nbl" else "cosine")
                 base = nbl_ext.linearize(copy.deepcopy(model), res, sel, method=method)
                 measure(base, f"{method}/k{k}/none", {"k": k, "method": method, "heal": None, "layers": sel})
                 for h in heals:
@@ -309,6 +326,7 @@ def main(argv=None):
     ap.add_argument("--render-only", action="store_true", help="only render the page from the JSON")
     ap.add_argument("--fresh", action="store_true", help="ignore the existing JSON and recompute everything")
     ap.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (default 16)")
+    ap.add_argument("--selection-samples", type=int, default=8, help="selection sequences (default 8)")
     ap.add_argument("--samples", type=int, default=64, help="healing sequences (default 64)")
     ap.add_argument("--heldout-samples", type=int, default=8, help="early-stopping sequences (default 8)")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
