@@ -86,7 +86,7 @@ from nbl_ext.tasks import OFFLINE_TASKS, ZERO_SHOT_7
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_study import heldout_nmse, subset
 from selection_report import median as _median
-from selection_report import paired_nll, render, spearman
+from selection_report import paired_nll, spearman, write_page
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
@@ -621,12 +621,8 @@ def main(argv=None):
             study.run_model(name, parts)
     if study.data.get("setup", {}).get("smoke") and not args.smoke:
         sys.exit(f"{study.raw} is from a smoke run; not rendering a page from it")
-    raw_name = str(study.raw.relative_to(ROOT)) if study.raw.is_relative_to(ROOT) else str(study.raw)
-    page = Path(args.page)
-    plots = page.parent / "results"
-    plots.mkdir(parents=True, exist_ok=True)
-    page.write_text(render(study.data, raw_name, nbl_ext.NBLConfig().criterion, plots))
-    print(f"wrote {args.page}", flush=True)
+    heal = ROOT / "docs" / "results" / "heal_study.json"  # the healing study's section, when it has run
+    write_page(study.raw, Path(args.page), nbl_ext.NBLConfig().criterion, heal_raw=None if args.smoke else heal)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""The study page's healing section (scripts/selection_report.py): computed from the raw JSON alone."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+pytest.importorskip("matplotlib")
+import selection_report
+
+TASKS = selection_report.TASKS7
+
+
+def _point(ppl_wt2: float, ppl_c4: float, correct: list[int], **extra) -> dict:
+    # four windows of 100 tokens whose mean NLL gives the perplexity, with a little spread for the s.e.
+    def corpus(ppl):
+        nll = math.log(ppl)
+        return {"ppl": ppl, "window_nll": [[(nll + e) * 100, 100] for e in (-0.01, 0.0, 0.01, 0.0)]}
+
+    tasks = {t: {"acc": sum(correct) / len(correct), "n": len(correct), "correct": correct} for t in TASKS}
+    return {"wikitext2": corpus(ppl_wt2), "c4": corpus(ppl_c4), "tasks": tasks, **extra}
+
+
+def _heal_data() -> dict:
+    right = [1, 0] * 20
+    healing = {"steps": 12, "best_step": 9, "train_tokens": 98304, "seconds": 700.0}
+    return {
+        "setup": {"commit": "abc1234", "device": "cpu"},
+        "models": {
+            "m": {
+                "num_layers": 30,
+                "points": {
+                    "original": _point(20.0, 40.0, right, k=0),
+                    "nbl/k12/none": _point(60.0, 80.0, right, k=12, method="nbl", heal=None),
+                    "nbl/k12/lora": _point(30.0, 70.0, right, k=12, method="nbl", heal="lora", healing=healing),
+                    "drop/k12/none": _point(90.0, 120.0, right, k=12, method="drop", heal=None),
+                    "drop/k12/lora": _point(85.0, 110.0, right, k=12, method="drop", heal="lora", healing=healing),
+                },
+            }
+        },
+    }
+
+
+def test_healing_section_states_the_targets_from_the_numbers():
+    text = "\n".join(selection_report.healing_section(_heal_data()))
+    # WikiText-2: (60 - 30) / (60 - 20) = 75% recovered; C4: (80 - 70) / (80 - 40) = 25%
+    assert "NBL + lora, WikiText-2: recovered 75% of the perplexity gap" in text
+    assert "**met**" in text
+    assert "NBL + lora, held-out C4: recovered 25% of the perplexity gap" in text
+    assert "**missed by 25% of the gap**" in text
+    assert "NBL + distill: not run yet" in text
+    assert "| nbl/k12/lora | 30.00 | 70.00 | 75% / 25% |" in text
+    assert "7-task accuracy: +0.0000 ± 0.0000 against unhealed (not worse beyond noise)" in text
+    assert "against DROP healed with LoRA, held-out C4: 70.00 vs 110.00" in text
+
+
+def test_a_healed_model_worse_than_unhealed_is_a_miss():
+    data = _heal_data()
+    pts = data["models"]["m"]["points"]
+    pts["nbl/k12/lora"]["c4"] = _point(1, 90.0, [1])["c4"]  # worse than unhealed (80)
+    text = "\n".join(selection_report.healing_section(data))
+    assert "held-out C4: recovered -25% of the perplexity gap" in text
+    assert "missed: worse than unhealed by +0.1178" in text
