@@ -186,8 +186,7 @@ def run(args) -> int:
 
     import nbl_ext
     from nbl_ext._io import atomic_write_json
-    from nbl_ext.api import default_k, sampling_batch, split_selection
-    from nbl_ext.data import load_calibration_tokens
+    from nbl_ext.api import default_k, source_tokens, split_selection
     from nbl_ext.linearize import resolve_replacement
     from nbl_ext.models import DEFAULT_MODEL, load_model
     from nbl_ext.serialization import RUN
@@ -236,17 +235,9 @@ def run(args) -> int:
         file=sys.stderr,
     )
     t_data = time.perf_counter()
-    tokens = load_calibration_tokens(
-        source,
-        tokenizer,
-        num_samples=config.num_samples + extra,
-        seq_len=config.seq_len,
-        seed=config.seed,
-        model=model,
-        progress=progress,
-        batch_size=sampling_batch(config.num_samples + extra),
+    tokens, selection = split_selection(
+        source_tokens(model, source, config, tokenizer=tokenizer, progress=progress), config
     )
-    tokens, selection = split_selection(tokens, config)
     t1 = time.perf_counter()
     seconds: dict[str, float] = {}
     with preflight.singular_summary():
