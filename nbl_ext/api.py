@@ -187,11 +187,9 @@ def compress(
             tokens,
             batch_size=config.batch_size,
             progress=progress,
-            ridge=config.ridge,
             gram_precision=config.gram_precision,
             activations=config.activations,
-            folds=config.calibration_folds,
-            ridges=config.calibration_ridges,
+            **config.fit_options,
         )
     with phase("select"):
         if config.layers is not None:
@@ -204,9 +202,7 @@ def compress(
                     steps=config.k,
                     heldout=selection,
                     batch_size=config.batch_size,
-                    ridge=config.ridge,
-                    folds=config.calibration_folds,
-                    ridges=config.calibration_ridges,
+                    **config.fit_options,
                 )
                 result.set_scores("greedy", [float(g.order.index(i)) for i in range(n)])
                 for i, fit in g.maps.items():
@@ -230,9 +226,7 @@ def compress(
             data=tokens if config.refit else None,
             batch_size=config.batch_size,
             progress=progress,
-            ridge=config.ridge,
-            folds=config.calibration_folds,
-            ridges=config.calibration_ridges,
+            **config.fit_options,
         )
     adapter.config.nbl["config"] = config.to_dict()
     return model, result

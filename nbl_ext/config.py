@@ -145,6 +145,12 @@ class NBLConfig:
         """The ridge grid calibration chooses from (None without folds: the fixed ``ridge``)."""
         return self.ridges if self.calibration_folds > 1 else None
 
+    @property
+    def fit_options(self) -> dict[str, Any]:
+        """The fit settings every step that fits maps takes (calibrate, greedy_selection, linearize's refit):
+        ``ridge``, ``folds`` and ``ridges`` as resolved above."""
+        return {"ridge": self.ridge, "folds": self.calibration_folds, "ridges": self.calibration_ridges}
+
     def replace(self, **changes: Any) -> NBLConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)

@@ -54,6 +54,14 @@ def test_config_errors_are_clear(kwargs, exc, msg):
         NBLConfig(**kwargs)
 
 
+def test_fit_options_resolve_folds_and_the_ridge_grid():
+    from nbl_ext.crossval import DEFAULT_FOLDS, DEFAULT_RIDGES
+
+    assert NBLConfig(num_samples=3).fit_options == {"ridge": NBLConfig().ridge, "folds": 3, "ridges": DEFAULT_RIDGES}
+    assert NBLConfig(num_samples=64).fit_options["folds"] == DEFAULT_FOLDS
+    assert NBLConfig(folds=1, ridges=None, ridge=0.01).fit_options == {"ridge": 0.01, "folds": 1, "ridges": None}
+
+
 @pytest.mark.parametrize("criterion,replacement", [("cca_bound", "affine"), ("cosine", "remove")])
 def test_compress_is_calibrate_select_linearize(criterion, replacement, tmp_path):
     model = tiny_model("llama", 4, dtype=torch.float64)

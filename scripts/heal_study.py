@@ -180,9 +180,7 @@ class Study:
         # The product's defaults (NBLConfig): validated ridge per layer; NBL's layers by the default criterion
         # (direct_kl) on sequences of the early-stopping documents (nothing is fitted on them); DROP's by cosine.
         cfg = nbl_ext.NBLConfig(num_samples=a.calib_samples, seq_len=a.seq_len)
-        res = nbl_ext.calibrate(
-            model, calib, batch_size=4, progress=False, folds=cfg.calibration_folds, ridges=cfg.calibration_ridges
-        )
+        res = nbl_ext.calibrate(model, calib, batch_size=4, progress=False, **cfg.fit_options)
         if cfg.needs_selection:
             selection = nbl_ext.load_calibration_tokens(
                 stop_docs, tok, num_samples=a.selection_samples, seq_len=a.seq_len, seed=1, progress=False

@@ -422,14 +422,7 @@ class Study:
                 )
                 res, secs = self.calibrate(model, tokens, f"{name}/overfit-{label}-{ridge}", **kwargs)
             held = heldout_nmse(model, nbl_ext.get_adapter(model), res, test_c4, a.context, bos)
-            out[key] = {
-                "tokens": int(tokens.numel()),
-                "seconds": secs,
-                "in_sample": res.nmse,
-                "cv": [lc.scores["cv_nmse"] for lc in res.layers],
-                "heldout": held,
-                "ridge": [lc.ridge for lc in res.layers],
-            }
+            out[key] = _overfit_record(res, tokens, held, secs)
             self.save()
             print(
                 f"[{name}] overfit {key}: median NMSE held out {_median(held):.3f}, in sample {_median(res.nmse):.3f}",
@@ -446,15 +439,7 @@ class Study:
                 model, tokens, f"{name}/overfit-self", folds=DEFAULT_FOLDS, ridges=DEFAULT_RIDGES
             )
             held = heldout_nmse(model, nbl_ext.get_adapter(model), res, test_c4, a.context, bos)
-            out[key] = {
-                "tokens": int(tokens.numel()),
-                "sampling_seconds": t_data,
-                "seconds": secs,
-                "in_sample": res.nmse,
-                "cv": [lc.scores["cv_nmse"] for lc in res.layers],
-                "heldout": held,
-                "ridge": [lc.ridge for lc in res.layers],
-            }
+            out[key] = _overfit_record(res, tokens, held, secs, sampling_seconds=t_data)
             self.save()
 
     def best_criterion(self, rec) -> str:
@@ -529,6 +514,19 @@ class Study:
         }
         self.save()
         print(f"calibration {cal:.0f} s vs forward {fwd:.0f} s: {cal / fwd:.2f}x", flush=True)
+
+
+def _overfit_record(res, tokens, held, secs, **extra) -> dict:
+    """One point of the overfitting curve: per layer in-sample, cross-validated and held-out NMSE, chosen ridge."""
+    return {
+        "tokens": int(tokens.numel()),
+        **extra,
+        "seconds": secs,
+        "in_sample": res.nmse,
+        "cv": [lc.scores["cv_nmse"] for lc in res.layers],
+        "heldout": held,
+        "ridge": [lc.ridge for lc in res.layers],
+    }
 
 
 def main(argv=None):
