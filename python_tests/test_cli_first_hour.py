@@ -254,19 +254,24 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, tiny_model_dir):
         )
     finally:
         signal.signal(signal.SIGINT, previous)
-    deadline = time.monotonic() + 120
-    seen = ""
-    while "calibration data:" not in seen and time.monotonic() < deadline:  # the model is loaded, sampling starts
-        line = proc.stderr.readline()
-        if not line:
-            break
-        seen += line
-    assert "calibration data:" in seen, seen
-    # 4096 x 512 self-sampled tokens: far more work than the 0.5 s before the signal, even on a quiet machine
-    # (64 samples once finished the whole job first).
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, rest = proc.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        seen = ""
+        while "calibration data:" not in seen and time.monotonic() < deadline:  # the model is loaded, sampling starts
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen += line
+        assert "calibration data:" in seen, seen
+        # 4096 x 512 self-sampled tokens: far more work than the 0.5 s before the signal, even on a quiet machine
+        # (64 samples once finished the whole job first).
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+    finally:  # a failed run must not leave a sampler burning a core for the rest of the suite
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     err = seen + rest
     assert proc.returncode == 130, err
     assert "Traceback (most recent call last)" not in err
