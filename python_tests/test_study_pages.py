@@ -65,3 +65,28 @@ def test_a_healed_model_worse_than_unhealed_is_a_miss():
     text = "\n".join(selection_report.healing_section(data))
     assert "held-out C4: recovered -25% of the perplexity gap" in text
     assert "missed: worse than unhealed by +0.1178" in text
+
+
+def test_missing_names_what_the_study_has_not_run():
+    rec = {
+        "num_layers": 30,
+        "truth": {"nll": [0.1]},
+        "criteria": {c: {} for c in ("cca_bound", "cosine", "cv_nmse", "residual_ratio", "direct_nll", "direct_kl")},
+        "ppl": {"original": {}},
+        "overfit": {f"c4/{s}/{r}": {} for s in ("8k", "32k", "all") for r in ("ridge0", "validated")},
+        "accuracy": {"original": {}, "direct_kl/k6": {}},
+    }
+    out = selection_report.missing("m", rec, "direct_kl", speed_run=True)
+    assert out == [
+        "criteria greedy",
+        "overfit points self/validated",
+        "accuracy points cca_bound/k6, drop/k6, direct_kl/k12, cca_bound/k12, drop/k12",
+    ]
+    assert selection_report.missing("m", {"num_layers": 30}, "direct_kl", speed_run=False) == [
+        "truth",
+        "criteria",
+        "ppl",
+        "overfit",
+        "accuracy",
+        "speed",
+    ]
