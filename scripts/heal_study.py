@@ -164,7 +164,8 @@ class Study:
             )
 
         measure(model, "original", {"k": 0})
-        todo = [f"{m}/k{k}/{h}" for k in ks for m, heals in HEALS.items() for h in ("none", *heals)]
+        methods = {m: HEALS[m] for m in a.methods.split(",")}
+        todo = [f"{m}/k{k}/{h}" for k in ks for m, heals in methods.items() for h in ("none", *heals)]
         if all(key in rec["points"] for key in todo):
             return
         t = time.perf_counter()
@@ -181,7 +182,8 @@ class Study:
         # (direct_kl) on sequences of the early-stopping documents (nothing is fitted on them); DROP's by cosine.
         cfg = nbl_ext.NBLConfig(num_samples=a.calib_samples, seq_len=a.seq_len)
         res = nbl_ext.calibrate(model, calib, batch_size=4, progress=False, **cfg.fit_options)
-        if cfg.needs_selection:
+        scored = cfg.needs_selection and "nbl" in methods  # DROP's cosine comes from calibration alone
+        if scored:
             selection = nbl_ext.load_calibration_tokens(
                 stop_docs, tok, num_samples=a.selection_samples, seq_len=a.seq_len, seed=1, progress=False
             )
@@ -189,11 +191,11 @@ class Study:
         rec["calibration"] = {
             "tokens": int(calib.numel()),
             "criterion": cfg.criterion,
-            "selection_tokens": int(selection.numel()) if cfg.needs_selection else 0,
+            "selection_tokens": int(selection.numel()) if scored else 0,
             "seconds": time.perf_counter() - t,
         }
         for k in ks:
-            for method, heals in HEALS.items():
+            for method, heals in methods.items():
                 sel = res.select(k, cfg.criterion if method == "nbl" else "cosine")
                 base = nbl_ext.linearize(copy.deepcopy(model), res, sel, method=method)
                 measure(base, f"{method}/k{k}/none", {"k": k, "method": method, "heal": None, "layers": sel})
@@ -255,6 +257,11 @@ def main(argv=None):
         metavar="MODEL:K1,K2[;MODEL:K]",
         help="k values per model (default: about 20%% and 40%% of the layers)",
     )
+    ap.add_argument(
+        "--methods",
+        default=",".join(HEALS),
+        help="comma-separated, e.g. drop to run DROP's points alone (default: %(default)s)",
+    )
     ap.add_argument("--data-dir", default=str(SHARED), help="the shared data (calib/, eval/; default: %(default)s)")
     ap.add_argument("--out", default=str(DOCS / "results" / "heal_study.json"), help="raw JSON (default: %(default)s)")
     ap.add_argument("--page", default=str(DOCS / "results.md"), help="rendered page (default: %(default)s)")
@@ -289,6 +296,9 @@ def main(argv=None):
             if part.strip():
                 name, _, values = part.partition(":")
                 ks[name.strip()] = [int(v) for v in values.split(",")]
+        bad = set(args.methods.split(",")) - set(HEALS)
+        if bad:
+            sys.exit(f"unknown --methods {sorted(bad)}; choose from {', '.join(HEALS)}")
         study = Study(args)
         study.setup()
         study.save()
