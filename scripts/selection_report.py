@@ -474,6 +474,8 @@ def healing_section(heal: dict, plots: Path | None = None) -> list[str]:
         "of the mean NLL from unhealed to healed (± s.e.; negative is better); Δ acc = paired change of the "
         "7-task mean from unhealed to healed (± s.e.).",
         "",
+        *[f"- Note: {n}" for n in setup.get("notes", [])],
+        *([""] if setup.get("notes") else []),
     ]
     for name, rec in heal.get("models", {}).items():
         pts = rec.get("points", {})
