@@ -552,6 +552,13 @@ def _healing_targets(name: str, rec: dict) -> list[str]:
                 f"({base[corpus]['ppl']:.2f} -> {p[corpus]['ppl']:.2f}, original {orig[corpus]['ppl']:.2f}; "
                 f"target >= 50%): **{verdict}**"
             )
+        h = p.get("healing") or {}
+        if h and h.get("best_step") == h.get("steps") and not h.get("stopped_early"):
+            out.append(
+                f"- NBL + {heal}: the held-out loss was still falling at the last of {h['steps']} steps "
+                f"({h['heldout_loss_before']:.4f} -> {h['heldout_loss_after']:.4f}): the step budget, not "
+                "early stopping, ended it; more data and steps are what would recover more"
+            )
         if "tasks" in p and "tasks" in base:
             d, se = paired_acc7(base, p)
             out.append(
@@ -583,6 +590,9 @@ def _plot_healing(name: str, rec: dict, png: Path) -> bool:
         ax.set_yticks(range(len(keys)), keys, fontsize=8)
         ax.invert_yaxis()
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel(f"{label} perplexity (log)")
         ax.legend(fontsize=8)
     fig.suptitle(f"{name}: perplexity before and after healing")
