@@ -95,7 +95,9 @@ def calibration_tokens(
     return source_tokens(model, holdout_split(data, config.holdout)[0], config, tokenizer=tokenizer, progress=progress)
 
 
-def source_tokens(model: nn.Module, source: Any, config: NBLConfig, *, tokenizer: Any, progress: bool = False):
+def source_tokens(
+    model: nn.Module, source: Any, config: NBLConfig, *, tokenizer: Any, progress: bool = False
+) -> torch.Tensor:
     """``config.num_samples`` sequences of ``config.seq_len`` tokens from a source whose held-out documents are
     already removed (:func:`holdout_split`), plus ``selection_samples`` more when the criterion needs them."""
     extra = config.selection_samples if config.needs_selection else 0
