@@ -406,9 +406,9 @@ def render(data: dict, raw_name: str, default: str, plots: Path | None = None) -
                 "| point | 7-task mean | Δ vs original ± paired s.e. | kept |",
                 "|---|---:|---:|---:|",
             ]
-            mean0 = sum(orig["tasks"][t]["acc"] for t in TASKS7) / 7
+            mean0 = mean_acc7(orig)
             for key, p in rec["accuracy"].items():
-                mean = sum(p["tasks"][t]["acc"] for t in TASKS7) / 7
+                mean = mean_acc7(p)
                 d, se = paired_acc7(orig, p) if key != "original" else (0.0, 0.0)
                 lines.append(f"| {key} | {mean:.4f} | {_fmt_se(d, se)} | {mean / mean0:.1%} |")
             lines.append("")
@@ -500,7 +500,8 @@ def healing_section(heal: dict, plots: Path | None = None) -> list[str]:
             base = pts.get(key.rsplit("/", 1)[0] + "/none")
             rec_s = dw = dc = da = ""
             if p.get("heal") and base is not None:
-                rec_s = " / ".join(_recovered(orig, base, p, c) for c in ("wikitext2", "c4"))
+                fracs = (_recovered(orig, base, p, c) for c in ("wikitext2", "c4"))
+                rec_s = " / ".join("-" if math.isnan(f) else f"{f:.0%}" for f in fracs)
                 dw, dc = (_fmt_se(*paired_nll(base, p, c)) for c in ("wikitext2", "c4"))
                 if acc and "tasks" in p and "tasks" in base:
                     da = _fmt_se(*paired_acc7(base, p))
@@ -520,9 +521,10 @@ def healing_section(heal: dict, plots: Path | None = None) -> list[str]:
     return lines
 
 
-def _recovered(orig: dict, base: dict, healed: dict, corpus: str) -> str:
+def _recovered(orig: dict, base: dict, healed: dict, corpus: str) -> float:
+    """The fraction of the perplexity gap (unhealed - original) that healing closed; NaN without a gap."""
     gap = base[corpus]["ppl"] - orig[corpus]["ppl"]
-    return f"{(base[corpus]['ppl'] - healed[corpus]['ppl']) / gap:.0%}" if gap > 0 else "-"
+    return (base[corpus]["ppl"] - healed[corpus]["ppl"]) / gap if gap > 0 else float("nan")
 
 
 def _healing_targets(name: str, rec: dict) -> list[str]:
@@ -540,8 +542,7 @@ def _healing_targets(name: str, rec: dict) -> list[str]:
             out.append(f"- NBL + {heal}: not run yet")
             continue
         for corpus, label in CORPORA.items():
-            gap = base[corpus]["ppl"] - orig[corpus]["ppl"]
-            frac = (base[corpus]["ppl"] - p[corpus]["ppl"]) / gap if gap > 0 else float("nan")
+            frac = _recovered(orig, base, p, corpus)
             d, se = paired_nll(base, p, corpus)
             worse = d > 2 * se
             verdict = "met" if frac >= 0.5 and not worse else f"missed by {0.5 - frac:.0%} of the gap"
