@@ -55,7 +55,7 @@ def test_healing_section_states_the_targets_from_the_numbers():
     assert "NBL + distill: not run yet" in text
     assert "| nbl/k12/lora | 30.00 | 70.00 | 75% / 25% |" in text
     assert "7-task accuracy: +0.0000 ± 0.0000 against unhealed (not worse beyond noise)" in text
-    assert "against DROP healed with LoRA, held-out C4: 70.00 vs 110.00" in text
+    assert "against DROP healed with LoRA (drop/k12/lora), held-out C4: 70.00 vs 110.00" in text
 
 
 def test_a_healed_model_worse_than_unhealed_is_a_miss():
@@ -90,3 +90,22 @@ def test_missing_names_what_the_study_has_not_run():
         "accuracy",
         "speed",
     ]
+
+
+def test_the_target_counts_the_variant_with_the_lowest_early_stopping_loss_not_the_best_test_ppl():
+    data = _heal_data()
+    pts = data["models"]["m"]["points"]
+    right = [1, 0] * 20
+    pts["nbl/k12/lora"]["healing"] = {**pts["nbl/k12/lora"]["healing"], "heldout_loss_after": 3.0}
+    # better on the test data (C4 50 against 70) but worse on the early-stopping documents: not chosen
+    healing = {**pts["nbl/k12/lora"]["healing"], "heldout_loss_after": 3.5}
+    pts["nbl/k12/lora@lr0.001"] = _point(25.0, 50.0, right, k=12, method="nbl", heal="lora", healing=healing)
+
+    text = "\n".join(selection_report.healing_section(data))
+    assert "- NBL + lora: nbl/k12/lora counts (of nbl/k12/lora, nbl/k12/lora@lr0.001)" in text
+    assert "NBL + lora, held-out C4: recovered 25% of the perplexity gap" in text
+    assert "| nbl/k12/lora@lr0.001 | 25.00 | 50.00 | 88% / 75% |" in text  # the table shows every variant
+    pts["nbl/k12/lora@lr0.001"]["healing"]["heldout_loss_after"] = 2.5
+    text = "\n".join(selection_report.healing_section(data))
+    assert "- NBL + lora: nbl/k12/lora@lr0.001 counts" in text
+    assert "NBL + lora, held-out C4: recovered 75% of the perplexity gap" in text

@@ -45,6 +45,13 @@ DOCS = ROOT / "docs"
 
 MODELS = {"smollm2-135m": [6, 12], "gemma3-270m": [4, 7]}  # about 20% and 40% of 30 / 18 layers
 HEALS = {"nbl": ("lora", "distill"), "drop": ("lora",)}
+PAPER_LR = 1e-4  # the paper's LoRA learning rate; a point healed at another --lr carries "@lr<value>" in its key
+
+
+def heal_key(method: str, k: int, heal: str, lr: float) -> str:
+    """A point's key: ``nbl/k12/lora``, or ``nbl/k12/lora@lr0.001`` when healed at a learning rate other than
+    the paper's (the renderer picks among a heal's variants by the early-stopping loss, never by test data)."""
+    return f"{method}/k{k}/{heal}" + ("" if heal == "none" or lr == PAPER_LR else f"@lr{lr:g}")
 
 
 def subset(task: str, n: int, total: int, seed: int = 0) -> list[int]:
@@ -164,8 +171,9 @@ class Study:
             )
 
         measure(model, "original", {"k": 0})
-        methods = {m: HEALS[m] for m in a.methods.split(",")}
-        todo = [f"{m}/k{k}/{h}" for k in ks for m, heals in methods.items() for h in ("none", *heals)]
+        wanted = a.heals.split(",") if a.heals else None
+        methods = {m: tuple(h for h in HEALS[m] if wanted is None or h in wanted) for m in a.methods.split(",")}
+        todo = [heal_key(m, k, h, a.lr) for k in ks for m, heals in methods.items() for h in ("none", *heals)]
         if all(key in rec["points"] for key in todo):
             return
         t = time.perf_counter()
@@ -200,7 +208,7 @@ class Study:
                 base = nbl_ext.linearize(copy.deepcopy(model), res, sel, method=method)
                 measure(base, f"{method}/k{k}/none", {"k": k, "method": method, "heal": None, "layers": sel})
                 for h in heals:
-                    key = f"{method}/k{k}/{h}"
+                    key = heal_key(method, k, h, a.lr)
                     if key in rec["points"]:
                         continue
                     healed = copy.deepcopy(base)
@@ -225,22 +233,25 @@ class Study:
                             "heal": h,
                             "layers": sel,
                             "healing": {
-                                f: summary[f]
-                                for f in (
-                                    "objective",
-                                    "targets",
-                                    "trainable_parameters",
-                                    "steps",
-                                    "planned_steps",
-                                    "best_step",
-                                    "stopped_early",
-                                    "heldout_loss_before",
-                                    "heldout_loss_after",
-                                    "train_tokens",
-                                    "heldout_tokens",
-                                    "seconds",
-                                    "history",
-                                )
+                                "lr": cfg.lr,
+                                **{
+                                    f: summary[f]
+                                    for f in (
+                                        "objective",
+                                        "targets",
+                                        "trainable_parameters",
+                                        "steps",
+                                        "planned_steps",
+                                        "best_step",
+                                        "stopped_early",
+                                        "heldout_loss_before",
+                                        "heldout_loss_after",
+                                        "train_tokens",
+                                        "heldout_tokens",
+                                        "seconds",
+                                        "history",
+                                    )
+                                },
                             },
                         },
                     )
@@ -262,6 +273,11 @@ def main(argv=None):
         default=",".join(HEALS),
         help="comma-separated, e.g. drop to run DROP's points alone (default: %(default)s)",
     )
+    ap.add_argument(
+        "--heals",
+        default=None,
+        help="comma-separated healing methods to run (lora, distill; default: all of each method's)",
+    )
     ap.add_argument("--data-dir", default=str(SHARED), help="the shared data (calib/, eval/; default: %(default)s)")
     ap.add_argument("--out", default=str(DOCS / "results" / "heal_study.json"), help="raw JSON (default: %(default)s)")
     ap.add_argument("--page", default=str(DOCS / "results.md"), help="rendered page (default: %(default)s)")
@@ -279,7 +295,13 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     ap.add_argument("--epochs", type=float, default=3.0, help="healing epochs (default 3, the paper's)")
     ap.add_argument("--steps", type=int, default=None, help="healing steps (overrides --epochs)")
-    ap.add_argument("--lr", type=float, default=1e-4, help="healing learning rate (default 1e-4, the paper's)")
+    ap.add_argument(
+        "--lr",
+        type=float,
+        default=PAPER_LR,
+        help="healing learning rate (default 1e-4, the paper's; another value keys its points "
+        "'<method>/k<k>/<heal>@lr<value>', beside the paper's)",
+    )
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16, the paper's)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward (default 4)")
     ap.add_argument("--patience", type=int, default=3, help="early-stopping patience (default 3)")
@@ -299,6 +321,10 @@ def main(argv=None):
         bad = set(args.methods.split(",")) - set(HEALS)
         if bad:
             sys.exit(f"unknown --methods {sorted(bad)}; choose from {', '.join(HEALS)}")
+        known = sorted({h for hs in HEALS.values() for h in hs})
+        bad = set((args.heals or ",".join(known)).split(",")) - set(known)
+        if bad:
+            sys.exit(f"unknown --heals {sorted(bad)}; choose from {', '.join(known)}")
         study = Study(args)
         study.setup()
         study.save()
