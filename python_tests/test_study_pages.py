@@ -55,7 +55,7 @@ def test_healing_section_states_the_targets_from_the_numbers():
     assert "NBL + distill: not run yet" in text
     assert "| nbl/k12/lora | 30.00 | 70.00 | 75% / 25% |" in text
     assert "7-task accuracy: +0.0000 ± 0.0000 against unhealed (not worse beyond noise)" in text
-    assert "against DROP healed with LoRA (drop/k12/lora), held-out C4: 70.00 vs 110.00" in text
+    assert "NBL healed with lora against DROP healed with LoRA (drop/k12/lora), held-out C4: 70.00 vs 110.00" in text
 
 
 def test_a_healed_model_worse_than_unhealed_is_a_miss():

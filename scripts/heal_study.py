@@ -280,7 +280,12 @@ def main(argv=None):
     )
     ap.add_argument("--data-dir", default=str(SHARED), help="the shared data (calib/, eval/; default: %(default)s)")
     ap.add_argument("--out", default=str(DOCS / "results" / "heal_study.json"), help="raw JSON (default: %(default)s)")
-    ap.add_argument("--page", default=str(DOCS / "results.md"), help="rendered page (default: %(default)s)")
+    ap.add_argument(
+        "--page",
+        default=None,
+        help="rendered page (default: docs/results.md when --out is the study's own JSON; a side run with "
+        "another --out renders nothing unless given one)",
+    )
     ap.add_argument(
         "--selection-raw",
         default=str(DOCS / "results" / "selection_study.json"),
@@ -311,7 +316,8 @@ def main(argv=None):
     ap.add_argument("--progress", action="store_true", help="healing progress bars")
     args = ap.parse_args(argv)
     raw = Path(args.out)
-    page = Path(args.page)
+    own = raw.resolve() == (DOCS / "results" / "heal_study.json").resolve()
+    page = Path(args.page) if args.page else DOCS / "results.md" if own else None
     if not args.render_only:
         ks = dict(MODELS)
         for part in (args.k or "").split(";"):
@@ -332,9 +338,7 @@ def main(argv=None):
             if name not in MODELS:
                 sys.exit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
             study.run_model(name, ks[name])
-    if Path(args.out).resolve() != (DOCS / "results" / "heal_study.json").resolve() and args.page == str(
-        DOCS / "results.md"
-    ):
+    if page is None:
         print(f"not rendering docs/results.md from {raw} (a side run); pass --page to render one", flush=True)
         return
     write_page(Path(args.selection_raw), page, nbl_ext.NBLConfig().criterion, heal_raw=raw)

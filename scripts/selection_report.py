@@ -592,13 +592,13 @@ def _healing_targets(name: str, rec: dict) -> list[str]:
                 f"({'worse beyond noise' if d < -2 * se else 'not worse beyond noise'})"
             )
     drop, drop_h = pts.get(f"drop/k{k}/none"), chosen_variant(pts, "drop", k, "lora")
-    if drop is not None and drop_h is not None and healed:
-        nbl_best = min(healed, key=lambda p: p["c4"]["ppl"])
-        d, se = paired_nll(drop_h[1], nbl_best, "c4")
-        out.append(
-            f"- Best healed NBL ({nbl_best['heal']}) against DROP healed with LoRA ({drop_h[0]}), held-out C4: "
-            f"{nbl_best['c4']['ppl']:.2f} vs {drop_h[1]['c4']['ppl']:.2f} (Δ NLL {d:+.4f} ± {se:.4f})"
-        )
+    if drop is not None and drop_h is not None:
+        for p in healed:
+            d, se = paired_nll(drop_h[1], p, "c4")
+            out.append(
+                f"- NBL healed with {p['heal']} against DROP healed with LoRA ({drop_h[0]}), held-out C4: "
+                f"{p['c4']['ppl']:.2f} vs {drop_h[1]['c4']['ppl']:.2f} (Δ NLL {d:+.4f} ± {se:.4f})"
+            )
     return out
 
 
