@@ -176,6 +176,14 @@ class Study:
         todo = [heal_key(m, k, h, a.lr) for k in ks for m, heals in methods.items() for h in ("none", *heals)]
         if all(key in rec["points"] for key in todo):
             return
+        prev = rec.get("calibration", {}).get("tokens")
+        if prev is not None and prev != a.calib_samples * a.seq_len:
+            sys.exit(
+                f"[{name}] {self.raw}'s points were calibrated on {prev} tokens, this run would use "
+                f"{a.calib_samples} x {a.seq_len} = {a.calib_samples * a.seq_len}: their unhealed baselines would not "
+                f"be this run's. Pass --calib-samples {prev // a.seq_len} (and the same --seq-len), another --out, "
+                "or --fresh."
+            )
         t = time.perf_counter()
         calib = nbl_ext.load_calibration_tokens(
             train_docs, tok, num_samples=a.calib_samples, seq_len=a.seq_len, seed=0, progress=False
@@ -205,6 +213,13 @@ class Study:
         for k in ks:
             for method, heals in methods.items():
                 sel = res.select(k, cfg.criterion if method == "nbl" else "cosine")
+                known = rec["points"].get(f"{method}/k{k}/none", {}).get("layers")
+                if known is not None and known != sel:
+                    sys.exit(
+                        f"[{name}] {method}/k{k}: this run selects layers {sel}, {self.raw} has {known}: the "
+                        "settings differ from the run that wrote it (calibration, selection); use its settings, "
+                        "another --out, or --fresh"
+                    )
                 base = nbl_ext.linearize(copy.deepcopy(model), res, sel, method=method)
                 measure(base, f"{method}/k{k}/none", {"k": k, "method": method, "heal": None, "layers": sel})
                 for h in heals:
@@ -293,7 +308,9 @@ def main(argv=None):
     )
     ap.add_argument("--render-only", action="store_true", help="only render the page from the JSON")
     ap.add_argument("--fresh", action="store_true", help="ignore the existing JSON and recompute everything")
-    ap.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (default 16)")
+    ap.add_argument(
+        "--calib-samples", type=int, default=64, help="calibration sequences (default 64, the committed study's)"
+    )
     ap.add_argument("--selection-samples", type=int, default=8, help="selection sequences (default 8)")
     ap.add_argument("--samples", type=int, default=64, help="healing sequences (default 64)")
     ap.add_argument("--heldout-samples", type=int, default=8, help="early-stopping sequences (default 8)")
