@@ -82,6 +82,16 @@ def test_missing_names_what_the_study_has_not_run():
         "overfit points self/validated",
         "accuracy points cca_bound/k6, drop/k6, direct_kl/k12, cca_bound/k12, drop/k12",
     ]
+    rec["criteria"]["greedy"] = {"chosen": [4, 9, 2]}
+    rec["ppl"] = {"original": {}, **{f"{c}/k{k}": {"k": k} for c in ("direct_kl", "drop") for k in (3, 6)}}
+    rec["ppl"]["greedy/k3"] = {"k": 3}
+    rec["overfit"]["self/validated"] = {}
+    rec["accuracy"] = {k: {} for k in ("original", "drop/k6", "direct_kl/k12", "cca_bound/k12", "drop/k12")}
+    rec["accuracy"]["cca_bound/k6"] = rec["accuracy"]["direct_kl/k6"] = {}
+    assert selection_report.missing("m", rec, "direct_kl", speed_run=True) == [
+        "perplexity points cca_bound/k3, cv_nmse/k3, residual_ratio/k3, direct_nll/k3, cca_bound/k6, "
+        "cv_nmse/k6, residual_ratio/k6, direct_nll/k6, greedy/k6 (greedy ran 3 steps)",
+    ]
     assert selection_report.missing("m", {"num_layers": 30}, "direct_kl", speed_run=False) == [
         "truth",
         "criteria",

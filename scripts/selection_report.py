@@ -439,6 +439,17 @@ def missing(name: str, rec: dict, best: str, speed_run: bool) -> list[str]:
         gone = [c for c in crits if c not in rec["criteria"]]
         if gone:
             out.append("criteria " + ", ".join(gone))
+    if rec.get("ppl") and rec.get("criteria"):
+        grid = sorted({p["k"] for p in rec["ppl"].values() if p.get("k")})
+        ranked = [c for c in crits if c != "cosine" and c in rec["criteria"]] + ["drop"]
+        gone = [f"{c}/k{k}" for k in grid for c in ranked if f"{c}/k{k}" not in rec["ppl"]]
+        if gone:
+            steps = len(rec["criteria"].get("greedy", {}).get("chosen", []))
+            out.append(
+                "perplexity points "
+                + ", ".join(gone)
+                + (f" (greedy ran {steps} steps)" if any(g.startswith("greedy/") for g in gone) else "")
+            )
     if rec.get("overfit"):
         want = [f"c4/{s}/{r}" for s in ("8k", "32k", "all") for r in ("ridge0", "validated")] + ["self/validated"]
         gone = [k for k in want if k not in rec["overfit"]]
