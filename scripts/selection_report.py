@@ -403,14 +403,19 @@ def render(data: dict, raw_name: str, default: str, plots: Path | None = None) -
                 + ", ".join(f"{t} {orig['tasks'][t]['n']}" for t in TASKS7)
                 + f" ({setup['accuracy']['items']}).",
                 "",
-                "| point | 7-task mean | Δ vs original ± paired s.e. | kept |",
-                "|---|---:|---:|---:|",
+                "Δ vs DROP: the paired difference from DROP at the same k (same items; positive = more accurate "
+                "than DROP).",
+                "",
+                "| point | 7-task mean | Δ vs original ± paired s.e. | kept | Δ vs DROP ± paired s.e. |",
+                "|---|---:|---:|---:|---:|",
             ]
             mean0 = mean_acc7(orig)
             for key, p in rec["accuracy"].items():
                 mean = mean_acc7(p)
                 d, se = paired_acc7(orig, p) if key != "original" else (0.0, 0.0)
-                lines.append(f"| {key} | {mean:.4f} | {_fmt_se(d, se)} | {mean / mean0:.1%} |")
+                drop = rec["accuracy"].get(f"drop/k{p.get('k')}")
+                vs = _fmt_se(*paired_acc7(drop, p)) if drop is not None and p is not drop and p.get("k") else ""
+                lines.append(f"| {key} | {mean:.4f} | {_fmt_se(d, se)} | {mean / mean0:.1%} | {vs} |")
             lines.append("")
         if "speed" in rec:
             s = rec["speed"]
