@@ -119,3 +119,14 @@ def test_the_target_counts_the_variant_with_the_lowest_early_stopping_loss_not_t
     text = "\n".join(selection_report.healing_section(data))
     assert "- NBL + lora: nbl/k12/lora@lr0.001 counts" in text
     assert "NBL + lora, held-out C4: recovered 75% of the perplexity gap" in text
+
+
+def test_paired_differences_refuse_points_measured_on_other_windows_or_items():
+    a = _point(20.0, 40.0, [1, 0] * 20)
+    b = _point(20.0, 40.0, [1, 0] * 20)
+    b["c4"]["window_nll"] = b["c4"]["window_nll"] * 2  # twice the windows: another --ppl-tokens
+    with pytest.raises(ValueError, match="needs the same windows: 4 windows .* against 8"):
+        selection_report.paired_nll(a, b, "c4")
+    b = _point(20.0, 40.0, [1, 0] * 25)  # 50 items per task against 40
+    with pytest.raises(ValueError, match="needs the same items: 40 against 50"):
+        selection_report.paired_acc7(a, b)

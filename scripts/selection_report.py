@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from study_report import _spearman as spearman  # noqa: F401  (re-exported for selection_study)
-from study_report import paired_nll
+from study_report import paired_nll, same_items
 
 TASKS7 = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "winogrande")
 CORPORA = {"c4": "held-out C4", "wikitext2": "WikiText-2"}
@@ -46,6 +46,7 @@ def paired_acc7(a: dict, b: dict) -> tuple[float, float]:
     """7-task mean accuracy difference b - a and its paired s.e. sqrt(sum_t var_t(d) / n_t) / 7."""
     diff, var = 0.0, 0.0
     for t in TASKS7:
+        same_items(a, b, t)
         d = [cb - ca for ca, cb in zip(a["tasks"][t]["correct"], b["tasks"][t]["correct"])]
         m = sum(d) / len(d)
         diff += m / len(TASKS7)

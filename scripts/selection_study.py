@@ -47,11 +47,11 @@ seq_len 512, k grid 10..40% of L, greedy to the largest k), SmolLM2 (L = 30) fig
 * ``truth``: (L + 1) x 16 x 512 = 254k; ``criteria``: direct_nll (L + 1) x 8 x 512 = 127k, greedy
   12 x T_c = 1.3M of re-fits plus sum_{s<12} (L - s + 1) = 306 direct passes = 1.25M (--greedy-samples and
   --greedy-steps cut it);
-* ``ppl``: (1 + 7 x 4) points x 2 corpora x 16k = 0.93M; ``speed``: 2 x T_c = 220k;
+* ``ppl``: (1 + 7 x 4) points x 2 corpora x 8k = 0.48M; ``speed``: 2 x T_c = 220k;
 * ``accuracy``: 7 variants x 7 tasks x 300 items, ~200 tokens per item (GUIDE.md: ~4M tokens for the ~20k
   items of the full splits): ~2.9M.
 
-About 4.6M tokens without accuracy, 7.5M with it. At the GUIDE's rate (~250 tokens/s for one sequence, a few
+About 4.1M tokens without accuracy, 7M with it. At the GUIDE's rate (~250 tokens/s for one sequence, a few
 times that batched: take ~600 tokens/s at batch 4) that is ~2 h + ~1.3 h for SmolLM2; Gemma 3 (L = 18, ~2x
 slower per token, greedy 7 steps) about 5 h. Measured here: the --smoke run (seq_len 64, 768 calibration
 tokens, SmolLM2) ran truth (31 x 256 tokens) in 231 s and direct_nll (31 x 128) in 159 s, i.e. ~35
@@ -340,6 +340,16 @@ class Study:
                 out[corpus] = {key: s[key] for key in ("ppl", "ppl_stderr", "nll", "tokens", "window_nll")}
             return out
 
+        for corpus, ids in corpora.items():  # every point of the table is paired window by window
+            have = pts.get("original", {}).get(corpus, {}).get("window_nll")
+            want = ids.shape[-1] // a.context  # full windows (perplexity_stats ignores a partial last one)
+            if have is not None and len(have) != want:
+                raise SystemExit(
+                    f"[{name}] the JSON's perplexity points were measured on {len(have)} windows of {corpus}, this "
+                    f"run would measure {want} (--ppl-tokens {a.ppl_tokens}, --context {a.context}): paired "
+                    f"differences need the same windows; pass --ppl-tokens {len(have) * a.context} or use "
+                    "another --raw"
+                )
         if "original" not in pts:
             pts["original"] = {"k": 0, **measure(model)}
             self.save()
@@ -577,7 +587,12 @@ def main(argv=None):
     ap.add_argument("--direct-samples", type=int, default=8, help="selection sequences for the direct score")
     ap.add_argument("--truth-samples", type=int, default=16, help="selection sequences for the ground truth")
     ap.add_argument("--self-samples", type=int, default=32, help="self-generated calibration sequences (0: skip)")
-    ap.add_argument("--ppl-tokens", type=int, default=16384, help="tokens per perplexity corpus")
+    ap.add_argument(
+        "--ppl-tokens",
+        type=int,
+        default=8192,
+        help="tokens per perplexity corpus (default 8192, the committed study's)",
+    )
     ap.add_argument("--nmse-tokens", type=int, default=8192, help="test C4 tokens for the measured held-out NMSE")
     ap.add_argument("--context", type=int, default=512, help="perplexity window and lm-eval max length")
     ap.add_argument("--acc-n", type=int, default=300, help="items per zero-shot task (0: skip accuracy)")

@@ -24,14 +24,32 @@ TASKS7 = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa
 def paired_nll(a: dict, b: dict, corpus: str) -> tuple[float, float]:
     """Mean per-token NLL difference b - a over the same windows, and its standard error."""
     wa, wb = a[corpus]["window_nll"], b[corpus]["window_nll"]
+    if [c for _, c in wa] != [c for _, c in wb]:
+        raise ValueError(
+            f"paired {corpus} NLL needs the same windows: {len(wa)} windows ({sum(c for _, c in wa)} tokens) against "
+            f"{len(wb)} ({sum(c for _, c in wb)} tokens); the points were measured with different --ppl-tokens or "
+            "--context: remeasure one of them with the other's settings"
+        )
     d = [sb / cb - sa / ca for (sa, ca), (sb, cb) in zip(wa, wb)]
     mean = sum(d) / len(d)
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
     return mean, se
 
 
+def same_items(a: dict, b: dict, task: str) -> None:
+    """Paired accuracy needs the same items: the same count of per-item results for ``task``."""
+    na, nb = len(a["tasks"][task]["correct"]), len(b["tasks"][task]["correct"])
+    if na != nb:
+        raise ValueError(
+            f"paired {task} accuracy needs the same items: {na} against {nb}; the points were measured with "
+            "different item counts (--acc-n): remeasure one of them with the other's"
+        )
+
+
 def paired_acc(a: dict, b: dict) -> tuple[float, float, int]:
     """Mean accuracy difference b - a over the same documents of the 7 tasks, its standard error, n."""
+    for t in TASKS7:
+        same_items(a, b, t)
     d = [cb - ca for t in TASKS7 for ca, cb in zip(a["tasks"][t]["correct"], b["tasks"][t]["correct"])]
     mean = sum(d) / len(d)
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
