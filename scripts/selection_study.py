@@ -466,6 +466,13 @@ class Study:
         if a.acc_n <= 0:
             return
         acc = rec.setdefault("accuracy", {})
+        have = {t: r["n"] for t, r in acc.get("original", {}).get("tasks", {}).items()}
+        if have and set(have.values()) != {a.acc_n}:
+            raise SystemExit(
+                f"[{name}] the JSON's accuracy points used {sorted(set(have.values()))} items per task, this run "
+                f"--acc-n {a.acc_n}: paired differences need the same items; pass --acc-n "
+                f"{max(have.values())} or use another --raw"
+            )
         best = self.best_criterion(rec)
         n = rec["num_layers"]
         heads = sorted({max(1, round(0.2 * n)), max(1, round(0.4 * n))})
