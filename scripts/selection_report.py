@@ -611,11 +611,12 @@ def _healing_targets(name: str, rec: dict) -> list[str]:
     drop, drop_h = pts.get(f"drop/k{k}/none"), chosen_variant(pts, "drop", k, "lora")
     if drop is not None and drop_h is not None:
         for p in healed:
-            d, se = paired_nll(drop_h[1], p, "c4")
-            out.append(
-                f"- NBL healed with {p['heal']} against DROP healed with LoRA ({drop_h[0]}), held-out C4: "
-                f"{p['c4']['ppl']:.2f} vs {drop_h[1]['c4']['ppl']:.2f} (Δ NLL {d:+.4f} ± {se:.4f})"
-            )
+            for corpus, label in CORPORA.items():
+                d, se = paired_nll(drop_h[1], p, corpus)
+                out.append(
+                    f"- NBL healed with {p['heal']} against DROP healed with LoRA ({drop_h[0]}), {label}: "
+                    f"{p[corpus]['ppl']:.2f} vs {drop_h[1][corpus]['ppl']:.2f} (Δ NLL {d:+.4f} ± {se:.4f})"
+                )
     return out
 
 

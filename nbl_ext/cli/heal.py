@@ -88,7 +88,13 @@ def add_parser(sub) -> None:
     h.add_argument(
         "--steps", type=positive(int), default=None, metavar="S", help="optimizer steps (overrides --epochs)"
     )
-    h.add_argument("--lr", type=positive(float), default=1e-4, help="peak learning rate (default 1e-4)")
+    h.add_argument(
+        "--lr",
+        type=positive(float),
+        default=1e-4,
+        help="peak learning rate (default 1e-4, the paper's for ~1,000 steps; on a budget of tens of steps 1e-3 "
+        "recovered more: docs/results.md, healing)",
+    )
     h.add_argument(
         "--batch-size", type=positive(int), default=16, metavar="B", help="sequences per optimizer step (default 16)"
     )
