@@ -79,7 +79,7 @@ import nbl_ext
 from nbl_ext.criteria import get_criterion
 from nbl_ext.crossval import DEFAULT_FOLDS, DEFAULT_RIDGES
 from nbl_ext.data import HOLDOUT_FRACTION, HOLDOUT_SEED, split_documents
-from nbl_ext.evaluate import _bos_for, c4_heldout_ids, perplexity_stats, run_tasks, versions, wikitext2_ids
+from nbl_ext.evaluate import _bos_for, _windows, c4_heldout_ids, perplexity_stats, run_tasks, versions, wikitext2_ids
 from nbl_ext.selection import layer_nll_increases
 from nbl_ext.tasks import OFFLINE_TASKS, ZERO_SHOT_7
 
@@ -342,7 +342,8 @@ class Study:
 
         for corpus, ids in corpora.items():  # every point of the table is paired window by window
             have = pts.get("original", {}).get(corpus, {}).get("window_nll")
-            want = ids.shape[-1] // a.context  # full windows (perplexity_stats ignores a partial last one)
+            body = a.context - (bos is not None)  # perplexity_stats' own windows (a BOS takes one slot)
+            want = len(_windows(ids.shape[-1], body, body))
             if have is not None and len(have) != want:
                 raise SystemExit(
                     f"[{name}] the JSON's perplexity points were measured on {len(have)} windows of {corpus}, this "
