@@ -551,10 +551,10 @@ def heal_variants(pts: dict, method: str, k: int, heal: str) -> list[str]:
     return [key for key in pts if key == stem or key.startswith(stem + "@")]
 
 
-def chosen_variant(pts: dict, method: str, k: int, heal: str) -> tuple[str, dict] | None:
-    """The heal's variant with the lowest early-stopping loss (documents never trained on and never used to
-    measure): how a user would pick the learning rate, so the targets never look at test data to choose."""
-    keys = heal_variants(pts, method, k, heal)
+def chosen_variant(pts: dict, keys: list[str]) -> tuple[str, dict] | None:
+    """Of one heal's variants (``heal_variants``), the one with the lowest early-stopping loss (documents never
+    trained on and never used to measure): how a user would pick the learning rate, so the targets never look at
+    test data to choose."""
     if not keys:
         return None
     key = min(keys, key=lambda key: pts[key].get("healing", {}).get("heldout_loss_after", math.inf))
@@ -572,15 +572,16 @@ def _healing_targets(name: str, rec: dict) -> list[str]:
     out = [f"Targets at k = {k} ({k / rec['num_layers']:.0%} of the layers):", ""]
     healed = []
     for heal in ("lora", "distill"):
-        base, chosen = pts.get(f"nbl/k{k}/none"), chosen_variant(pts, "nbl", k, heal)
+        variants = heal_variants(pts, "nbl", k, heal)
+        base, chosen = pts.get(f"nbl/k{k}/none"), chosen_variant(pts, variants)
         if base is None or chosen is None:
             out.append(f"- NBL + {heal}: not run yet")
             continue
         key, p = chosen
         healed.append(p)
-        if len(heal_variants(pts, "nbl", k, heal)) > 1:
+        if len(variants) > 1:
             out.append(
-                f"- NBL + {heal}: {key} counts (of {', '.join(heal_variants(pts, 'nbl', k, heal))}), the lowest "
+                f"- NBL + {heal}: {key} counts (of {', '.join(variants)}), the lowest "
                 f"early-stopping loss ({p['healing']['heldout_loss_after']:.4f}; chosen without the test data)"
             )
         for corpus, label in CORPORA.items():
@@ -608,7 +609,7 @@ def _healing_targets(name: str, rec: dict) -> list[str]:
                 f"- NBL + {heal}, 7-task accuracy: {d:+.4f} ± {se:.4f} against unhealed "
                 f"({'worse beyond noise' if d < -2 * se else 'not worse beyond noise'})"
             )
-    drop, drop_h = pts.get(f"drop/k{k}/none"), chosen_variant(pts, "drop", k, "lora")
+    drop, drop_h = pts.get(f"drop/k{k}/none"), chosen_variant(pts, heal_variants(pts, "drop", k, "lora"))
     if drop is not None and drop_h is not None:
         for p in healed:
             for corpus, label in CORPORA.items():
