@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -121,6 +122,21 @@ def test_the_target_counts_the_variant_with_the_lowest_early_stopping_loss_not_t
     assert "NBL + lora, held-out C4: recovered 75% of the perplexity gap" in text
 
 
+def test_a_heal_run_on_other_settings_gets_its_own_key_and_counts_as_a_variant():
+    import heal_study
+
+    keys = [
+        heal_study.heal_key("nbl", 12, "lora", 1e-4),
+        heal_study.heal_key("nbl", 12, "lora", 1e-3),
+        heal_study.heal_key("nbl", 12, "lora", 1e-3, 128),
+        heal_study.heal_key("nbl", 12, "lora", 1e-4, 128),
+    ]
+    assert keys == ["nbl/k12/lora", "nbl/k12/lora@lr0.001", "nbl/k12/lora@lr0.001,n128", "nbl/k12/lora@n128"]
+    assert heal_study.heal_key("nbl", 12, "none", 1e-3, 128) == "nbl/k12/none"  # one unhealed baseline
+    pts = {key: {} for key in keys + ["nbl/k12/none", "nbl/k12/lorax", "nbl/k12/distill@n128"]}
+    assert selection_report.heal_variants(pts, "nbl", 12, "lora") == keys
+
+
 def test_paired_differences_refuse_points_measured_on_other_windows_or_items():
     a = _point(20.0, 40.0, [1, 0] * 20)
     b = _point(20.0, 40.0, [1, 0] * 20)
@@ -130,3 +146,60 @@ def test_paired_differences_refuse_points_measured_on_other_windows_or_items():
     b = _point(20.0, 40.0, [1, 0] * 25)  # 50 items per task against 40
     with pytest.raises(ValueError, match="needs the same items: 40 against 50"):
         selection_report.paired_acc7(a, b)
+
+
+def _fake_study(tmp_path, monkeypatch, acc_n: int, extend: bool = False):
+    """selection_study's accuracy part with lm-eval replaced by a deterministic per-document answer."""
+    import argparse
+
+    import selection_study
+
+    calls = []
+
+    def fake_run_tasks(model, tok, tasks, samples=None, **kw):
+        calls.append({t: list(ids) for t, ids in samples.items()})
+        # doc_id is the position in the selected documents, as in lm-eval
+        return {
+            t: {"samples": [{"doc_id": j, "acc": float((len(t) * 7 + i) % 3 == 0)} for j, i in enumerate(samples[t])]}
+            for t in tasks
+        }
+
+    monkeypatch.setattr(selection_study, "run_tasks", fake_run_tasks)
+    monkeypatch.setattr(selection_study.Study, "_total", staticmethod(lambda task: 40))
+    monkeypatch.setattr(selection_study.Study, "variant", lambda self, *a: None)
+    monkeypatch.setattr(selection_study.Study, "save", lambda self: None)
+    study = selection_study.Study.__new__(selection_study.Study)
+    study.args = argparse.Namespace(acc_n=acc_n, acc_extend=extend, context=64)
+    return study, calls
+
+
+def test_accuracy_extend_measures_only_the_missing_items_and_equals_a_fresh_run(tmp_path, monkeypatch):
+    rec = {"num_layers": 10, "criteria": {"direct_kl": {"spearman": 0.9}, "cca_bound": {"spearman": 0.1}}}
+    fresh, _ = _fake_study(tmp_path, monkeypatch, 12)
+    fresh_rec = json.loads(json.dumps(rec))
+    fresh.accuracy("m", fresh_rec, None, None, None)
+
+    small, _ = _fake_study(tmp_path, monkeypatch, 8)
+    small.accuracy("m", rec, None, None, None)
+    assert {r["n"] for p in rec["accuracy"].values() for r in p["tasks"].values()} == {8}
+    with pytest.raises(SystemExit, match="--acc-extend"):  # other items without the flag: refused
+        _fake_study(tmp_path, monkeypatch, 12)[0].accuracy("m", rec, None, None, None)
+
+    grow, calls = _fake_study(tmp_path, monkeypatch, 12, extend=True)
+    grow.accuracy("m", rec, None, None, None)
+    assert len(calls) == len(rec["accuracy"]) == 7  # original + 3 criteria x 2 k (best, cca_bound, drop)
+    assert all(len(ids) == 4 for call in calls for ids in call.values())  # only the 4 items each task lacked
+    for key, point in fresh_rec["accuracy"].items():
+        assert rec["accuracy"][key]["tasks"] == point["tasks"], key
+    with pytest.raises(SystemExit, match="used \\[12\\] items"):  # fewer than the JSON has: refused
+        _fake_study(tmp_path, monkeypatch, 8, extend=True)[0].accuracy("m", rec, None, None, None)
+
+
+def test_merge_items_pairs_by_document_and_refuses_overlaps():
+    import selection_study
+
+    assert selection_study.merge_items([2, 9], [1, 0], [5, 1], [1, 1]) == [1, 1, 1, 0]
+    with pytest.raises(ValueError, match="overlap"):
+        selection_study.merge_items([2, 9], [1, 0], [9], [1])
+    with pytest.raises(ValueError, match="results for"):
+        selection_study.merge_items([2, 9], [1], [5], [1])

@@ -46,12 +46,15 @@ DOCS = ROOT / "docs"
 MODELS = {"smollm2-135m": [6, 12], "gemma3-270m": [4, 7]}  # about 20% and 40% of 30 / 18 layers
 HEALS = {"nbl": ("lora", "distill"), "drop": ("lora",)}
 PAPER_LR = 1e-4  # the paper's LoRA learning rate; a point healed at another --lr carries "@lr<value>" in its key
+SAMPLES = 64  # the committed study's healing sequences; a point healed on another --samples carries "n<value>"
 
 
-def heal_key(method: str, k: int, heal: str, lr: float) -> str:
-    """A point's key: ``nbl/k12/lora``, or ``nbl/k12/lora@lr0.001`` when healed at a learning rate other than
-    the paper's (the renderer picks among a heal's variants by the early-stopping loss, never by test data)."""
-    return f"{method}/k{k}/{heal}" + ("" if heal == "none" or lr == PAPER_LR else f"@lr{lr:g}")
+def heal_key(method: str, k: int, heal: str, lr: float, samples: int = SAMPLES) -> str:
+    """A point's key: ``nbl/k12/lora``, or with the settings that differ from the committed study's after an
+    ``@``: ``nbl/k12/lora@lr0.001`` (another learning rate), ``nbl/k12/lora@lr0.001,n128`` (and 128 healing
+    sequences). The renderer picks among a heal's variants by the early-stopping loss, never by test data."""
+    tags = [] if heal == "none" else [f"lr{lr:g}"] * (lr != PAPER_LR) + [f"n{samples}"] * (samples != SAMPLES)
+    return f"{method}/k{k}/{heal}" + (f"@{','.join(tags)}" if tags else "")
 
 
 def subset(task: str, n: int, total: int, seed: int = 0) -> list[int]:
@@ -173,7 +176,9 @@ class Study:
         measure(model, "original", {"k": 0})
         wanted = a.heals.split(",") if a.heals else None
         methods = {m: tuple(h for h in HEALS[m] if wanted is None or h in wanted) for m in a.methods.split(",")}
-        todo = [heal_key(m, k, h, a.lr) for k in ks for m, heals in methods.items() for h in ("none", *heals)]
+        todo = [
+            heal_key(m, k, h, a.lr, a.samples) for k in ks for m, heals in methods.items() for h in ("none", *heals)
+        ]
         if all(key in rec["points"] for key in todo):
             return
         prev = rec.get("calibration", {}).get("tokens")
@@ -223,7 +228,7 @@ class Study:
                 base = nbl_ext.linearize(copy.deepcopy(model), res, sel, method=method)
                 measure(base, f"{method}/k{k}/none", {"k": k, "method": method, "heal": None, "layers": sel})
                 for h in heals:
-                    key = heal_key(method, k, h, a.lr)
+                    key = heal_key(method, k, h, a.lr, a.samples)
                     if key in rec["points"]:
                         continue
                     healed = copy.deepcopy(base)
@@ -312,7 +317,13 @@ def main(argv=None):
         "--calib-samples", type=int, default=64, help="calibration sequences (default 64, the committed study's)"
     )
     ap.add_argument("--selection-samples", type=int, default=8, help="selection sequences (default 8)")
-    ap.add_argument("--samples", type=int, default=64, help="healing sequences (default 64)")
+    ap.add_argument(
+        "--samples",
+        type=int,
+        default=SAMPLES,
+        help="healing sequences (default %(default)s, the committed study's; another value keys its points "
+        "'<method>/k<k>/<heal>@n<value>')",
+    )
     ap.add_argument("--heldout-samples", type=int, default=8, help="early-stopping sequences (default 8)")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     ap.add_argument("--epochs", type=float, default=3.0, help="healing epochs (default 3, the paper's)")

@@ -112,6 +112,16 @@ def signed(crit: str, scores: list[float]) -> list[float]:
     return list(scores) if get_criterion(crit).direction == "lower" else [-s for s in scores]
 
 
+def merge_items(old_ids: list[int], old: list[int], new_ids: list[int], new: list[int]) -> list[int]:
+    """Per-item results of two disjoint item sets, merged in document order (the order of a fresh run's
+    ``correct`` list); refuses overlapping or mismatched sets rather than pairing the wrong items."""
+    if len(old_ids) != len(old) or len(new_ids) != len(new):
+        raise ValueError(f"{len(old)} results for {len(old_ids)} items, {len(new)} for {len(new_ids)}")
+    if set(old_ids) & set(new_ids):
+        raise ValueError(f"the item sets overlap: {sorted(set(old_ids) & set(new_ids))[:5]}")
+    return [c for _, c in sorted(zip(old_ids + new_ids, old + new))]
+
+
 class Study:
     def __init__(self, args):
         self.args = args
@@ -467,49 +477,60 @@ class Study:
         if a.acc_n <= 0:
             return
         acc = rec.setdefault("accuracy", {})
-        have = {t: r["n"] for t, r in acc.get("original", {}).get("tasks", {}).items()}
-        if have and set(have.values()) != {a.acc_n}:
+        samples = {t: subset(t, a.acc_n, self._total(t)) for t in ZERO_SHOT_7}
+        # Items per task each point has; a point on fewer is grown with --acc-extend: subset(t, n) is the first n of
+        # one sha256 order, so a smaller subset lies inside a larger one and only the difference is measured.
+        have = {(key, t): r["n"] for key, point in acc.items() for t, r in point["tasks"].items()}
+        off = {n for (_, t), n in have.items() if n != len(samples[t])}
+        if off and (not a.acc_extend or any(n > len(samples[t]) for (_, t), n in have.items())):
             raise SystemExit(
                 f"[{name}] the JSON's accuracy points used {sorted(set(have.values()))} items per task, this run "
-                f"--acc-n {a.acc_n}: paired differences need the same items; pass --acc-n "
-                f"{max(have.values())} or use another --raw"
+                f"--acc-n {a.acc_n}: paired differences need the same items; pass --acc-n {max(have.values())}, "
+                "--acc-extend (with a larger --acc-n: every point gets the items it lacks, the same for all) or "
+                "use another --raw"
             )
         best = self.best_criterion(rec)
         n = rec["num_layers"]
         heads = sorted({max(1, round(0.2 * n)), max(1, round(0.4 * n))})
-        samples = {t: subset(t, a.acc_n, len(OFFLINE_TASKS[t].load(EVAL))) for t in ZERO_SHOT_7}
         points = [("original", 0)] + [(c, k) for k in heads for c in dict.fromkeys((best, "cca_bound", "drop"))]
         for crit, k in points:
             key = "original" if crit == "original" else f"{crit}/k{k}"
-            if key in acc:
+            old = acc.get(key, {}).get("tasks", {})
+            old_ids = {t: subset(t, old[t]["n"], self._total(t)) if t in old else [] for t in ZERO_SHOT_7}
+            todo = {t: sorted(set(ids) - set(old_ids[t])) for t, ids in samples.items()}
+            todo = {t: ids for t, ids in todo.items() if ids}  # an empty list would mean every document to lm-eval
+            if not todo:
                 continue
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             m = model if crit == "original" else self.variant(name, rec, model, result, crit, k)
             out = run_tasks(
                 m,
                 tok,
-                ZERO_SHOT_7,
+                list(todo),
                 data_dir=EVAL,
-                samples=samples,
+                samples=todo,
                 batch_size=8,
                 max_length=a.context,
                 log_samples=True,
             )
+            tasks = {}
+            for t in ZERO_SHOT_7:
+                new = [int(s["acc"]) for s in sorted(out[t]["samples"], key=lambda s: s["doc_id"])] if t in out else []
+                correct = merge_items(old_ids[t], old[t]["correct"] if t in old else [], todo.get(t, []), new)
+                tasks[t] = {"acc": sum(correct) / len(correct), "n": len(correct), "correct": correct}
             acc[key] = {
                 "k": k,
                 "criterion": crit,
-                "seconds": time.perf_counter() - t,
-                "tasks": {
-                    tn: {
-                        "acc": r["metrics"].get("acc"),
-                        "n": r["n"],
-                        "correct": [int(s["acc"]) for s in sorted(r["samples"], key=lambda s: s["doc_id"])],
-                    }
-                    for tn, r in out.items()
-                },
+                "seconds": time.perf_counter() - t0 + acc.get(key, {}).get("seconds", 0.0),
+                **({"extended_from": sorted({r["n"] for r in old.values()})} if old else {}),
+                "tasks": tasks,
             }
             self.save()
             print(f"[{name}] accuracy {key} in {acc[key]['seconds']:.0f} s", flush=True)
+
+    @staticmethod
+    def _total(task: str) -> int:
+        return len(OFFLINE_TASKS[task].load(EVAL))
 
     def speed(self, rec, model, tokens, result, calib_seconds):
         t = time.perf_counter()
@@ -604,6 +625,12 @@ def main(argv=None):
     ap.add_argument("--nmse-tokens", type=int, default=8192, help="test C4 tokens for the measured held-out NMSE")
     ap.add_argument("--context", type=int, default=512, help="perplexity window and lm-eval max length")
     ap.add_argument("--acc-n", type=int, default=300, help="items per zero-shot task (0: skip accuracy)")
+    ap.add_argument(
+        "--acc-extend",
+        action="store_true",
+        help="grow the JSON's accuracy points to --acc-n items per task: each point is measured on the items it "
+        "lacks only (the first N of the same sha256 order contain the smaller set) and merged by document",
+    )
     ap.add_argument("--data", default=str(SHARED), help="the shared data directory (default: %(default)s)")
     args = ap.parse_args(argv)
     global C4, EVAL
