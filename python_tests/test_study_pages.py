@@ -203,3 +203,17 @@ def test_merge_items_pairs_by_document_and_refuses_overlaps():
         selection_study.merge_items([2, 9], [1, 0], [9], [1])
     with pytest.raises(ValueError, match="results for"):
         selection_study.merge_items([2, 9], [1], [5], [1])
+
+
+def test_a_later_heal_run_keeps_the_first_setup_and_notes_what_it_changed():
+    import heal_study
+
+    first = {"commit": "a", "device": "cpu", "versions": {"torch": "1"}, "healing": {"train": "64 x 512", "lr": 1e-4}}
+    setup = heal_study.merge_setup(None, first, ["by hand"])
+    assert setup["notes"] == ["by hand"] and setup["healing"]["train"] == "64 x 512"
+    resumed = heal_study.merge_setup(setup, {**first, "commit": "b", "versions": {"torch": "2"}})
+    assert resumed == setup  # same settings: nothing to say
+    later = {**first, "commit": "c", "healing": {"train": "128 x 512", "lr": 1e-3}}
+    setup = heal_study.merge_setup(setup, later)
+    assert setup["healing"]["train"] == "64 x 512"  # the first run's settings describe its points
+    assert setup["notes"][-1] == "a run at commit c (cpu) used healing.train = 128 x 512; healing.lr = 0.001"

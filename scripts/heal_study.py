@@ -63,6 +63,32 @@ def subset(task: str, n: int, total: int, seed: int = 0) -> list[int]:
     return quality_subset(task, n, total, seed)
 
 
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def merge_setup(old: dict | None, new: dict, notes: list[str] = ()) -> dict:
+    """The JSON's setup after a run: the first run's settings stay (its points were measured with them); a later
+    run whose settings differ adds a note naming them, with its commit, so every point's settings stay on the
+    page. ``notes``: the user's own (``--note``)."""
+    if not old:
+        return {**new, "notes": list(notes)}
+    merged = {**old, "notes": list(old.get("notes", []))}
+    was, now = _leaves({k: v for k, v in old.items() if k != "notes"}), _leaves(new)
+    changed = [
+        f"{k} = {now[k]}"
+        for k in now
+        if k not in ("commit", "device") and not k.startswith("versions.") and was.get(k) != now[k]
+    ]
+    if changed:
+        merged["notes"].append(f"a run at commit {new['commit']} ({new['device']}) used " + "; ".join(changed))
+    merged["notes"] += [n for n in notes if n not in merged["notes"]]
+    return merged
+
+
 class Study:
     def __init__(self, args):
         self.args = args
@@ -95,7 +121,7 @@ class Study:
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip()
         a = self.args
-        self.data["setup"] = {
+        setup = {
             "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads), float32",
             "versions": versions(),
             "commit": commit,
@@ -122,6 +148,7 @@ class Study:
                 "subset": "scripts/quality_study.py subset(): the selection study's items",
             },
         }
+        self.data["setup"] = merge_setup(self.data.get("setup"), setup, a.note)
 
     def run_model(self, name: str, ks: list[int]):
         a = self.args
@@ -311,6 +338,7 @@ def main(argv=None):
         default=str(DOCS / "results" / "selection_study.json"),
         help="the selection study's raw JSON, the rest of the page (default: %(default)s)",
     )
+    ap.add_argument("--note", action="append", default=[], help="a note on how this run was made (kept in the JSON)")
     ap.add_argument("--render-only", action="store_true", help="only render the page from the JSON")
     ap.add_argument("--fresh", action="store_true", help="ignore the existing JSON and recompute everything")
     ap.add_argument(
