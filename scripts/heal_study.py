@@ -229,7 +229,14 @@ class Study:
         # The product's defaults (NBLConfig): validated ridge per layer; NBL's layers by the default criterion
         # (direct_kl) on sequences of the early-stopping documents (nothing is fitted on them); DROP's by cosine.
         cfg = nbl_ext.NBLConfig(num_samples=a.calib_samples, seq_len=a.seq_len)
-        res = nbl_ext.calibrate(model, calib, batch_size=4, progress=False, **cfg.fit_options)
+        res = nbl_ext.calibrate(  # cached (and resumable) under --work: a later run with other heals reuses it
+            model,
+            calib,
+            batch_size=4,
+            progress=False,
+            output_dir=Path(a.work) / name / f"calib-{a.calib_samples}x{a.seq_len}",
+            **cfg.fit_options,
+        )
         scored = cfg.needs_selection and "nbl" in methods  # DROP's cosine comes from calibration alone
         if scored:
             selection = nbl_ext.load_calibration_tokens(
@@ -337,6 +344,11 @@ def main(argv=None):
         "--selection-raw",
         default=str(DOCS / "results" / "selection_study.json"),
         help="the selection study's raw JSON, the rest of the page (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--work",
+        default=str(ROOT / ".heal_work"),
+        help="cached calibrations, one per model and size (default: %(default)s)",
     )
     ap.add_argument("--note", action="append", default=[], help="a note on how this run was made (kept in the JSON)")
     ap.add_argument("--render-only", action="store_true", help="only render the page from the JSON")
