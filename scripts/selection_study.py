@@ -300,6 +300,8 @@ class Study:
                 )
                 self.save()
                 log(f"greedy in {crits['greedy']['seconds']:.0f} s: {g.chosen}")
+                del g  # its maps and statistics (GBs on Gemma 3): the ppl part reads the saved maps; a Gemma 3
+                # run that kept them was OOM-killed at 13.8 GB beside a healing run
                 self.spearmans(rec)
 
             if part == "ppl":
