@@ -57,6 +57,10 @@ def test_healing_section_states_the_targets_from_the_numbers():
     assert "| nbl/k12/lora | 30.00 | 70.00 | 75% / 25% |" in text
     assert "7-task accuracy: +0.0000 ± 0.0000 against unhealed (not worse beyond noise)" in text
     assert "NBL healed with lora against DROP healed with LoRA (drop/k12/lora), held-out C4: 70.00 vs 110.00" in text
+    assert "DROP + lora (the comparison): not run yet" not in text
+    data = _heal_data()
+    del data["models"]["m"]["points"]["drop/k12/lora"]
+    assert "- DROP + lora (the comparison): not run yet" in selection_report.healing_section(data)
 
 
 def test_a_healed_model_worse_than_unhealed_is_a_miss():
@@ -209,11 +213,12 @@ def test_a_later_heal_run_keeps_the_first_setup_and_notes_what_it_changed():
     import heal_study
 
     first = {"commit": "a", "device": "cpu", "versions": {"torch": "1"}, "healing": {"train": "64 x 512", "lr": 1e-4}}
-    setup = heal_study.merge_setup(None, first, ["by hand"])
+    first["healing"]["modules"] = ("o_proj", "down_proj")  # a tuple in the run, a list in the JSON: the same
+    setup = json.loads(json.dumps(heal_study.merge_setup(None, first, ["by hand"])))  # as read back
     assert setup["notes"] == ["by hand"] and setup["healing"]["train"] == "64 x 512"
     resumed = heal_study.merge_setup(setup, {**first, "commit": "b", "versions": {"torch": "2"}})
     assert resumed == setup  # same settings: nothing to say
-    later = {**first, "commit": "c", "healing": {"train": "128 x 512", "lr": 1e-3}}
+    later = {**first, "commit": "c", "healing": {"train": "128 x 512", "lr": 1e-3, "modules": ["o_proj", "down_proj"]}}
     setup = heal_study.merge_setup(setup, later)
     assert setup["healing"]["train"] == "64 x 512"  # the first run's settings describe its points
     assert setup["notes"][-1] == "a run at commit c (cpu) used healing.train = 128 x 512; healing.lr = 0.001"

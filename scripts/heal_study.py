@@ -77,6 +77,7 @@ def merge_setup(old: dict | None, new: dict, notes: list[str] = ()) -> dict:
     if not old:
         return {**new, "notes": list(notes)}
     merged = {**old, "notes": list(old.get("notes", []))}
+    new = json.loads(json.dumps(new))  # as stored (tuples become lists): only real differences count
     was, now = _leaves({k: v for k, v in old.items() if k != "notes"}), _leaves(new)
     changed = [
         f"{k} = {now[k]}"

@@ -610,7 +610,9 @@ def _healing_targets(name: str, rec: dict) -> list[str]:
                 f"({'worse beyond noise' if d < -2 * se else 'not worse beyond noise'})"
             )
     drop, drop_h = pts.get(f"drop/k{k}/none"), chosen_variant(pts, heal_variants(pts, "drop", k, "lora"))
-    if drop is not None and drop_h is not None:
+    if drop_h is None:
+        out.append("- DROP + lora (the comparison): not run yet")
+    elif drop is not None:
         for p in healed:
             for corpus, label in CORPORA.items():
                 d, se = paired_nll(drop_h[1], p, corpus)
