@@ -31,7 +31,9 @@ so the student replays the teacher's hidden state there instead of recomputing i
 
 Both methods hold out tokens (``heldout`` or ``heldout_fraction`` of the sequences) that are
 never trained on, evaluate the loss on them every ``eval_every`` steps (and before the first
-step), stop after ``patience`` evaluations without improvement and keep the best weights, so
+step), stop after ``patience`` evaluations without improvement (never before ``min_steps``, by default one
+epoch: the first AdamW steps are noisy, and stopping inside the first pass is not overfitting control) and keep
+the best weights, so
 healing never ends with a held-out loss worse than the unhealed model's. Runs are
 deterministic for a seed and, with ``state_dir``, resumable: every ``save_every`` steps the
 trainable tensors, the AdamW moments, the RNG state and the step are written atomically
@@ -117,6 +119,9 @@ class HealConfig:
     distill_loss: str = "kl"
     heldout_fraction: float = 0.1  # of the sequences, when heal() gets no heldout tensor
     patience: int = 3  # evaluations without improvement before stopping; 0: never stop early
+    # early stopping never ends a run before this step; default: one epoch (one pass over the training sequences,
+    # at most the run). Before that the held-out loss mostly shows the noise of the first AdamW steps, not overfitting
+    min_steps: int | None = None
     min_delta: float = 0.0
     eval_every: int | None = None  # steps; default: about 10 evaluations per run
     save_every: int | None = None  # steps; default eval_every (with state_dir)
@@ -141,6 +146,7 @@ class HealConfig:
             ("lora_rank", 1, False),
             ("lora_radius", 0, False),
             ("patience", 0, False),
+            ("min_steps", 0, True),
             ("eval_every", 1, True),
             ("save_every", 1, True),
             ("seed", 0, False),
@@ -566,6 +572,7 @@ def heal(
                 initial = [p.detach().clone() for _, p in params]
                 objective = _Distill(model, adapter, replaced, branches, cfg.distill_loss)
             tr = Trainer(model, objective, params, train, held, cfg, total, device)
+            tr.min_steps = cfg.min_steps if cfg.min_steps is not None else min(total, steps_per_epoch)
             state_root = Path(cfg.state_dir) if cfg.state_dir else None
             resumed = tr.load(state_root, run) if state_root else False
             start = tr.step

@@ -60,6 +60,7 @@ class Trainer:
         self.best = [m.detach().clone() for m in self.masters]
         self.history: list[dict[str, Any]] = []
         self.stopped = False
+        self.min_steps = 0  # early stopping never ends the run before this step (heal() sets it)
         self.running: float | None = None  # exponential moving average of the train loss (the bar's)
 
     def lr_at(self, step: int) -> float:
@@ -129,7 +130,7 @@ class Trainer:
             self.best = [m.detach().clone() for m in self.masters]
         else:
             self.bad_evals += 1
-            if self.cfg.patience and self.bad_evals >= self.cfg.patience:
+            if self.cfg.patience and self.bad_evals >= self.cfg.patience and step >= self.min_steps:
                 self.stopped = True
 
     def restore_best(self) -> None:

@@ -226,8 +226,9 @@ def test_drop_model_gets_lora_around_the_dropped_blocks_and_is_never_made_worse(
     nbl_ext.linearize(model, res0, [2], method="drop")
     unhealed = copy.deepcopy(model)
     # dropping layer 2 of this random model costs nothing on held-out text, so LoRA can only overfit:
-    # early stopping (patience 2) ends the run and the unhealed weights are kept
-    res = heal(model, train, _fast(steps=12, patience=2), heldout=held, progress=True)
+    # early stopping (patience 2) ends the run and the unhealed weights are kept; min_steps=0: as soon as the
+    # patience runs out (step 6 of evaluations every 3)
+    res = heal(model, train, _fast(steps=12, patience=2, min_steps=0), heldout=held, progress=True)
     assert res.targets == [
         "model.layers.1.self_attn.o_proj",
         "model.layers.1.mlp.down_proj",
@@ -238,6 +239,11 @@ def test_drop_model_gets_lora_around_the_dropped_blocks_and_is_never_made_worse(
     assert res.stopped_early and res.steps == 6 and res.best_step == 0
     assert res.heldout_loss_after == res.heldout_loss_before
     assert all(torch.equal(v, unhealed.state_dict()[k]) for k, v in model.state_dict().items())
+    # the default min_steps is one epoch (32 sequences in batches of 4: 8 steps): not stopped at 6, at 9
+    again = copy.deepcopy(unhealed)
+    res = heal(again, train, _fast(steps=12, patience=2), heldout=held)
+    assert res.stopped_early and res.steps == 9 and res.best_step == 0
+    assert all(torch.equal(v, unhealed.state_dict()[k]) for k, v in again.state_dict().items())
     with pytest.raises(ValueError, match="dropped .*use method='lora'"):
         heal(model, train, _fast(method="distill"), heldout=held, teacher=original)
     with pytest.raises(ValueError, match="no maps"):
@@ -256,6 +262,8 @@ def test_errors_are_clear(models):
         heal(copy.deepcopy(lin), train, HealConfig(epochs=0.01, batch_size=64), heldout=held)
     with pytest.raises(ValueError, match="HealConfig: steps must be a positive int, got 0"):
         HealConfig(steps=0)
+    with pytest.raises(ValueError, match="HealConfig: min_steps must be"):
+        HealConfig(min_steps=-1)
     with pytest.raises(ValueError, match="HealConfig: method must be one of 'lora', 'distill'"):
         HealConfig(method="qlora")
     with pytest.raises(ValueError, match="needs the original model"):

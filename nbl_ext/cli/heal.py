@@ -20,8 +20,9 @@ what it does:
                 on the affine maps, causal-LM loss; --targets around adds the layers next to the blocks
        distill  only the maps' W and b, to match the original model (--original; KL of the next-token
                 distributions or, --loss hidden, the hidden state after each replaced block)
-     stops after --patience evaluations without improvement and keeps the best weights (never worse
-     on held-out tokens than before); state is saved every --save-every steps: rerun to resume
+     stops after --patience evaluations without improvement (not in the first epoch, --min-steps) and
+     keeps the best weights (never worse on held-out tokens than before); state is saved every
+     --save-every steps: rerun to resume
   4. merges the result into W, b and writes OUT: the same self-contained checkpoint format, plus
      nbl_heal.json (losses, steps, tokens, time) and, for lora, adapter/ (peft's format: loads with
      peft.PeftModel.from_pretrained(nbl_ext.load_pretrained(DIR), OUT/adapter))
@@ -120,7 +121,15 @@ def add_parser(sub) -> None:
         type=int,
         default=3,
         metavar="P",
-        help="stop after P held-out evaluations without improvement (0: never; default 3)",
+        help="stop after P held-out evaluations without improvement (0: never; default 3), not before --min-steps",
+    )
+    h.add_argument(
+        "--min-steps",
+        type=int,
+        default=None,
+        metavar="S",
+        help="early stopping never ends the run before step S (default: one epoch; the held-out loss of the "
+        "first steps is mostly AdamW noise)",
     )
     h.add_argument(
         "--eval-every",
@@ -201,6 +210,7 @@ def run(args) -> int:
         lora_targets=args.targets,
         distill_loss=args.loss,
         patience=args.patience,
+        min_steps=args.min_steps,
         eval_every=args.eval_every,
         save_every=args.save_every,
         seed=args.seed,
