@@ -300,8 +300,8 @@ class Study:
                 )
                 self.save()
                 log(f"greedy in {crits['greedy']['seconds']:.0f} s: {g.chosen}")
-                del g  # its maps and statistics (GBs on Gemma 3): the ppl part reads the saved maps; a Gemma 3
-                # run that kept them was OOM-killed at 13.8 GB beside a healing run
+                del g  # its maps and statistics: the ppl part reads the saved maps (on Gemma 3 the ppl part
+                # alone peaks at about 13.6 GB: run it beside nothing large on a 24 GB machine)
                 self.spearmans(rec)
 
             if part == "ppl":
