@@ -241,9 +241,9 @@ class Study:
         # NBL's layers: scored by the default criterion (on Gemma 3 the direct_kl scoring is ~15 of the 18 minutes),
         # or, when the JSON already holds every k's unhealed NBL point scored the same way, those points' layers
         prev = rec.get("calibration", {})
-        known = {k: rec["points"].get(f"nbl/k{k}/none", {}).get("layers") for k in ks}
+        nbl_layers = {k: rec["points"].get(f"nbl/k{k}/none", {}).get("layers") for k in ks}
         reuse = (
-            all(v is not None for v in known.values())
+            all(v is not None for v in nbl_layers.values())
             and prev.get("criterion") == cfg.criterion
             and prev.get("selection_tokens") == a.selection_samples * a.seq_len
         )
@@ -262,8 +262,8 @@ class Study:
             }
         for k in ks:
             for method, heals in methods.items():
-                if method == "nbl" and not scored and cfg.needs_selection:
-                    sel = known[k]  # reuse is true here: scored would be set otherwise
+                if method == "nbl" and reuse:
+                    sel = nbl_layers[k]
                 else:
                     sel = res.select(k, cfg.criterion if method == "nbl" else "cosine")
                 known = rec["points"].get(f"{method}/k{k}/none", {}).get("layers")
