@@ -571,8 +571,8 @@ def heal(
                         params.append((f"{i}.{name}", p))
                 initial = [p.detach().clone() for _, p in params]
                 objective = _Distill(model, adapter, replaced, branches, cfg.distill_loss)
-            tr = Trainer(model, objective, params, train, held, cfg, total, device)
-            tr.min_steps = cfg.min_steps if cfg.min_steps is not None else min(total, steps_per_epoch)
+            min_steps = cfg.min_steps if cfg.min_steps is not None else min(total, steps_per_epoch)
+            tr = Trainer(model, objective, params, train, held, cfg, total, device, min_steps)
             state_root = Path(cfg.state_dir) if cfg.state_dir else None
             resumed = tr.load(state_root, run) if state_root else False
             start = tr.step

@@ -45,6 +45,7 @@ class Trainer:
         cfg: Any,
         total: int,
         device: torch.device,
+        min_steps: int = 0,
     ) -> None:
         self.model, self.objective, self.params, self.cfg, self.total = model, objective, params, cfg, total
         self.train_ids, self.heldout = train, heldout
@@ -60,7 +61,7 @@ class Trainer:
         self.best = [m.detach().clone() for m in self.masters]
         self.history: list[dict[str, Any]] = []
         self.stopped = False
-        self.min_steps = 0  # early stopping never ends the run before this step (heal() sets it)
+        self.min_steps = min_steps  # early stopping never ends the run before this step
         self.running: float | None = None  # exponential moving average of the train loss (the bar's)
 
     def lr_at(self, step: int) -> float:

@@ -479,7 +479,8 @@ class Study:
         if a.acc_n <= 0:
             return
         acc = rec.setdefault("accuracy", {})
-        samples = {t: subset(t, a.acc_n, self._total(t)) for t in ZERO_SHOT_7}
+        total = {t: self._total(t) for t in ZERO_SHOT_7}  # each task's documents, read once
+        samples = {t: subset(t, a.acc_n, total[t]) for t in ZERO_SHOT_7}
         # Items per task each point has; a point on fewer is grown with --acc-extend: subset(t, n) is the first n of
         # one sha256 order, so a smaller subset lies inside a larger one and only the difference is measured.
         have = {(key, t): r["n"] for key, point in acc.items() for t, r in point["tasks"].items()}
@@ -498,7 +499,7 @@ class Study:
         for crit, k in points:
             key = "original" if crit == "original" else f"{crit}/k{k}"
             old = acc.get(key, {}).get("tasks", {})
-            old_ids = {t: subset(t, old[t]["n"], self._total(t)) if t in old else [] for t in ZERO_SHOT_7}
+            old_ids = {t: subset(t, old[t]["n"], total[t]) if t in old else [] for t in ZERO_SHOT_7}
             todo = {t: sorted(set(ids) - set(old_ids[t])) for t, ids in samples.items()}
             todo = {t: ids for t, ids in todo.items() if ids}  # an empty list would mean every document to lm-eval
             if not todo:
