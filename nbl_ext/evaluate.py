@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from nbl_ext.numerics import next_token_nll
+
 PERPLEXITY_CORPORA = ("wikitext2", "c4")
 
 
@@ -90,8 +92,7 @@ def perplexity_stats(
             if bos_id is not None:
                 chunk = torch.cat([torch.full((len(group), 1), bos_id, dtype=chunk.dtype), chunk], dim=1)
             chunk = chunk.to(device)
-            logp = torch.log_softmax(model(chunk).logits.double(), dim=-1)
-            tok_nll = -logp[:, :-1].gather(-1, chunk[:, 1:, None])[..., 0]  # predicts chunk[:, 1:]
+            tok_nll = next_token_nll(model(chunk).logits[:, :-1], chunk[:, 1:])  # predicts chunk[:, 1:]
             shift = 1 if bos_id is not None else 0  # tok_nll[:, j] scores stream position start + j + 1 - shift
             for row, (start, first) in enumerate(group):
                 j0 = max(0, first - start - 1 + shift)

@@ -58,6 +58,7 @@ from nbl_ext.engine import (
     shard,
 )
 from nbl_ext.linearize import convert_layer, is_linearized
+from nbl_ext.numerics import next_token_nll
 from nbl_ext.result import CalibrationResult, LayerCalibration
 
 
@@ -68,8 +69,7 @@ def heldout_nll(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 4) -> 
     with eval_mode(model):
         for chunk in ids.split(batch_size):
             chunk = chunk.to(device)
-            logp = torch.log_softmax(model(input_ids=chunk, use_cache=False).logits[:, :-1].double(), dim=-1)
-            total += float(-logp.gather(-1, chunk[:, 1:, None]).sum())
+            total += float(next_token_nll(model(input_ids=chunk, use_cache=False).logits[:, :-1], chunk[:, 1:]).sum())
             count += chunk[:, 1:].numel()
     return total / count
 

@@ -206,3 +206,39 @@ def test_moments_bad_inputs(gen):
     with pytest.raises(TypeError, match="expected a CovarianceAccumulator or nbl_ext.Moments"):
         nbl_ext.fit_linear({"m_xx": z(3, 3)})
     assert nbl_ext.Moments(1, z(3, dtype=torch.float32), z(2), z(3, 3), z(2, 3), z(2, 2)).mean_x.dtype == torch.float64
+
+
+# --- next-token NLL in float64, chunked over positions ------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_next_token_nll_equals_a_float64_reference_at_any_chunk_size(chunk, dtype):
+    from nbl_ext.numerics import next_token_nll
+
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 37, 101, generator=g) * 4).to(dtype)
+    # adversarial rows: a huge common offset (float32 log-softmax would lose digits), one dominant logit
+    logits[0, 0] += 3e4
+    logits[1, 5, 17] = 80.0
+    targets = torch.randint(0, 101, (3, 37), generator=g)
+    targets[1, 5] = 3  # the target is far from the dominant logit
+    x = logits.double().numpy()
+    mx = x.max(-1, keepdims=True)
+    lse = (mx + np.log(np.exp(x - mx).sum(-1, keepdims=True)))[..., 0]
+    ref = lse - np.take_along_axis(x, targets.numpy()[..., None], -1)[..., 0]
+    got = next_token_nll(logits, targets, chunk_tokens=chunk)
+    assert got.dtype == torch.float64 and got.shape == targets.shape
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12, atol=1e-9)
+    # chunking never changes a value: the softmax is per position
+    whole = -torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]
+    assert torch.equal(got, whole)
+
+
+def test_next_token_nll_refuses_mismatched_shapes_and_bad_chunks():
+    from nbl_ext.numerics import next_token_nll
+
+    with pytest.raises(ValueError, match="targets' shape"):
+        next_token_nll(torch.randn(2, 5, 11), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
+        next_token_nll(torch.randn(2, 5, 11), torch.zeros(2, 5, dtype=torch.long), chunk_tokens=0)
