@@ -29,6 +29,10 @@ model, which the caller can then free): everything else (embeddings, MLPs, untou
 LM head) is shared. The layers before the first replaced block compute the same thing in both,
 so the student replays the teacher's hidden state there instead of recomputing it.
 
+``input_scaling="rms"`` (both methods) trains LoRA's A or the maps' W on each target's inputs divided by their
+per-channel RMS on the first training batch (a reparametrization ``W = V diag(1/s)`` through
+``torch.nn.utils.parametrize``, removed before merging and saving: see :func:`_scale_inputs` for why).
+
 Both methods hold out tokens (``heldout`` or ``heldout_fraction`` of the sequences) that are
 never trained on, evaluate the loss on them every ``eval_every`` steps (and before the first
 step), stop after ``patience`` evaluations without improvement (never before ``min_steps``, by default one
@@ -94,6 +98,7 @@ METHODS = ("lora", "distill")
 DISTILL_LOSSES = ("kl", "hidden")
 LORA_TARGETS = ("auto", "maps", "around")
 SCHEDULES = ("linear", "constant")
+INPUT_SCALINGS = ("none", "rms")
 
 
 @dataclass
@@ -117,6 +122,9 @@ class HealConfig:
     lora_radius: int = 1
     lora_modules: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
     distill_loss: str = "kl"
+    # "rms": LoRA's A (LoRA) or W (distill) is trained on each target's inputs divided by their per-channel RMS on
+    # the training data (a reparametrization: the same function and the same merged W, b; see _scale_inputs)
+    input_scaling: str = "none"
     heldout_fraction: float = 0.1  # of the sequences, when heal() gets no heldout tensor
     patience: int = 3  # evaluations without improvement before stopping; 0: never stop early
     # early stopping never ends a run before this step; default: one epoch (one pass over the training sequences,
@@ -137,6 +145,7 @@ class HealConfig:
             ("distill_loss", DISTILL_LOSSES),
             ("lora_targets", LORA_TARGETS),
             ("lr_schedule", SCHEDULES),
+            ("input_scaling", INPUT_SCALINGS),
         ):
             check_choice(getattr(self, name), choices, name, what="HealConfig")
         for name, lo, optional in (
@@ -389,6 +398,97 @@ class _Distill(_Objective):
         return (log_p.exp() * (log_p - log_q)).sum()
 
 
+# --- input scaling -----------------------------------------------------------------------------
+
+
+class _ColumnScale(nn.Module):
+    """Parametrization ``W = V diag(1 / s)``: the trained tensor ``V`` acts on inputs divided by ``s`` per channel."""
+
+    def __init__(self, s: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("s", s)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return v / self.s.to(v.dtype)
+
+    def right_inverse(self, w: torch.Tensor) -> torch.Tensor:
+        return w * self.s.to(w.dtype)
+
+
+@torch.no_grad()
+def _input_rms(model: nn.Module, modules: list[nn.Module], ids: torch.Tensor, micro: int) -> list[torch.Tensor]:
+    """Per-input-channel RMS of each module's input over ``ids`` (float32; a floor keeps dead channels finite)."""
+    sums = [None] * len(modules)
+    count = [0]
+
+    def hook(i: int):
+        def pre(module, args, kwargs):
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()
+            sq = x.double().pow(2).reshape(-1, x.shape[-1]).sum(0)
+            sums[i] = sq if sums[i] is None else sums[i] + sq
+            if i == 0:
+                count[0] += x.numel() // x.shape[-1]
+
+        return pre
+
+    hooks = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for s in range(0, ids.shape[0], micro):
+            model(input_ids=ids[s : s + micro].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    out = []
+    for sq in sums:
+        rms = (sq / count[0]).sqrt()
+        out.append(rms.clamp_min(max(float(rms.max()) * 1e-6, 1e-12)).float())
+    return out
+
+
+def _scale_inputs(module: nn.Module, s: torch.Tensor, keep_function: bool) -> None:
+    """Train ``module.weight`` (in, out = columns) on inputs divided by ``s``: ``weight = V diag(1/s)``, V trained.
+
+    Why: the replaced blocks read the residual stream, whose channels differ in scale by orders of magnitude
+    (Gemma 3: per-channel RMS from 3 to 4,700 at one layer, massive activations). An AdamW step moves every
+    entry of A (LoRA) or W (distill) by about the learning rate, so the change of the output is proportional to
+    each input channel's scale: a rate small enough for the massive channels barely moves the others. On inputs
+    divided by their RMS every channel counts alike. ``keep_function``: V starts at ``W diag(s)`` (distill: the
+    same map); otherwise V keeps the tensor's current value (LoRA's A: its random start, on unit-scale inputs;
+    B = 0 leaves the function unchanged). Removed by :func:`_unscale_inputs`, which leaves the plain weight.
+    """
+    from torch.nn.utils import parametrize
+
+    value = module.weight.detach().clone()
+    module._nbl_parameter_order = list(module._parameters)  # put back by _unscale_inputs
+    parametrize.register_parametrization(module, "weight", _ColumnScale(s.to(value.device)))
+    if not keep_function:
+        with torch.no_grad():
+            module.parametrizations.weight.original.copy_(value)
+
+
+def _unscale_inputs(modules: list[nn.Module]) -> None:
+    from torch.nn.utils import parametrize
+
+    for m in modules:
+        if parametrize.is_parametrized(m, "weight"):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+            # the weight comes back as a new parameter at the end: restore the order (state dicts, fingerprints)
+            order = vars(m).pop("_nbl_parameter_order")
+            m._parameters = {k: m._parameters[k] for k in order}
+
+
+@torch.no_grad()
+def _put_back(layers: nn.ModuleList, replaced: list[int], initial: list[torch.Tensor]) -> None:
+    """The maps' W and b (in ``replaced`` order, weight then bias) set back to ``initial``."""
+    plain = [getattr(layers[i].nbl_affine, n) for i in replaced for n in ("weight", "bias")]
+    for p, v in zip(plain, initial):
+        p.copy_(v)
+
+
 # --- targets and data ------------------------------------------------------------------------
 
 
@@ -535,6 +635,8 @@ def heal(
     was_training = model.training
     peft_model = None
     initial = None  # distill: the maps before training, put back if healing fails
+    scaled: list[nn.Module] = []  # modules trained through _scale_inputs (input_scaling="rms")
+    micro = cfg.micro_batch_size or cfg.batch_size
     t0 = time.perf_counter()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
@@ -547,6 +649,8 @@ def heal(
                     raise ImportError("heal(method='lora') needs peft: pip install 'peft>=0.17,<0.22'") from None
 
                 targets = _lora_targets(model, adapter, replaced, method, cfg)
+                if cfg.input_scaling == "rms":
+                    rms = _input_rms(model, [model.get_submodule(t) for t in targets], train[: cfg.batch_size], micro)
                 peft_model = get_peft_model(
                     model,
                     LoraConfig(
@@ -557,19 +661,32 @@ def heal(
                         bias="none",
                     ),
                 )
+                if cfg.input_scaling == "rms":
+                    scaled = [model.get_submodule(t).lora_A["default"] for t in targets]
+                    for m, s in zip(scaled, rms):
+                        _scale_inputs(m, s, keep_function=False)
                 params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
                 objective = _Objective(model, adapter, replaced)
             else:
                 branches = teacher if isinstance(teacher, OriginalBranches) else OriginalBranches(teacher, replaced)
                 branches.check(model, adapter, replaced)
                 targets = [f"layer {i} nbl_affine" for i in replaced]
+                if cfg.input_scaling == "rms":
+                    scaled = [layers[i].nbl_affine for i in replaced]
+                    rms = _input_rms(model, scaled, train[: cfg.batch_size], micro)
+                    initial = [t for m in scaled for t in (m.weight.detach().clone(), m.bias.detach().clone())]
+                    for m, s in zip(scaled, rms):
+                        _scale_inputs(m, s, keep_function=True)
                 params = []
                 for i in replaced:
                     for name in ("weight", "bias"):
                         p = getattr(layers[i].nbl_affine, name)
+                        if name == "weight" and cfg.input_scaling == "rms":
+                            p = layers[i].nbl_affine.parametrizations.weight.original
                         p.requires_grad_(True)
                         params.append((f"{i}.{name}", p))
-                initial = [p.detach().clone() for _, p in params]
+                if initial is None:
+                    initial = [p.detach().clone() for _, p in params]
                 objective = _Distill(model, adapter, replaced, branches, cfg.distill_loss)
             min_steps = cfg.min_steps if cfg.min_steps is not None else min(total, steps_per_epoch)
             tr = Trainer(model, objective, params, train, held, cfg, total, device, min_steps)
@@ -600,6 +717,9 @@ def heal(
                 if bar is not None:
                     bar.close()
             tr.restore_best()
+            _unscale_inputs(scaled)  # the plain tensors again: W (distill) or A (LoRA, before saving and merging)
+            if tr.best_step == 0 and initial is not None:
+                _put_back(layers, replaced, initial)  # exactly the unhealed maps (V / s can differ from W by an ulp)
         if peft_model is not None:
             if adapter_dir is not None:
                 with atomic_directory(adapter_dir) as tmp:
@@ -607,12 +727,11 @@ def heal(
             peft_model.merge_and_unload()
             peft_model = None
     except BaseException:
+        _unscale_inputs(scaled)
         if peft_model is not None:
             peft_model.unload()  # the LoRA layers out again, unmerged: the model is as it was
         if initial is not None:
-            with torch.no_grad():
-                for (_, p), v in zip(params, initial):
-                    p.copy_(v)
+            _put_back(layers, replaced, initial)
         raise
     finally:
         for n, p in model.named_parameters():

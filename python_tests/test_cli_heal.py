@@ -73,15 +73,17 @@ HEAL = [
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # transformers, inside peft
-@pytest.mark.parametrize("method", ["lora", "distill"])
-def test_heal_writes_a_loadable_checkpoint(tmp_path, compressed, capsys, method):
+@pytest.mark.parametrize("method,scaling", [("lora", "none"), ("distill", "none"), ("lora", "rms"), ("distill", "rms")])
+def test_heal_writes_a_loadable_checkpoint(tmp_path, compressed, capsys, method, scaling):
     calib, src = compressed
     out = tmp_path / "healed"
-    rc = cli.main(["heal", str(src), "--method", method, "--calib", str(calib), "--out", str(out), *HEAL])
+    argv = ["heal", str(src), "--method", method, "--input-scaling", scaling, "--calib", str(calib), "--out", str(out)]
+    rc = cli.main([*argv, *HEAL])
     assert rc == 0, capsys.readouterr().err
     assert "held-out loss" in capsys.readouterr().out
     report = json.loads((out / "nbl_heal.json").read_text())
     assert report["method"] == method and report["steps"] <= 4 and len(report["history"]) >= 1
+    assert report["config"]["input_scaling"] == scaling
     assert report["heldout_loss_after"] <= report["heldout_loss_before"]
     assert report["heldout_tokens"] == 2 * 32 and report["source"] == str(src)
     assert json.loads((out / "nbl_run.json").read_text()) == json.loads((src / "nbl_run.json").read_text())
@@ -147,5 +149,13 @@ def test_heal_help_teaches(capsys):
     with pytest.raises(SystemExit):
         cli.main(["heal", "--help"])
     text = capsys.readouterr().out
-    for needle in ("--method {lora,distill}", "--in-place", "--original", "held-out", "examples:", "adapter/"):
+    for needle in (
+        "--method {lora,distill}",
+        "--input-scaling {none,rms}",
+        "--in-place",
+        "--original",
+        "held-out",
+        "examples:",
+        "adapter/",
+    ):
         assert needle in text

@@ -7,6 +7,7 @@ import importlib
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 pytest.importorskip("transformers")
@@ -277,3 +278,110 @@ def test_errors_are_clear(models):
     with pytest.raises(ValueError, match="teacher= is for method='distill'"):
         heal(model, train, _fast(), heldout=held, teacher=original)
     assert json.dumps(_fast().training_fields())  # JSON-able (stored with the resume state)
+
+
+# --- input_scaling="rms" ---------------------------------------------------------------------
+
+
+def test_rms_input_scaling_makes_adamw_blind_to_the_scale_of_each_input_channel(gen):
+    """The mechanism: W = V diag(1/s) with s the inputs' per-channel RMS. Two problems that differ only by a
+    per-channel rescaling of the inputs (c, up to 1000x: massive activations) and the matching W' = W diag(1/c)
+    follow the same function at every AdamW step; without the scaling they do not."""
+    x = torch.randn(64, 6, generator=gen)
+    c = torch.tensor([1000.0, 1.0, 0.01, 3.0, 1.0, 50.0])
+    w0, b0 = torch.randn(4, 6, generator=gen), torch.randn(4, generator=gen)
+    target = x @ torch.randn(6, 4, generator=gen)
+
+    def run(scale_inputs: bool, channel_scale: torch.Tensor) -> list[torch.Tensor]:
+        xs = x * channel_scale
+        lin = torch.nn.Linear(6, 4)
+        with torch.no_grad():
+            lin.weight.copy_(w0 / channel_scale)
+            lin.bias.copy_(b0)
+        if scale_inputs:
+            heal_mod._scale_inputs(lin, xs.pow(2).mean(0).sqrt(), keep_function=True)
+        opt = torch.optim.Adam(lin.parameters(), lr=1e-2)
+        outs = []
+        for _ in range(5):
+            loss = (lin(xs) - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            outs.append(lin(xs).detach())
+        heal_mod._unscale_inputs([lin])
+        assert type(lin) is torch.nn.Linear and set(lin.state_dict()) == {"weight", "bias"}
+        return outs
+
+    plain, scaled = run(True, torch.ones(6)), run(True, c)
+    for a, b in zip(plain, scaled):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    unscaled = run(False, c)
+    assert (unscaled[-1] - plain[-1]).abs().max() > 1e-2
+
+
+def test_input_rms_is_the_rms_of_each_module_input(models):
+    _, lin, train, _ = models
+    model = copy.deepcopy(lin)
+    maps = [model.model.layers[i].nbl_affine for i in LAYERS]
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault(i, []).append(a[0])) for i, m in enumerate(maps)
+    ]
+    with torch.no_grad():
+        model(input_ids=train[:6])
+    for h in hooks:
+        h.remove()
+    rms = heal_mod._input_rms(model, maps, train[:6], micro=4)  # two forwards, 4 + 2 sequences
+    for i in range(len(maps)):
+        x = seen[i][0].double().reshape(-1, 32)
+        torch.testing.assert_close(rms[i].double(), x.pow(2).mean(0).sqrt(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_rms_scaled_lora_still_merges_into_w_and_saves_a_plain_peft_adapter(models, tmp_path):
+    _, lin, train, held = models
+    model = copy.deepcopy(lin)
+    res = heal(model, train, _fast(input_scaling="rms", lr=0.1), heldout=held, adapter_dir=tmp_path / "a")
+    assert res.heldout_loss_after < res.heldout_loss_before - 0.02 and res.best_step > 0
+    assert set(model.state_dict()) == set(lin.state_dict())  # no parametrization left behind
+    assert type(model.model.layers[1].nbl_affine) is AffineResidual
+    saved = safetensors.torch.load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert saved and not any("parametrizations" in k for k in saved)
+    unmerged = peft.PeftModel.from_pretrained(copy.deepcopy(lin), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unmerged(held).logits, model(held).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_scaled_distill_lowers_the_loss_resumes_exactly_and_keeps_w_when_it_cannot_help(
+    models, tmp_path, monkeypatch
+):
+    original, lin, train, held = models
+    cfg = dict(method="distill", input_scaling="rms", steps=6, eval_every=2, save_every=2, lr=3e-2)
+    ref = copy.deepcopy(lin)
+    ref_res = heal(ref, train, _fast(**cfg), heldout=held, teacher=original)
+    assert ref_res.heldout_loss_after < 0.9 * ref_res.heldout_loss_before
+    assert list(ref.state_dict()) == list(lin.state_dict())  # same keys, same order: nothing of the scaling left
+    # interrupted at step 5, resumed: the uninterrupted weights
+    model = copy.deepcopy(lin)
+    real = trainer_mod.Trainer.train_step
+
+    def dies_at_step_5(self, step):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(self, step)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        heal(model, train, _fast(state_dir=str(tmp_path), **cfg), heldout=held, teacher=original)
+    assert all(torch.equal(v, lin.state_dict()[k]) for k, v in model.state_dict().items())  # exactly as it was
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", real)
+    res = heal(model, train, _fast(state_dir=str(tmp_path), **cfg), heldout=held, teacher=original)
+    assert res.resumed_from == 4 and res.history == ref_res.history
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref.state_dict().items())
+    # a learning rate that only makes it worse: best step 0, and W is bit for bit the unhealed one (not V / s)
+    worse = copy.deepcopy(lin)
+    res = heal(worse, train, _fast(**{**cfg, "lr": 50.0}), heldout=held, teacher=original)
+    assert res.best_step == 0
+    assert all(torch.equal(v, lin.state_dict()[k]) for k, v in worse.state_dict().items())
+    with pytest.raises(ValueError, match="input_scaling must be one of 'none', 'rms'"):
+        HealConfig(input_scaling="std")

@@ -134,8 +134,15 @@ def test_a_heal_run_on_other_settings_gets_its_own_key_and_counts_as_a_variant()
         heal_study.heal_key("nbl", 12, "lora", 1e-3),
         heal_study.heal_key("nbl", 12, "lora", 1e-3, 128),
         heal_study.heal_key("nbl", 12, "lora", 1e-4, 128),
+        heal_study.heal_key("nbl", 12, "lora", 1e-3, 64, "rms"),
     ]
-    assert keys == ["nbl/k12/lora", "nbl/k12/lora@lr0.001", "nbl/k12/lora@lr0.001,n128", "nbl/k12/lora@n128"]
+    assert keys == [
+        "nbl/k12/lora",
+        "nbl/k12/lora@lr0.001",
+        "nbl/k12/lora@lr0.001,n128",
+        "nbl/k12/lora@n128",
+        "nbl/k12/lora@lr0.001,rms",
+    ]
     assert heal_study.heal_key("nbl", 12, "none", 1e-3, 128) == "nbl/k12/none"  # one unhealed baseline
     pts = {key: {} for key in keys + ["nbl/k12/none", "nbl/k12/lorax", "nbl/k12/distill@n128"]}
     assert selection_report.heal_variants(pts, "nbl", 12, "lora") == keys

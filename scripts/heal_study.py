@@ -49,11 +49,16 @@ PAPER_LR = 1e-4  # the paper's LoRA learning rate; a point healed at another --l
 SAMPLES = 64  # the committed study's healing sequences; a point healed on another --samples carries "n<value>"
 
 
-def heal_key(method: str, k: int, heal: str, lr: float, samples: int = SAMPLES) -> str:
+def heal_key(method: str, k: int, heal: str, lr: float, samples: int = SAMPLES, scaling: str = "none") -> str:
     """A point's key: ``nbl/k12/lora``, or with the settings that differ from the committed study's after an
     ``@``: ``nbl/k12/lora@lr0.001`` (another learning rate), ``nbl/k12/lora@lr0.001,n128`` (and 128 healing
-    sequences). The renderer picks among a heal's variants by the early-stopping loss, never by test data."""
-    tags = [] if heal == "none" else [f"lr{lr:g}"] * (lr != PAPER_LR) + [f"n{samples}"] * (samples != SAMPLES)
+    sequences), ``...,rms`` (HealConfig.input_scaling="rms"). The renderer picks among a heal's variants by the
+    early-stopping loss, never by test data."""
+    tags = (
+        []
+        if heal == "none"
+        else [f"lr{lr:g}"] * (lr != PAPER_LR) + [f"n{samples}"] * (samples != SAMPLES) + ["rms"] * (scaling == "rms")
+    )
     return f"{method}/k{k}/{heal}" + (f"@{','.join(tags)}" if tags else "")
 
 
@@ -111,6 +116,7 @@ class Study:
             epochs=a.epochs,
             steps=a.steps,
             lr=a.lr,
+            input_scaling=a.input_scaling,
             batch_size=a.batch_size,
             micro_batch_size=a.micro_batch_size,
             patience=a.patience,
@@ -205,7 +211,10 @@ class Study:
         wanted = a.heals.split(",") if a.heals else None
         methods = {m: tuple(h for h in HEALS[m] if wanted is None or h in wanted) for m in a.methods.split(",")}
         todo = [
-            heal_key(m, k, h, a.lr, a.samples) for k in ks for m, heals in methods.items() for h in ("none", *heals)
+            heal_key(m, k, h, a.lr, a.samples, a.input_scaling)
+            for k in ks
+            for m, heals in methods.items()
+            for h in ("none", *heals)
         ]
         if all(key in rec["points"] for key in todo):
             return
@@ -276,7 +285,7 @@ class Study:
                 base = nbl_ext.linearize(copy.deepcopy(model), res, sel, method=method)
                 measure(base, f"{method}/k{k}/none", {"k": k, "method": method, "heal": None, "layers": sel})
                 for h in heals:
-                    key = heal_key(method, k, h, a.lr, a.samples)
+                    key = heal_key(method, k, h, a.lr, a.samples, a.input_scaling)
                     if key in rec["points"]:
                         continue
                     healed = copy.deepcopy(base)
@@ -388,6 +397,12 @@ def main(argv=None):
         default=PAPER_LR,
         help="healing learning rate (default 1e-4, the paper's; another value keys its points "
         "'<method>/k<k>/<heal>@lr<value>', beside the paper's)",
+    )
+    ap.add_argument(
+        "--input-scaling",
+        choices=["none", "rms"],
+        default="none",
+        help="HealConfig.input_scaling (default none, the committed study's; rms keys its points '...@rms')",
     )
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16, the paper's)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward (default 4)")

@@ -117,6 +117,14 @@ def add_parser(sub) -> None:
         "to replaced blocks), auto (maps for nbl, around for drop; default)",
     )
     h.add_argument(
+        "--input-scaling",
+        choices=["none", "rms"],
+        default="none",
+        help="rms: train LoRA's A (lora) or W (distill) on each target's inputs divided by their per-channel RMS, "
+        "so that massive-activation channels of the residual stream (Gemma 3) do not set the step size for all; "
+        "the result merges into W, b as usual (default: none)",
+    )
+    h.add_argument(
         "--patience",
         type=int,
         default=3,
@@ -209,6 +217,7 @@ def run(args) -> int:
         lora_dropout=args.dropout,
         lora_targets=args.targets,
         distill_loss=args.loss,
+        input_scaling=args.input_scaling,
         patience=args.patience,
         min_steps=args.min_steps,
         eval_every=args.eval_every,
