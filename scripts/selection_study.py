@@ -301,7 +301,7 @@ class Study:
                 self.save()
                 log(f"greedy in {crits['greedy']['seconds']:.0f} s: {g.chosen}")
                 del g  # its maps and statistics: the ppl part reads the saved maps (on Gemma 3 the ppl part
-                # alone peaks at about 13.6 GB: run it beside nothing large on a 24 GB machine)
+                # alone peaks at about 7.8 GB)
                 self.spearmans(rec)
 
             if part == "ppl":
