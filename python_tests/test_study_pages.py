@@ -229,3 +229,14 @@ def test_a_later_heal_run_keeps_the_first_setup_and_notes_what_it_changed():
     setup = heal_study.merge_setup(setup, later)
     assert setup["healing"]["train"] == "64 x 512"  # the first run's settings describe its points
     assert setup["notes"][-1] == "a run at commit c (cpu) used healing.train = 128 x 512; healing.lr = 0.001"
+
+
+def test_a_heal_run_refuses_another_accuracy_item_count_than_the_models_points():
+    import heal_study
+
+    rec = {"points": {"original": {"tasks": {"piqa": {"n": 50}}}, "nbl/k12/none": {"k": 12}}}
+    heal_study.check_items("m", rec, 50)
+    heal_study.check_items("m", rec, 0)  # perplexity only
+    heal_study.check_items("m", {"points": {}}, 200)  # no accuracy yet: any count
+    with pytest.raises(SystemExit, match="m's accuracy points have 50 items per task; run with --acc-n 50"):
+        heal_study.check_items("m", rec, 200)

@@ -95,6 +95,17 @@ def merge_setup(old: dict | None, new: dict, notes: list[str] = ()) -> dict:
     return merged
 
 
+def check_items(name: str, rec: dict, acc_n: int) -> None:
+    """Refuse accuracy on another item count than the model's points already have: accuracy differences are
+    paired by item, so a point measured on 200 items per task cannot be compared with a baseline on 50."""
+    have = {t["n"] for p in rec.get("points", {}).values() for t in p.get("tasks", {}).values()}
+    if acc_n and have and have != {acc_n}:
+        sys.exit(
+            f"{name}'s accuracy points have {', '.join(map(str, sorted(have)))} items per task; run with "
+            f"--acc-n {max(have)} (the same items), or --acc-n 0 for perplexity only"
+        )
+
+
 class Study:
     def __init__(self, args):
         self.args = args
@@ -429,11 +440,13 @@ def main(argv=None):
         if bad:
             sys.exit(f"unknown --heals {sorted(bad)}; choose from {', '.join(known)}")
         study = Study(args)
-        study.setup()
-        study.save()
         for name in args.models.split(","):
             if name not in MODELS:
                 sys.exit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+            check_items(name, study.data["models"].get(name, {}), args.acc_n)
+        study.setup()
+        study.save()
+        for name in args.models.split(","):
             study.run_model(name, ks[name])
     if page is None:
         print(f"not rendering docs/results.md from {raw} (a side run); pass --page to render one", flush=True)
