@@ -450,7 +450,7 @@ def _input_rms(model: nn.Module, modules: list[nn.Module], ids: torch.Tensor, mi
 
 
 def _scale_inputs(module: nn.Module, s: torch.Tensor, keep_function: bool) -> None:
-    """Train ``module.weight`` (in, out = columns) on inputs divided by ``s``: ``weight = V diag(1/s)``, V trained.
+    """Train ``module.weight`` (out x in) on inputs divided by ``s`` per channel: ``weight = V diag(1/s)``, V trained.
 
     Why: the replaced blocks read the residual stream, whose channels differ in scale by orders of magnitude
     (Gemma 3: per-channel RMS from 3 to 4,700 at one layer, massive activations). An AdamW step moves every
