@@ -87,7 +87,7 @@ from torch import nn
 from nbl_ext._io import atomic_directory
 from nbl_ext.adapters import Adapter, get_adapter
 from nbl_ext.calibrate import weights_fingerprint
-from nbl_ext.engine import check_token_data
+from nbl_ext.engine import check_token_data, eval_mode
 from nbl_ext.linearize import AffineResidual, LinearizedLayerMixin, is_linearized
 from nbl_ext.trainer import Trainer
 from nbl_ext.validation import check_choice, check_count
@@ -415,7 +415,6 @@ class _ColumnScale(nn.Module):
         return w * self.s.to(w.dtype)
 
 
-@torch.no_grad()
 def _input_rms(model: nn.Module, modules: list[nn.Module], ids: torch.Tensor, micro: int) -> list[torch.Tensor]:
     """Per-input-channel RMS of each module's input over ``ids`` (float32; a floor keeps dead channels finite)."""
     sums = [None] * len(modules)
@@ -432,16 +431,14 @@ def _input_rms(model: nn.Module, modules: list[nn.Module], ids: torch.Tensor, mi
         return pre
 
     hooks = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
-    was = model.training
-    model.eval()
     device = next(model.parameters()).device
     try:
-        for s in range(0, ids.shape[0], micro):
-            model(input_ids=ids[s : s + micro].to(device), use_cache=False)
+        with eval_mode(model):
+            for s in range(0, ids.shape[0], micro):
+                model(input_ids=ids[s : s + micro].to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was)
     out = []
     for sq in sums:
         rms = (sq / count[0]).sqrt()
@@ -671,11 +668,11 @@ def heal(
                 branches = teacher if isinstance(teacher, OriginalBranches) else OriginalBranches(teacher, replaced)
                 branches.check(model, adapter, replaced)
                 targets = [f"layer {i} nbl_affine" for i in replaced]
+                maps = [layers[i].nbl_affine for i in replaced]
+                initial = [t.detach().clone() for m in maps for t in (m.weight, m.bias)]  # _put_back's order
                 if cfg.input_scaling == "rms":
-                    scaled = [layers[i].nbl_affine for i in replaced]
-                    rms = _input_rms(model, scaled, train[: cfg.batch_size], micro)
-                    initial = [t for m in scaled for t in (m.weight.detach().clone(), m.bias.detach().clone())]
-                    for m, s in zip(scaled, rms):
+                    scaled = maps
+                    for m, s in zip(scaled, _input_rms(model, scaled, train[: cfg.batch_size], micro)):
                         _scale_inputs(m, s, keep_function=True)
                 params = []
                 for i in replaced:
@@ -685,8 +682,6 @@ def heal(
                             p = layers[i].nbl_affine.parametrizations.weight.original
                         p.requires_grad_(True)
                         params.append((f"{i}.{name}", p))
-                if initial is None:
-                    initial = [p.detach().clone() for _, p in params]
                 objective = _Distill(model, adapter, replaced, branches, cfg.distill_loss)
             min_steps = cfg.min_steps if cfg.min_steps is not None else min(total, steps_per_epoch)
             tr = Trainer(model, objective, params, train, held, cfg, total, device, min_steps)
