@@ -6,8 +6,8 @@
 * :func:`wikitext2_ids` / :func:`c4_heldout_ids`: the two perplexity corpora. C4 uses only the
   documents held out from calibration (:data:`nbl_ext.data.HOLDOUT_FRACTION`).
 * :func:`run_tasks` evaluates with stock lm-evaluation-harness (``HFLM`` wrapping the in-memory
-  model, so a compressed model needs no saving), on the hub tasks or on the offline copies of
-  :mod:`nbl_ext.tasks`.
+  model, so a compressed model needs no saving; :func:`continuation_lm` only skips the LM head
+  where no continuation is scored), on the hub tasks or on the offline copies of :mod:`nbl_ext.tasks`.
 * :func:`evaluate` does all of it and returns one JSON-able report; :func:`format_report` prints it.
 """
 
@@ -194,6 +194,76 @@ def _lm_eval():
     return lm_eval, HFLM
 
 
+def logits_to_keep(inps: torch.Tensor, continuations: dict[tuple[int, ...], int]) -> int:
+    """How many trailing positions of a right-padded lm-eval batch hold every scored logit.
+
+    ``continuations`` maps each row's fed tokens (context + continuation minus its last token) to
+    the longest continuation lm-eval scores on them. lm-eval pads rows with zeros on the right and
+    reads, for a row of true length ``n`` and continuation length ``c``, the logits at positions
+    ``[n - c, n)``, indexed as ``logits[n + (L - T) - c : n + (L - T)]`` when the model returns
+    ``L`` of ``T`` positions: the last ``L`` suffice when ``T - L <= min(n - c)``. A row's true
+    length is found by looking its tokens up, trying every length from its last non-zero token to
+    ``T`` (a real trailing token 0 is not padding); every match counts, so the answer is never too
+    small. A row with no match keeps all positions.
+    """
+    t = inps.shape[1]
+    start = t
+    for row in inps.tolist():
+        last = max((i for i, v in enumerate(row) if v != 0), default=-1) + 1
+        found = [m - continuations[tuple(row[:m])] for m in range(last, t + 1) if tuple(row[:m]) in continuations]
+        if not found:
+            return t
+        start = min(start, *found)
+    return t - max(0, start)
+
+
+def continuation_lm(HFLM):
+    """lm-eval's ``HFLM`` that computes the LM head only where a continuation is scored.
+
+    Stock ``HFLM`` takes the LM head and a float32 log-softmax at every position of every
+    (context + continuation) row, then keeps the continuation's few. With a large vocabulary that
+    is most of the cost (Gemma 3: 262k rows of 640, more than its transformer body per token).
+    This subclass passes transformers' ``logits_to_keep`` with the trailing positions that the
+    batch's rows score (:func:`logits_to_keep`), and lm-eval's own indexing (it allows models that
+    return fewer positions than they were fed) picks the same logits. Everything else is stock
+    lm-eval; models whose ``forward`` takes no ``logits_to_keep`` get the stock call.
+    """
+    import inspect
+
+    class ContinuationHFLM(HFLM):
+        _continuations: dict[tuple[int, ...], int] = {}
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            spans: dict[tuple[int, ...], int] = {}
+            for _, ctx, cont in requests:  # the rows lm-eval feeds (same truncation) -> longest continuation
+                fed = tuple((ctx + cont)[-(self.max_length + 1) :][:-1])
+                spans[fed] = max(spans.get(fed, 0), len(cont))
+            self._continuations = spans
+            try:
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            finally:
+                self._continuations = {}
+
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            params = inspect.signature(self.model.forward).parameters
+            supported = "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+            plain = attn_mask is None and labels is None and self.backend == "causal" and inps.dim() == 2
+            keep = logits_to_keep(inps, self._continuations) if plain and supported else inps.shape[-1]
+            if keep >= inps.shape[-1]:
+                return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+            with (
+                torch.no_grad(),
+                torch.autocast(
+                    device_type=self.device.type,
+                    dtype=self.mixed_precision_dtype,
+                    enabled=self.mixed_precision_dtype is not None,
+                ),
+            ):
+                return self.model(inps, logits_to_keep=keep).logits
+
+    return ContinuationHFLM
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -232,7 +302,9 @@ def run_tasks(
         raise ValueError(f"limit must be a positive integer, got {limit!r}")
     task_specs: list[Any] = offline_task_configs(tasks, data_dir) if data_dir is not None else tasks
     device = next(model.parameters()).device
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), max_length=max_length)
+    lm = continuation_lm(HFLM)(
+        pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device), max_length=max_length
+    )
     try:
         out = lm_eval.simple_evaluate(
             model=lm,

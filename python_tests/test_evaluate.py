@@ -127,3 +127,60 @@ def test_hub_tasks_offline_say_to_use_data_dir():
         [sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=300
     )
     assert "ERR could not fetch the hub tasks" in out.stdout and "--data-dir" in out.stdout, out.stderr[-2000:]
+
+
+def test_logits_to_keep_covers_every_scored_position():
+    from nbl_ext.evaluate import logits_to_keep
+
+    # rows of true length 7, 5 and 3 with continuations of 2, 1 and 2 tokens, right-padded with zeros to 7
+    rows = {(5, 6, 7, 8, 9, 1, 2): 2, (3, 4, 5, 6, 7): 1, (1, 2, 3): 2}
+    inps = torch.tensor([[5, 6, 7, 8, 9, 1, 2], [3, 4, 5, 6, 7, 0, 0], [1, 2, 3, 0, 0, 0, 0]])
+    assert logits_to_keep(inps, rows) == 7 - (3 - 2)
+    assert logits_to_keep(inps[:2], rows) == 7 - (5 - 1)  # the earliest scored position over the rows
+    assert logits_to_keep(inps[:2], {**rows, (3, 4, 5, 6, 7): 4}) == 7 - (5 - 4)
+    # a real trailing token 0 is not padding: the row is found at its true length
+    assert (
+        logits_to_keep(torch.tensor([[5, 6, 7, 8, 0], [5, 6, 7, 8, 9]]), {(5, 6, 7, 8, 0): 1, (5, 6, 7, 8, 9): 1}) == 1
+    )
+    # two readings of one row (with and without its trailing 0): the one scoring earlier positions wins
+    both = {(5, 6, 7, 0): 1, (5, 6, 7): 3, (5, 6, 7, 8, 9): 1}
+    assert logits_to_keep(torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]]), both) == 5
+    assert logits_to_keep(torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]]), {**both, (5, 6, 7): 1}) == 5 - 2
+    # a row that is not a known request, or a continuation longer than its row: every position
+    assert logits_to_keep(inps, {(5, 6, 7, 8, 9, 1, 2): 1}) == 7
+    assert logits_to_keep(inps[:1], {(5, 6, 7, 8, 9, 1, 2): 9}) == 7
+
+
+def test_continuation_lm_scores_like_stock_hflm_with_fewer_head_positions():
+    """The LM head on the trailing positions only gives lm-eval's stock log-likelihoods and greedy flags."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from _tiny import tiny_llama, word_tokenizer
+    from nbl_ext.evaluate import continuation_lm
+
+    tok = word_tokenizer()
+    model = tiny_llama(len(tok), seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    requests = []
+    for i in range(11):  # varied lengths in one batch; token 0 inside and at the ends of both parts
+        ctx = torch.randint(0, len(tok), (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+        cont = torch.randint(0, len(tok), (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        if i % 3 == 0:
+            ctx[-1] = 0
+        if i % 4 == 0:
+            cont = [0, *cont] if i % 8 else [*cont, 0]
+        requests.append((("", ""), ctx, cont))
+    requests.append((("", ""), [4], [5, 6, 7, 8, 9, 10]))  # continuation longer than its context
+
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
+    stock = HFLM(pretrained=model, tokenizer=tok, batch_size=4)._loglikelihood_tokens(requests, disable_tqdm=True)
+    stock_positions, seen[:] = sum(seen), []
+    ours = continuation_lm(HFLM)(pretrained=model, tokenizer=tok, batch_size=4)._loglikelihood_tokens(
+        requests, disable_tqdm=True
+    )
+    hook.remove()
+    assert [g for _, g in ours] == [g for _, g in stock]
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in stock], abs=1e-4)
+    assert sum(seen) < stock_positions  # the head really ran on fewer positions
