@@ -99,6 +99,8 @@ DISTILL_LOSSES = ("kl", "hidden")
 LORA_TARGETS = ("auto", "maps", "around")
 SCHEDULES = ("linear", "constant")
 INPUT_SCALINGS = ("none", "rms")
+# HealConfig fields added after resume states were first written, at the value that behaves as before they existed
+FINGERPRINT_NEUTRAL = {"input_scaling": "none"}
 
 
 @dataclass
@@ -184,8 +186,17 @@ class HealConfig:
         self.lora_modules = tuple(self.lora_modules)
 
     def training_fields(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the interrupted one."""
-        return {k: v for k, v in asdict(self).items() if k not in ("state_dir", "save_every")}
+        """The settings a resumed run must share with the interrupted one.
+
+        A field added after resume states were first written is left out at the value that behaves
+        as before it existed (:data:`FINGERPRINT_NEUTRAL`), so those states still resume; at any
+        other value it is part of the fingerprint.
+        """
+        out = {k: v for k, v in asdict(self).items() if k not in ("state_dir", "save_every")}
+        for k, v in FINGERPRINT_NEUTRAL.items():
+            if out.get(k) == v:
+                del out[k]
+        return out
 
 
 @dataclass

@@ -220,6 +220,22 @@ def test_resume_refuses_a_state_of_another_run(models, tmp_path):
     heal(copy.deepcopy(lin), train, _fast(steps=2, state_dir=str(tmp_path)), heldout=held)
     with pytest.raises(ValueError, match="belongs to another run .*config"):
         heal(copy.deepcopy(lin), train, _fast(steps=2, lr=5e-3, state_dir=str(tmp_path)), heldout=held)
+    with pytest.raises(ValueError, match="belongs to another run .*config"):  # rms is not the plain run
+        heal(copy.deepcopy(lin), train, _fast(steps=2, input_scaling="rms", state_dir=str(tmp_path)), heldout=held)
+
+
+def test_a_state_written_before_a_config_field_existed_resumes_at_that_fields_neutral_value(models, tmp_path):
+    """States written before input_scaling existed lack it in their fingerprint; they behaved as 'none'."""
+    _, lin, train, held = models
+    assert "input_scaling" not in _fast().training_fields()
+    assert _fast(input_scaling="rms").training_fields()["input_scaling"] == "rms"
+    ref = copy.deepcopy(lin)
+    heal(ref, train, _fast(steps=2, state_dir=str(tmp_path)), heldout=held)
+    model = copy.deepcopy(lin)
+    res = heal(model, train, _fast(steps=2, state_dir=str(tmp_path)), heldout=held)
+    assert res.resumed_from == 2  # finished state: nothing trained again, the best weights restored
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
 
 
 def test_drop_model_gets_lora_around_the_dropped_blocks_and_is_never_made_worse(models):
