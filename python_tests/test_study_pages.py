@@ -240,3 +240,20 @@ def test_a_heal_run_refuses_another_accuracy_item_count_than_the_models_points()
     heal_study.check_items("m", {"points": {}}, 200)  # no accuracy yet: any count
     with pytest.raises(SystemExit, match="m's accuracy points have 50 items per task; run with --acc-n 50"):
         heal_study.check_items("m", rec, 200)
+
+
+def test_a_heal_run_with_acc_n_adds_accuracy_to_points_measured_without_it():
+    import heal_study
+
+    assert not heal_study.complete(None, 0)
+    assert heal_study.complete({"c4": {}}, 0)
+    assert not heal_study.complete({"c4": {}}, 50)  # perplexity only: accuracy still to add
+    assert heal_study.complete({"c4": {}, "tasks": {}}, 50)
+    old = _point(20.0, 40.0, [1, 0] * 20)
+    same = {"window_nll": [list(w) for w in old["c4"]["window_nll"][:2]]}
+    heal_study.check_same_model("m", "nbl/k7/lora", old, same)  # the first windows agree
+    other = {"window_nll": [[same["window_nll"][0][0] * (1 + 1e-5), 100], same["window_nll"][1]]}
+    with pytest.raises(SystemExit, match="nbl/k7/lora: the model rebuilt to add its accuracy .* not the model"):
+        heal_study.check_same_model("m", "nbl/k7/lora", old, other)
+    with pytest.raises(SystemExit, match="not the model"):
+        heal_study.check_same_model("m", "nbl/k7/lora", old, {"window_nll": []})

@@ -106,6 +106,26 @@ def check_items(name: str, rec: dict, acc_n: int) -> None:
         )
 
 
+def complete(point: dict | None, acc_n: int) -> bool:
+    """A point is done when it is measured and, where this run measures accuracy, has accuracy: a point
+    measured with --acc-n 0 gets its accuracy added by a later run with --acc-n (nothing else recomputed)."""
+    return point is not None and (not acc_n or "tasks" in point)
+
+
+def check_same_model(name: str, key: str, old: dict, now: dict) -> None:
+    """Accuracy added to an existing point must come from the model its perplexity was measured on (a healed
+    model is healed again from its saved state, or retrained from the same seed): the first held-out C4
+    windows' NLL must match the JSON's."""
+    got = [w[0] for w in now["window_nll"]]
+    want = [w[0] for w in old["c4"]["window_nll"][: len(got)]]
+    if not got or any(abs(x - y) > 1e-6 * max(1.0, abs(y)) for x, y in zip(got, want)):
+        sys.exit(
+            f"[{name}] {key}: the model rebuilt to add its accuracy scores C4 windows {got}, the JSON {want}: "
+            "it is not the model that was measured (other settings or data, or its healing state is gone "
+            "and training is not reproducible here); measure accuracy in a fresh run (--acc-n with another --out)"
+        )
+
+
 class Study:
     def __init__(self, args):
         self.args = args
@@ -182,13 +202,20 @@ class Study:
         samples = {t: subset(t, a.acc_n, len(OFFLINE_TASKS[t].load(self.eval))) for t in ZERO_SHOT_7} if a.acc_n else {}
 
         def measure(m, key: str, extra: dict):
-            if key in rec["points"]:
+            old = rec["points"].get(key)
+            if complete(old, a.acc_n):
                 return
             t = time.perf_counter()
-            point = dict(extra)
-            for corpus, ids in (("wikitext2", wiki), ("c4", c4_ids)):
-                s = perplexity_stats(m, ids, context=a.context, bos_id=bos)
-                point[corpus] = {k: s[k] for k in ("ppl", "ppl_stderr", "nll", "tokens", "window_nll")}
+            if old is None:
+                point = dict(extra)
+                for corpus, ids in (("wikitext2", wiki), ("c4", c4_ids)):
+                    s = perplexity_stats(m, ids, context=a.context, bos_id=bos)
+                    point[corpus] = {k: s[k] for k in ("ppl", "ppl_stderr", "nll", "tokens", "window_nll")}
+            else:  # a point measured without accuracy: add it, to the model whose perplexity the JSON holds
+                check_same_model(
+                    name, key, old, perplexity_stats(m, c4_ids[: 2 * a.context], context=a.context, bos_id=bos)
+                )
+                point = dict(old)
             if a.acc_n:
                 out = run_tasks(
                     m,
@@ -209,7 +236,7 @@ class Study:
                     }
                     for tn, r in out.items()
                 }
-            point["eval_seconds"] = time.perf_counter() - t
+            point["eval_seconds"] = time.perf_counter() - t + (old or {}).get("eval_seconds", 0.0)
             rec["points"][key] = point
             self.save()
             print(
@@ -227,7 +254,7 @@ class Study:
             for m, heals in methods.items()
             for h in ("none", *heals)
         ]
-        if all(key in rec["points"] for key in todo):
+        if all(complete(rec["points"].get(key), a.acc_n) for key in todo):
             return
         prev = rec.get("calibration", {}).get("tokens")
         if prev is not None and prev != a.calib_samples * a.seq_len:
@@ -297,8 +324,8 @@ class Study:
                 measure(base, f"{method}/k{k}/none", {"k": k, "method": method, "heal": None, "layers": sel})
                 for h in heals:
                     key = heal_key(method, k, h, a.lr, a.samples, a.input_scaling)
-                    if key in rec["points"]:
-                        continue
+                    if complete(rec["points"].get(key), a.acc_n):
+                        continue  # (a point without accuracy is healed again: from its saved state, if kept)
                     healed = copy.deepcopy(base)
                     state = self.raw.parent / "heal_state" / name / key.replace("/", "-")
                     cfg = self.heal_config(h)
