@@ -15,6 +15,9 @@ and measure again: WikiText-2 and held-out C4 perplexity and the 7-task zero-sho
 seeded item subsets of the quality study (scripts/quality_study.py), with the tokens and seconds
 every step took. Raw JSON is written after every point (a rerun resumes); its section of docs/results.md
 is rendered from that JSON alone, by scripts/selection_report.py (the page's one renderer). CPU, float32.
+Points measured with --acc-n 0 get their accuracy from a later run with --acc-n N and the same settings:
+the healed model is rebuilt from its saved healing state (under heal_state/ beside --out) and must score
+the first held-out C4 windows as the JSON says.
 """
 
 from __future__ import annotations
