@@ -496,8 +496,13 @@ class Study:
         n = rec["num_layers"]
         heads = sorted({max(1, round(0.2 * n)), max(1, round(0.4 * n))})
         points = [("original", 0)] + [(c, k) for k in heads for c in dict.fromkeys((best, "cca_bound", "drop"))]
-        for crit, k in points:
-            key = "original" if crit == "original" else f"{crit}/k{k}"
+        keys = {"original" if crit == "original" else f"{crit}/k{k}": (crit, k) for crit, k in points}
+        if a.acc_points:
+            wanted = a.acc_points.split(",")
+            if unknown := [p for p in wanted if p not in keys]:
+                raise SystemExit(f"[{name}] --acc-points: no headline point {unknown}; they are {', '.join(keys)}")
+            keys = {p: keys[p] for p in wanted}
+        for key, (crit, k) in keys.items():
             old = acc.get(key, {}).get("tasks", {})
             old_ids = {t: subset(t, old[t]["n"], total[t]) if t in old else [] for t in ZERO_SHOT_7}
             todo = {t: sorted(set(ids) - set(old_ids[t])) for t, ids in samples.items()}
@@ -633,6 +638,13 @@ def main(argv=None):
         action="store_true",
         help="grow the JSON's accuracy points to --acc-n items per task: each point is measured on the items it "
         "lacks only (the first N of the same sha256 order contain the smaller set) and merged by document",
+    )
+    ap.add_argument(
+        "--acc-points",
+        default=None,
+        metavar="KEY,KEY",
+        help="measure only these accuracy points (e.g. original,drop/k4), to split a long --acc-extend across "
+        "processes, each with its own --raw (default: every headline point)",
     )
     ap.add_argument("--data", default=str(SHARED), help="the shared data directory (default: %(default)s)")
     args = ap.parse_args(argv)
