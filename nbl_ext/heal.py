@@ -215,7 +215,7 @@ class HealResult:
     heldout_loss_after: float
     train_tokens: int  # tokens trained on (steps x batch_size x seq_len)
     heldout_tokens: int
-    seconds: float
+    seconds: float  # wall time, including the interrupted runs it resumed (up to their last saved state)
     resumed_from: int
     history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
@@ -756,7 +756,7 @@ def heal(
         heldout_loss_after=tr.best_loss,
         train_tokens=tr.step * cfg.batch_size * train.shape[1],
         heldout_tokens=int(held.numel()),
-        seconds=round(time.perf_counter() - t0, 3),
+        seconds=round(time.perf_counter() - t0 + tr.seconds_before, 3),  # with the runs it resumed
         resumed_from=start,
         history=tr.history,
         config=asdict(cfg),

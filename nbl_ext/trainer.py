@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ class Trainer:
         self.micro = cfg.micro_batch_size or cfg.batch_size
         self.warmup = int(round(cfg.warmup_fraction * total))
         self.step, self.best_step, self.best_loss, self.bad_evals = 0, 0, math.inf, 0
+        # seconds spent by earlier (interrupted) runs up to their last saved state, and this run's start
+        self.seconds_before, self.started = 0.0, time.perf_counter()
         self.best = [m.detach().clone() for m in self.masters]
         self.history: list[dict[str, Any]] = []
         self.stopped = False
@@ -160,6 +163,7 @@ class Trainer:
             "stopped": self.stopped,
             "history": self.history,
             "running": self.running,
+            "seconds": self.seconds(),
             "names": [n for n, _ in self.params],
         }
         root.mkdir(parents=True, exist_ok=True)
@@ -200,5 +204,11 @@ class Trainer:
         self.step, self.best_step, self.best_loss = meta["step"], meta["best_step"], meta["best_loss"]
         self.bad_evals, self.stopped, self.history = meta["bad_evals"], meta["stopped"], meta["history"]
         self.running = meta["running"]
+        self.seconds_before, self.started = float(meta.get("seconds", 0.0)), time.perf_counter()
         self.sync()
         return True
+
+    def seconds(self) -> float:
+        """Training time so far, over every run of a resumed one (a killed run's time after its last save is
+        not counted: that work is done again)."""
+        return self.seconds_before + time.perf_counter() - self.started

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import time
 
 import pytest
 import safetensors.torch
@@ -208,8 +209,13 @@ def test_resume_after_interruption_gives_the_uninterrupted_weights(models, tmp_p
     assert all(torch.equal(v, lin.state_dict()[k]) for k, v in model.state_dict().items())  # left as it was
     assert (tmp_path / "state" / "heal_state" / "state.safetensors").is_file()
     monkeypatch.setattr(trainer_mod.Trainer, "train_step", real)
+    saved = json.loads((tmp_path / "state" / "heal_state" / "state.json").read_text())["seconds"]
+    assert saved > 0
+    t = time.perf_counter()
     res = heal(model, train, _fast(state_dir=str(tmp_path / "state"), **cfg), heldout=held, **kw)
+    elapsed = time.perf_counter() - t
     assert res.resumed_from == 4 and res.steps == 6
+    assert elapsed < res.seconds <= saved + elapsed  # the interrupted run's time up to its last save counts
     assert res.history == ref_res.history
     for k, v in ref.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
