@@ -72,6 +72,20 @@ def test_a_healed_model_worse_than_unhealed_is_a_miss():
     assert "missed: worse than unhealed by +0.1178" in text
 
 
+def test_a_smaller_k_reports_the_same_measures_with_no_half_gap_target():
+    data = _heal_data()
+    pts = data["models"]["m"]["points"]
+    right, healing = [1, 0] * 20, pts["nbl/k12/lora"]["healing"]
+    pts["nbl/k6/none"] = _point(40.0, 60.0, right, k=6, method="nbl", heal=None)
+    pts["nbl/k6/lora"] = _point(35.0, 70.0, right, k=6, method="nbl", heal="lora", healing=healing)
+    text = "\n".join(selection_report.healing_section(data))
+    assert text.index("Targets at k = 12 (40% of the layers):") < text.index("At k = 6 (20% of the layers;")
+    six = text[text.index("At k = 6") :]
+    assert "WikiText-2: recovered 25% of the perplexity gap (40.00 -> 35.00, original 20.00): **not worse" in six
+    assert "held-out C4: recovered -50% of the perplexity gap" in six and "missed: worse than unhealed" in six
+    assert "- DROP + lora (the comparison): not run yet" in six
+
+
 def test_missing_names_what_the_study_has_not_run():
     rec = {
         "num_layers": 30,
@@ -159,7 +173,7 @@ def test_paired_differences_refuse_points_measured_on_other_windows_or_items():
         selection_report.paired_acc7(a, b)
 
 
-def _fake_study(tmp_path, monkeypatch, acc_n: int, extend: bool = False):
+def _fake_study(tmp_path, monkeypatch, acc_n: int, extend: bool = False, points: str | None = None):
     """selection_study's accuracy part with lm-eval replaced by a deterministic per-document answer."""
     import argparse
 
@@ -180,7 +194,7 @@ def _fake_study(tmp_path, monkeypatch, acc_n: int, extend: bool = False):
     monkeypatch.setattr(selection_study.Study, "variant", lambda self, *a: None)
     monkeypatch.setattr(selection_study.Study, "save", lambda self: None)
     study = selection_study.Study.__new__(selection_study.Study)
-    study.args = argparse.Namespace(acc_n=acc_n, acc_extend=extend, context=64)
+    study.args = argparse.Namespace(acc_n=acc_n, acc_extend=extend, context=64, acc_points=points)
     return study, calls
 
 
@@ -204,6 +218,24 @@ def test_accuracy_extend_measures_only_the_missing_items_and_equals_a_fresh_run(
         assert rec["accuracy"][key]["tasks"] == point["tasks"], key
     with pytest.raises(SystemExit, match="used \\[12\\] items"):  # fewer than the JSON has: refused
         _fake_study(tmp_path, monkeypatch, 8, extend=True)[0].accuracy("m", rec, None, None, None)
+
+
+def test_an_extension_split_by_acc_points_equals_one_run(tmp_path, monkeypatch):
+    rec = {"num_layers": 10, "criteria": {"direct_kl": {"spearman": 0.9}, "cca_bound": {"spearman": 0.1}}}
+    _fake_study(tmp_path, monkeypatch, 8)[0].accuracy("m", rec, None, None, None)
+    whole = json.loads(json.dumps(rec))
+    _fake_study(tmp_path, monkeypatch, 12, extend=True)[0].accuracy("m", whole, None, None, None)
+    first, second = json.loads(json.dumps(rec)), json.loads(json.dumps(rec))
+    study, calls = _fake_study(tmp_path, monkeypatch, 12, extend=True, points="original,drop/k2")
+    study.accuracy("m", first, None, None, None)
+    assert len(calls) == 2  # only the points asked for
+    rest = ",".join(k for k in whole["accuracy"] if k not in ("original", "drop/k2"))
+    _fake_study(tmp_path, monkeypatch, 12, extend=True, points=rest)[0].accuracy("m", second, None, None, None)
+    merged = {**second["accuracy"], **{k: first["accuracy"][k] for k in ("original", "drop/k2")}}
+    for key, point in whole["accuracy"].items():
+        assert merged[key]["tasks"] == point["tasks"], key
+    with pytest.raises(SystemExit, match="no headline point \\['bogus'\\]; they are original, direct_kl/k2"):
+        _fake_study(tmp_path, monkeypatch, 12, extend=True, points="bogus")[0].accuracy("m", rec, None, None, None)
 
 
 def test_merge_items_pairs_by_document_and_refuses_overlaps():
