@@ -234,10 +234,12 @@ def continuation_lm(HFLM):
         _continuations: dict[tuple[int, ...], int] = {}
 
         def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
+            params = inspect.signature(self.model.forward).parameters
+            supported = "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
             spans: dict[tuple[int, ...], int] = {}
-            for _, ctx, cont in requests:  # the rows lm-eval feeds (same truncation) -> longest continuation
-                fed = tuple((ctx + cont)[-(self.max_length + 1) :][:-1])
-                spans[fed] = max(spans.get(fed, 0), len(cont))
+            for _, ctx, cont in requests if supported and self.backend == "causal" else ():
+                fed = tuple((ctx + cont)[-(self.max_length + 1) :][:-1])  # the row lm-eval feeds (same truncation)
+                spans[fed] = max(spans.get(fed, 0), len(cont))  # -> the longest continuation scored on it
             self._continuations = spans
             try:
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
@@ -245,10 +247,8 @@ def continuation_lm(HFLM):
                 self._continuations = {}
 
         def _model_call(self, inps, attn_mask=None, labels=None):
-            params = inspect.signature(self.model.forward).parameters
-            supported = "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-            plain = attn_mask is None and labels is None and self.backend == "causal" and inps.dim() == 2
-            keep = logits_to_keep(inps, self._continuations) if plain and supported else inps.shape[-1]
+            plain = attn_mask is None and labels is None and inps.dim() == 2
+            keep = logits_to_keep(inps, self._continuations) if plain and self._continuations else inps.shape[-1]
             if keep >= inps.shape[-1]:
                 return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
             with (
