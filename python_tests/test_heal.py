@@ -376,6 +376,33 @@ def test_rms_scaled_lora_still_merges_into_w_and_saves_a_plain_peft_adapter(mode
         torch.testing.assert_close(unmerged(held).logits, model(held).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # transformers, inside peft
+def test_nbl_lora_around_trains_the_maps_and_the_modules_near_them_and_merges_all(models, tmp_path):
+    _, lin, train, held = models
+    model = copy.deepcopy(lin)
+    cfg = _fast(lora_targets="around", input_scaling="rms")
+    res = heal(model, train, cfg, heldout=held, adapter_dir=tmp_path / "a")
+    assert res.heldout_loss_after < res.heldout_loss_before - 0.02 and res.best_step > 0
+    # the maps, then o_proj / down_proj of the layers within 1 of a replaced block (a replaced layer has no o_proj)
+    assert res.targets == [
+        "model.layers.1.nbl_affine",
+        "model.layers.2.nbl_affine",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.2.mlp.down_proj",
+        "model.layers.3.self_attn.o_proj",
+        "model.layers.3.mlp.down_proj",
+    ]
+    now, before = model.state_dict(), lin.state_dict()
+    assert set(now) == set(before)  # merged: the plain structure, nothing of peft or the parametrization left
+    moved = {k for k in now if not torch.equal(now[k], before[k])}
+    assert moved == {f"{t}.weight" for t in res.targets}  # every target merged into its weight, nothing else
+    unmerged = peft.PeftModel.from_pretrained(copy.deepcopy(lin), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(unmerged(held).logits, model(held).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_rms_scaled_distill_lowers_the_loss_and_keeps_w_when_it_cannot_help(models):
     """(Resuming an rms-scaled run exactly: test_resume_after_interruption_gives_the_uninterrupted_weights.)"""
     original, lin, train, held = models

@@ -52,15 +52,21 @@ PAPER_LR = 1e-4  # the paper's LoRA learning rate; a point healed at another --l
 SAMPLES = 64  # the committed study's healing sequences; a point healed on another --samples carries "n<value>"
 
 
-def heal_key(method: str, k: int, heal: str, lr: float, samples: int = SAMPLES, scaling: str = "none") -> str:
+def heal_key(
+    method: str, k: int, heal: str, lr: float, samples: int = SAMPLES, scaling: str = "none", targets: str = "auto"
+) -> str:
     """A point's key: ``nbl/k12/lora``, or with the settings that differ from the committed study's after an
     ``@``: ``nbl/k12/lora@lr0.001`` (another learning rate), ``nbl/k12/lora@lr0.001,n128`` (and 128 healing
-    sequences), ``...,rms`` (HealConfig.input_scaling="rms"). The renderer picks among a heal's variants by the
-    early-stopping loss, never by test data."""
+    sequences), ``...,rms`` (HealConfig.input_scaling="rms"), ``...,around`` (NBL's LoRA also on the modules
+    around the maps, HealConfig.lora_targets="around"; DROP's LoRA is always there). The renderer picks among a
+    heal's variants by the early-stopping loss, never by test data."""
     tags = (
         []
         if heal == "none"
-        else [f"lr{lr:g}"] * (lr != PAPER_LR) + [f"n{samples}"] * (samples != SAMPLES) + ["rms"] * (scaling == "rms")
+        else [f"lr{lr:g}"] * (lr != PAPER_LR)
+        + [f"n{samples}"] * (samples != SAMPLES)
+        + ["rms"] * (scaling == "rms")
+        + ["around"] * (heal == "lora" and method == "nbl" and targets == "around")
     )
     return f"{method}/k{k}/{heal}" + (f"@{','.join(tags)}" if tags else "")
 
@@ -143,7 +149,7 @@ class Study:
         tmp.write_text(json.dumps(self.data, indent=1) + "\n")
         tmp.replace(self.raw)
 
-    def heal_config(self, method: str, seed: int = 0) -> HealConfig:
+    def heal_config(self, method: str, seed: int = 0, linearization: str = "nbl") -> HealConfig:
         a = self.args
         return HealConfig(
             method=method,
@@ -151,6 +157,7 @@ class Study:
             steps=a.steps,
             lr=a.lr,
             input_scaling=a.input_scaling,
+            lora_targets=a.lora_targets if method == "lora" and linearization == "nbl" else "auto",
             batch_size=a.batch_size,
             micro_batch_size=a.micro_batch_size,
             patience=a.patience,
@@ -252,7 +259,7 @@ class Study:
         wanted = a.heals.split(",") if a.heals else None
         methods = {m: tuple(h for h in HEALS[m] if wanted is None or h in wanted) for m in a.methods.split(",")}
         todo = [
-            heal_key(m, k, h, a.lr, a.samples, a.input_scaling)
+            heal_key(m, k, h, a.lr, a.samples, a.input_scaling, a.lora_targets)
             for k in ks
             for m, heals in methods.items()
             for h in ("none", *heals)
@@ -326,12 +333,12 @@ class Study:
                 base = nbl_ext.linearize(copy.deepcopy(model), res, sel, method=method)
                 measure(base, f"{method}/k{k}/none", {"k": k, "method": method, "heal": None, "layers": sel})
                 for h in heals:
-                    key = heal_key(method, k, h, a.lr, a.samples, a.input_scaling)
+                    key = heal_key(method, k, h, a.lr, a.samples, a.input_scaling, a.lora_targets)
                     if complete(rec["points"].get(key), a.acc_n):
                         continue  # (a point without accuracy is healed again: from its saved state, if kept)
                     healed = copy.deepcopy(base)
                     state = self.raw.parent / "heal_state" / name / key.replace("/", "-")
-                    cfg = self.heal_config(h)
+                    cfg = self.heal_config(h, linearization=method)
                     cfg.state_dir = str(state)
                     out = nbl_ext.heal(
                         healed,
@@ -444,6 +451,13 @@ def main(argv=None):
         choices=["none", "rms"],
         default="none",
         help="HealConfig.input_scaling (default none, the committed study's; rms keys its points '...@rms')",
+    )
+    ap.add_argument(
+        "--lora-targets",
+        choices=["auto", "around"],
+        default="auto",
+        help="HealConfig.lora_targets for NBL's LoRA (default auto: the maps alone, the committed study's; around: "
+        "also the modules around them, as DROP's LoRA always is; keys NBL's points '...@around')",
     )
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16, the paper's)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward (default 4)")
