@@ -294,3 +294,43 @@ def test_a_heal_run_with_acc_n_adds_accuracy_to_points_measured_without_it():
         heal_study.check_same_model("m", "nbl/k7/lora", old, other)
     with pytest.raises(SystemExit, match="not the model"):
         heal_study.check_same_model("m", "nbl/k7/lora", old, {"window_nll": []})
+
+
+def test_merge_points_from_a_side_run_pairs_only_with_the_same_baselines():
+    import copy
+
+    import heal_study
+
+    target = _heal_data()
+    side = copy.deepcopy(target)
+    pts = side["models"]["m"]["points"]
+    pts["nbl/k6/none"] = _point(50.0, 60.0, [1, 0] * 20, k=6, method="nbl", heal=None, layers=[3, 4])
+    pts["nbl/k6/lora"] = _point(40.0, 50.0, [1, 0] * 20, k=6, method="nbl", heal="lora", layers=[3, 4])
+    pts["nbl/k6/distill"] = _point(45.0, 55.0, [1, 0] * 20, k=6, method="nbl", heal="distill", layers=[3, 4])
+    with pytest.raises(SystemExit, match="nbl/k6/lora: its unhealed baseline nbl/k6/none is missing"):
+        heal_study.merge_points(copy.deepcopy(target), side, "m", ["nbl/k6/lora"])
+    merged = heal_study.merge_points(target, side, "m", ["nbl/k6/none", "nbl/k6/lora"], ["ran beside X"])
+    assert merged == ["nbl/k6/none", "nbl/k6/lora"]
+    assert target["models"]["m"]["points"]["nbl/k6/lora"] == pts["nbl/k6/lora"]
+    assert "nbl/k6/distill" not in target["models"]["m"]["points"]
+    assert target["setup"]["notes"] == ["ran beside X"]
+    with pytest.raises(SystemExit, match="already has 'nbl/k6/lora'"):
+        heal_study.merge_points(target, side, "m", ["nbl/k6/lora"])
+    with pytest.raises(SystemExit, match="no point 'nbl/k9/lora'"):
+        heal_study.merge_points(target, side, "m", ["nbl/k9/lora"])
+    # a side run whose baseline scored other windows (another model, data or settings) pairs with nothing here
+    other = copy.deepcopy(side)
+    other["models"]["m"]["points"]["nbl/k6/none"]["c4"]["window_nll"][0][0] += 1.0
+    with pytest.raises(SystemExit, match="differs from the side run's"):
+        heal_study.merge_points(target, other, "m", ["nbl/k6/distill"])
+    other = copy.deepcopy(side)
+    other["models"]["m"]["points"]["original"]["wikitext2"]["window_nll"][0][0] += 1.0
+    with pytest.raises(SystemExit, match="original scores other perplexity windows"):
+        heal_study.merge_points(target, other, "m", ["nbl/k6/distill"])
+    other = copy.deepcopy(side)
+    other["models"]["m"]["points"]["nbl/k6/distill"]["tasks"]["piqa"]["n"] = 200
+    with pytest.raises(SystemExit, match="accuracy items"):
+        heal_study.merge_points(target, other, "m", ["nbl/k6/distill"])
+    heal_study.merge_points(target, side, "m", ["nbl/k6/distill"])  # the same baseline: merged
+    with pytest.raises(SystemExit, match="no model 'g'"):
+        heal_study.merge_points(target, side, "g", ["original"])

@@ -4,6 +4,9 @@
     .venv/bin/python scripts/heal_study.py --render-only      # docs/results.md from the JSONs
     .venv/bin/python scripts/heal_study.py --models smollm2-135m --k smollm2-135m:6 --steps 2 \\
         --samples 8 --seq-len 128 --acc-n 0 --ppl-tokens 512 --out /tmp/heal_smoke.json   # a smoke run
+    # two processes side by side: run one with --out side.json (a copy of the study's JSON), then
+    .venv/bin/python scripts/heal_study.py --merge side.json --models gemma3-270m \
+        --points nbl/k4/none --points 'nbl/k4/lora@lr0.005,n128,rms' --note 'how it ran'
 
 For each model (SmolLM2-135M-Instruct, Gemma 3 270M) the C4 sample is split by documents into
 three disjoint parts, fixed by seed: the evaluation hold-out (nbl_ext.data.HOLDOUT_FRACTION, the
@@ -119,6 +122,64 @@ def complete(point: dict | None, acc_n: int) -> bool:
     """A point is done when it is measured and, where this run measures accuracy, has accuracy: a point
     measured with --acc-n 0 gets its accuracy added by a later run with --acc-n (nothing else recomputed)."""
     return point is not None and (not acc_n or "tasks" in point)
+
+
+def _same_windows(a: dict, b: dict) -> bool:
+    return all(a.get(c, {}).get("window_nll") == b.get(c, {}).get("window_nll") for c in ("wikitext2", "c4"))
+
+
+def merge_points(target: dict, side: dict, name: str, keys: list[str], notes: list[str] = ()) -> list[str]:
+    """Copy ``keys`` of model ``name`` from a side run's JSON (``side``, a run with another ``--out``) into
+    ``target``, in the given order, and add ``notes`` (how the side run was made) to its setup notes. Refuses
+    (SystemExit, saying why) what would pair a point with measurements of another model: another calibration, an
+    original or unhealed
+    baseline measured differently in the two files (their per-window NLLs must be equal), a healed point
+    whose unhealed baseline or layers are not in ``target`` (merge the baseline first, in the same call),
+    another accuracy item count, or a key ``target`` already has. Returns the keys merged."""
+    if name not in side.get("models", {}):
+        sys.exit(f"the side JSON has no model {name!r}; it has {sorted(side.get('models', {}))}")
+    src = side["models"][name]
+    rec = target.setdefault("models", {}).setdefault(name, {"points": {}})
+    pts = rec.setdefault("points", {})
+    calib, side_calib = rec.get("calibration", {}).get("tokens"), src.get("calibration", {}).get("tokens")
+    if calib is not None and calib != side_calib:
+        sys.exit(f"[{name}] the side run calibrated on {side_calib} tokens, the target's points on {calib}")
+    if (
+        "original" in pts
+        and "original" in src["points"]
+        and not _same_windows(pts["original"], src["points"]["original"])
+    ):
+        sys.exit(f"[{name}] the side run's original scores other perplexity windows than the target's")
+    items = next((sorted((t, r["n"]) for t, r in p["tasks"].items()) for p in pts.values() if "tasks" in p), None)
+    for key in keys:
+        if key not in src["points"]:
+            sys.exit(f"[{name}] the side JSON has no point {key!r}; it has {sorted(src['points'])}")
+        if key in pts:
+            sys.exit(f"[{name}] the target already has {key!r}; remove it there first to replace it")
+        point = src["points"][key]
+        if point.get("heal"):
+            base_key = f"{point['method']}/k{point['k']}/none"
+            base = pts.get(base_key)
+            if (
+                base is None
+                or not _same_windows(base, src["points"].get(base_key, {}))
+                or base.get("layers") != point.get("layers")
+            ):
+                sys.exit(
+                    f"[{name}] {key}: its unhealed baseline {base_key} is missing from the target or differs from "
+                    f"the side run's (windows or layers); merge {base_key} first, in the same call"
+                )
+        got = sorted((t, r["n"]) for t, r in point.get("tasks", {}).items())
+        if items is not None and got and got != items:
+            sys.exit(f"[{name}] {key} has accuracy items {got}, the target's points {items}")
+        pts[key] = point
+        items = items or got or None
+    rec.setdefault("calibration", src.get("calibration", {}))
+    rec.setdefault("num_layers", src.get("num_layers"))
+    setup = target.setdefault("setup", {})
+    setup.setdefault("notes", [])
+    setup["notes"] += [n for n in notes if n not in setup["notes"]]
+    return keys
 
 
 def check_same_model(name: str, key: str, old: dict, now: dict) -> None:
@@ -423,6 +484,19 @@ def main(argv=None):
     )
     ap.add_argument("--note", action="append", default=[], help="a note on how this run was made (kept in the JSON)")
     ap.add_argument("--render-only", action="store_true", help="only render the page from the JSON")
+    ap.add_argument(
+        "--merge",
+        metavar="SIDE.json",
+        help="copy the --points of one --models model from a side run's JSON (a run with another --out, e.g. two "
+        "processes side by side) into --out, checking that they pair with its baselines; --note says how they ran",
+    )
+    ap.add_argument(
+        "--points",
+        metavar="KEY",
+        action="append",
+        default=[],
+        help="with --merge: a point key (keys hold commas: repeat the flag for each), baselines first",
+    )
     ap.add_argument("--fresh", action="store_true", help="ignore the existing JSON and recompute everything")
     ap.add_argument(
         "--calib-samples", type=int, default=64, help="calibration sequences (default 64, the committed study's)"
@@ -470,7 +544,14 @@ def main(argv=None):
     raw = Path(args.out)
     own = raw.resolve() == (DOCS / "results" / "heal_study.json").resolve()
     page = Path(args.page) if args.page else DOCS / "results.md" if own else None
-    if not args.render_only:
+    if args.merge:
+        if not args.points or "," in args.models:
+            sys.exit("--merge needs --points KEY (repeated for each point) and one model in --models")
+        study = Study(args)
+        merged = merge_points(study.data, json.loads(Path(args.merge).read_text()), args.models, args.points, args.note)
+        study.save()
+        print(f"merged {', '.join(merged)} of {args.models} from {args.merge} into {raw}", flush=True)
+    elif not args.render_only:
         ks = dict(MODELS)
         for part in (args.k or "").split(";"):
             if part.strip():
