@@ -334,3 +334,15 @@ def test_merge_points_from_a_side_run_pairs_only_with_the_same_baselines():
     heal_study.merge_points(target, side, "m", ["nbl/k6/distill"])  # the same baseline: merged
     with pytest.raises(SystemExit, match="no model 'g'"):
         heal_study.merge_points(target, side, "g", ["original"])
+
+
+def test_a_partly_extended_accuracy_run_is_not_rendered_until_every_point_has_the_same_items():
+    import selection_study
+
+    def point(n):
+        return {"tasks": {t: {"n": n, "correct": [1] * n} for t in TASKS}}
+
+    data = {"models": {"a": {"accuracy": {"original": point(450), "drop/k7": point(100)}}, "b": {"accuracy": {}}}}
+    assert selection_study.uneven_accuracy(data) == ["a"]
+    data["models"]["a"]["accuracy"]["drop/k7"] = point(450)
+    assert selection_study.uneven_accuracy(data) == []

@@ -576,6 +576,19 @@ def _overfit_record(res, tokens, held, secs, **extra) -> dict:
     }
 
 
+def uneven_accuracy(data: dict) -> list[str]:
+    """Models whose accuracy points do not all hold the same items per task (the page pairs them item by item)."""
+    out = []
+    for name, rec in data.get("models", {}).items():
+        counts = {
+            json.dumps({t: r.get("n") for t, r in sorted(p.get("tasks", {}).items())})
+            for p in rec.get("accuracy", {}).values()
+        }
+        if len(counts) > 1:
+            out.append(name)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated (default: %(default)s)")
@@ -684,6 +697,15 @@ def main(argv=None):
             study.run_model(name, parts)
     if study.data.get("setup", {}).get("smoke") and not args.smoke:
         sys.exit(f"{study.raw} is from a smoke run; not rendering a page from it")
+    uneven = uneven_accuracy(study.data)
+    if uneven:
+        print(
+            f"not rendering {args.page}: the accuracy points of {', '.join(uneven)} have different item counts "
+            "(an --acc-extend run split with --acc-points, partly done); the raw JSON is saved. Pairs need the same "
+            "items: extend the remaining points, then render with --render",
+            flush=True,
+        )
+        return
     heal = ROOT / "docs" / "results" / "heal_study.json"  # the healing study's section, when it has run
     write_page(study.raw, Path(args.page), nbl_ext.NBLConfig().criterion, heal_raw=None if args.smoke else heal)
 
