@@ -107,10 +107,15 @@ def merge_setup(old: dict | None, new: dict, notes: list[str] = ()) -> dict:
     return merged
 
 
+def item_counts(points) -> set[int]:
+    """The items per task that ``points`` were measured on (empty: no accuracy among them)."""
+    return {t["n"] for p in points for t in p.get("tasks", {}).values()}
+
+
 def check_items(name: str, rec: dict, acc_n: int) -> None:
     """Refuse accuracy on another item count than the model's points already have: accuracy differences are
     paired by item, so a point measured on 200 items per task cannot be compared with a baseline on 50."""
-    have = {t["n"] for p in rec.get("points", {}).values() for t in p.get("tasks", {}).values()}
+    have = item_counts(rec.get("points", {}).values())
     if acc_n and have and have != {acc_n}:
         sys.exit(
             f"{name}'s accuracy points have {', '.join(map(str, sorted(have)))} items per task; run with "
@@ -132,10 +137,9 @@ def merge_points(target: dict, side: dict, name: str, keys: list[str], notes: li
     """Copy ``keys`` of model ``name`` from a side run's JSON (``side``, a run with another ``--out``) into
     ``target``, in the given order, and add ``notes`` (how the side run was made) to its setup notes. Refuses
     (SystemExit, saying why) what would pair a point with measurements of another model: another calibration, an
-    original or unhealed
-    baseline measured differently in the two files (their per-window NLLs must be equal), a healed point
-    whose unhealed baseline or layers are not in ``target`` (merge the baseline first, in the same call),
-    another accuracy item count, or a key ``target`` already has. Returns the keys merged."""
+    original or unhealed baseline measured differently in the two files (their per-window NLLs must be equal), a
+    healed point whose unhealed baseline or layers are not in ``target`` (merge the baseline first, in the same
+    call), another accuracy item count, or a key ``target`` already has. Returns the keys merged."""
     if name not in side.get("models", {}):
         sys.exit(f"the side JSON has no model {name!r}; it has {sorted(side.get('models', {}))}")
     src = side["models"][name]
@@ -150,7 +154,6 @@ def merge_points(target: dict, side: dict, name: str, keys: list[str], notes: li
         and not _same_windows(pts["original"], src["points"]["original"])
     ):
         sys.exit(f"[{name}] the side run's original scores other perplexity windows than the target's")
-    items = next((sorted((t, r["n"]) for t, r in p["tasks"].items()) for p in pts.values() if "tasks" in p), None)
     for key in keys:
         if key not in src["points"]:
             sys.exit(f"[{name}] the side JSON has no point {key!r}; it has {sorted(src['points'])}")
@@ -169,11 +172,10 @@ def merge_points(target: dict, side: dict, name: str, keys: list[str], notes: li
                     f"[{name}] {key}: its unhealed baseline {base_key} is missing from the target or differs from "
                     f"the side run's (windows or layers); merge {base_key} first, in the same call"
                 )
-        got = sorted((t, r["n"]) for t, r in point.get("tasks", {}).items())
-        if items is not None and got and got != items:
-            sys.exit(f"[{name}] {key} has accuracy items {got}, the target's points {items}")
+        got, have = item_counts([point]), item_counts(pts.values())
+        if got and have and got != have:
+            sys.exit(f"[{name}] {key} has accuracy items {sorted(got)} per task, the target's points {sorted(have)}")
         pts[key] = point
-        items = items or got or None
     rec.setdefault("calibration", src.get("calibration", {}))
     rec.setdefault("num_layers", src.get("num_layers"))
     setup = target.setdefault("setup", {})

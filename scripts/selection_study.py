@@ -699,12 +699,14 @@ def main(argv=None):
         sys.exit(f"{study.raw} is from a smoke run; not rendering a page from it")
     uneven = uneven_accuracy(study.data)
     if uneven:
-        print(
+        why = (
             f"not rendering {args.page}: the accuracy points of {', '.join(uneven)} have different item counts "
             "(an --acc-extend run split with --acc-points, partly done); the raw JSON is saved. Pairs need the same "
-            "items: extend the remaining points, then render with --render",
-            flush=True,
+            "items: extend the remaining points, then render with --render"
         )
+        if args.render:  # rendering was all that was asked for: say it failed
+            sys.exit(why)
+        print(why, flush=True)
         return
     heal = ROOT / "docs" / "results" / "heal_study.json"  # the healing study's section, when it has run
     write_page(study.raw, Path(args.page), nbl_ext.NBLConfig().criterion, heal_raw=None if args.smoke else heal)
