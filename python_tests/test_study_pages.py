@@ -53,6 +53,8 @@ def test_healing_section_states_the_targets_from_the_numbers():
     assert "**met**" in text
     assert "NBL + lora, held-out C4: recovered 25% of the perplexity gap" in text
     assert "**missed by 25% of the gap**" in text
+    # the missed target names the lever left: the paper's 15,360,000 training tokens against this run's 98,304
+    assert "trains on 15,360,000 tokens (5,000 C4 samples x 1,024, 3 epochs), 156x this run's 98,304" in text
     assert "NBL + distill: not run yet" in text
     assert "| nbl/k12/lora | 30.00 | 70.00 | 75% / 25% |" in text
     assert "7-task accuracy: +0.0000 ± 0.0000 against unhealed (not worse beyond noise)" in text
@@ -200,6 +202,7 @@ def _fake_study(tmp_path, monkeypatch, acc_n: int, extend: bool = False, points:
     monkeypatch.setattr(selection_study.Study, "save", lambda self: None)
     study = selection_study.Study.__new__(selection_study.Study)
     study.args = argparse.Namespace(acc_n=acc_n, acc_extend=extend, context=64, acc_points=points)
+    study.data = {"models": {}}
     return study, calls
 
 
@@ -208,6 +211,7 @@ def test_accuracy_extend_measures_only_the_missing_items_and_equals_a_fresh_run(
     fresh, _ = _fake_study(tmp_path, monkeypatch, 12)
     fresh_rec = json.loads(json.dumps(rec))
     fresh.accuracy("m", fresh_rec, None, None, None)
+    assert fresh.data["setup"]["accuracy"]["task_items"] == dict.fromkeys(TASKS, 40)  # for the page's items needed
 
     small, _ = _fake_study(tmp_path, monkeypatch, 8)
     small.accuracy("m", rec, None, None, None)
@@ -346,3 +350,65 @@ def test_a_partly_extended_accuracy_run_is_not_rendered_until_every_point_has_th
     assert selection_study.uneven_accuracy(data) == ["a"]
     data["models"]["a"]["accuracy"]["drop/k7"] = point(450)
     assert selection_study.uneven_accuracy(data) == []
+
+
+def test_a_missed_target_says_what_would_close_it_from_the_same_numbers():
+    """NBL ahead of DROP but within 2 s.e.: the tokens that would separate them if the difference holds; an
+    accuracy shortfall inside the noise: the items that would resolve it; a large s.e.: the items that bring it
+    to 0.01, with the tasks too small for that named. All from the JSON, by s.e. ~ 1/sqrt(n)."""
+
+    def windows(nll):
+        ppl = math.exp(sum(nll) / len(nll))
+        return {"ppl": ppl, "tokens": 100 * len(nll), "window_nll": [[x * 100, 100] for x in nll]}
+
+    drop = [3.0, 3.1, 3.2, 3.3]
+    nbl = [x + e for x, e in zip(drop, (-0.05, 0.03, -0.04, 0.02))]  # ahead by 0.01 nats on average, noisily
+    orig = [1, 1, 0, 0] * 10
+    lin = list(orig)
+    lin[0] = lin[1] = 0  # two items lost, one gained: 0.475 against 0.5, a shortfall of 0.01 below 97%
+    lin[2] = 1
+    tasks = lambda c: {t: {"acc": sum(c) / len(c), "n": len(c), "correct": c} for t in TASKS}  # noqa: E731
+    sizes = dict.fromkeys(TASKS, 1000) | {"openbookqa": 100}
+    data = {
+        "setup": {"accuracy": {"task_items": sizes, "items": "the first 40"}},
+        "models": {
+            "m": {
+                "num_layers": 10,
+                "hidden_size": 64,
+                "k_grid": [3],
+                "ppl": {
+                    "drop/k3": {"c4": windows(drop), "wikitext2": windows(drop)},
+                    "direct_kl/k3": {"c4": windows(nbl), "wikitext2": windows(nbl)},
+                },
+                "accuracy": {"original": {"tasks": tasks(orig)}, "direct_kl/k2": {"tasks": tasks(lin)}},
+            }
+        },
+    }
+    rows = {r[0].split(" (")[0]: r for r in selection_report.targets(data, "direct_kl")}
+    d = [-0.05, 0.03, -0.04, 0.02]
+    mean = sum(d) / 4
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3 / 4)
+    beats = rows["direct_kl + NBL map beats DROP by > 2 paired s.e. at every k >= 3"]
+    assert beats[3].startswith("missed")
+    want = math.ceil(400 * (se / (-mean / 2)) ** 2)
+    assert (
+        f"k=3 held-out C4: NBL is ahead by {-mean:.4f} nats (s.e. {se:.4f}); if that holds, about {want:,}" in beats[4]
+    )
+
+    item = [b - a for a, b in zip(orig, lin)]
+    m = sum(item) / 40
+    se_acc = math.sqrt(7 * sum((x - m) ** 2 for x in item) / 39 / 40) / 7
+    keep = rows["7-task mean accuracy at k = 2"]
+    assert keep[3].startswith("missed")
+    need = math.ceil(40 * (se_acc / (0.97 * 0.5 - 0.475) * 2) ** 2)
+    assert f"cannot tell whether the target is missed; about {need:,} items per task" in keep[4]
+    assert keep[4].endswith("(more than openbookqa 100 holds)")
+    s = rows["paired s.e. of the 7-task mean difference <= 0.01 at every accuracy point"]
+    assert f"about {math.ceil(40 * (se_acc / 0.01) ** 2):,} items per task instead of 40 (more than openbookqa" in s[4]
+    setup = {**data["setup"], "commit": "c", "device": "cpu", "sets": {}, "folds": 5, "ridges": [0.0, 1.0]}
+    text = selection_report.render(data | {"setup": setup}, "raw.json", "direct_kl")
+    assert "What would close the missed targets (computed from the same numbers):" in text
+    # a met target has nothing to close
+    data["models"]["m"]["accuracy"]["direct_kl/k2"] = {"tasks": tasks(orig)}
+    rows = {r[0].split(" (")[0]: r for r in selection_report.targets(data, "direct_kl")}
+    assert rows["7-task mean accuracy at k = 2"][4] == ""

@@ -34,6 +34,7 @@ COLOR = {
     "drop": "tab:red",
     "nmse": "tab:gray",
 }
+PAPER_HEAL_TOKENS = 5000 * 1024 * 3  # the paper's LoRA healing: 5,000 C4 samples of 1,024 tokens, 3 epochs
 LABEL = {"drop": "DROP (cosine, block removed)", "cca_bound": "CCA bound (paper)"}
 
 
@@ -65,8 +66,26 @@ def mean_acc7(p: dict) -> float:
 # --- targets ------------------------------------------------------------------------------------
 
 
-def targets(data: dict, default: str) -> list[tuple[str, str, str, str]]:
-    """(target, model, measured, verdict) rows, all computed from the JSON."""
+def _items(p: dict) -> int:
+    """Items per task of an accuracy point (the smallest task's count)."""
+    return min(len(p["tasks"][t]["correct"]) for t in TASKS7)
+
+
+def _scale_up(n: int, se: float, want: float) -> int:
+    """The sample size at which a standard error of ``se`` at ``n`` falls to ``want`` (s.e. ~ 1/sqrt(n))."""
+    return math.ceil(n * (se / want) ** 2)
+
+
+def _items_cap(data: dict, need: int) -> str:
+    """Where ``need`` items per task exceed what some tasks hold (recorded by the accuracy run), say which."""
+    sizes = data["setup"].get("accuracy", {}).get("task_items", {})
+    small = [f"{t} {n:,}" for t, n in sizes.items() if n < need]
+    return f" (more than {', '.join(small)} hold{'s' if len(small) == 1 else ''})" if small else ""
+
+
+def targets(data: dict, default: str) -> list[tuple[str, str, str, str, str]]:
+    """(target, model, measured, verdict, what would close it) rows, all computed from the JSON; the last
+    field is empty where the target is met or nothing computed says what would close it."""
     rows = []
     for name, rec in data["models"].items():
         o = rec.get("overfit", {}).get("c4/all/validated")
@@ -74,31 +93,52 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str]]:
             ins, ho = median(o["in_sample"]), median(o["heldout"])
             ratio = ho / ins if ins > 0 else math.inf
             verdict = "met" if ratio <= 1.25 else f"missed by {ratio / 1.25 - 1:.0%} ({ratio:.2f}x vs 1.25x)"
+            close = ""
+            if ratio > 1.25:
+                curve = [
+                    f"{v['tokens']} tokens: {median(v['heldout']) / median(v['in_sample']):.2f}x"
+                    for key, v in rec["overfit"].items()
+                    if key.startswith("c4/") and key.endswith("/validated") and median(v["in_sample"]) > 0
+                ]
+                close = "more calibration tokens than the C4 sample holds (the ratio against tokens: " + (
+                    ", ".join(curve) + ")"
+                )
             rows.append(
                 (
                     "held-out NMSE <= 1.25x in-sample (median layer, all C4 calibration tokens, validated ridge)",
                     name,
                     f"{ho:.3f} / {ins:.3f} = {ratio:.2f}x",
                     verdict,
+                    close,
                 )
             )
         else:
-            rows.append(("held-out NMSE <= 1.25x in-sample", name, "not run", "not measured"))
+            rows.append(("held-out NMSE <= 1.25x in-sample", name, "not run", "not measured", ""))
         c = rec.get("criteria", {}).get(default, {})
         if "spearman" in c:
             s = c["spearman"]
+            close = ""
+            if s < 0.8:
+                ranked = {k: v["spearman"] for k, v in rec["criteria"].items() if "spearman" in v}
+                best = max(ranked, key=ranked.get)
+                close = (
+                    f"{best} ranks the layers at {ranked[best]:+.2f} on this model"
+                    if ranked[best] > s
+                    else "no measured criterion does better; a larger direct-score token budget would"
+                )
             rows.append(
                 (
                     f"Spearman of the default criterion ({default}) with the ground truth >= 0.8",
                     name,
                     f"{s:+.2f}",
                     "met" if s >= 0.8 else f"missed by {0.8 - s:.2f}",
+                    close,
                 )
             )
         else:
-            rows.append((f"Spearman of {default} >= 0.8", name, "not run", "not measured"))
+            rows.append((f"Spearman of {default} >= 0.8", name, "not run", "not measured", ""))
         ppl = rec.get("ppl", {})
-        beats, total, worse_cca, missing, short = [], 0, [], [], []
+        beats, total, worse_cca, missing, short, closes = [], 0, [], [], [], []
         for k in rec.get("k_grid", []):
             if k < 3:
                 continue
@@ -113,6 +153,15 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str]]:
                     beats.append((k, corpus))
                 else:
                     short.append(f"k={k} {CORPORA[corpus]}: {_fmt_se(d, se)} nats")
+                    tokens, at = ppl[key][corpus]["tokens"], f"k={k} {CORPORA[corpus]}"
+                    closes.append(
+                        f"{at}: NBL is ahead by {-d:.4f} nats (s.e. {se:.4f}); if that holds, about "
+                        f"{_scale_up(tokens, se, -d / 2):,} tokens per corpus ({(se / (-d / 2)) ** 2:.1f}x the "
+                        f"{tokens:,} measured) put it beyond 2 s.e."
+                        if d < 0
+                        else f"{at}: NBL is not ahead ({_fmt_se(d, se)} nats), so more tokens cannot close it; "
+                        "those layers need a better map (healing) or another selection"
+                    )
                 if f"cca_bound/k{k}" in ppl and default != "cca_bound":
                     dc, sc = paired_nll(ppl[f"cca_bound/k{k}"], ppl[key], corpus)
                     if dc > 2 * sc:
@@ -129,6 +178,7 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str]]:
                     name,
                     f"{len(beats)} of {total} comparisons",
                     verdict,
+                    "; ".join(closes + ([f"run k = {missing}"] if missing else [])),
                 )
             )
             if default != "cca_bound":
@@ -138,36 +188,60 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str]]:
                         name,
                         "worse at " + ", ".join(worse_cca) if worse_cca else "never worse",
                         "met" if not worse_cca else "missed",
+                        ""
+                        if not worse_cca
+                        else "at those k the CCA bound's layers are better: compare both sets "
+                        "by the direct score at that k before choosing (not measured)",
                     )
                 )
         else:
-            rows.append((f"{default} beats DROP at every k >= 3", name, "not run", "not measured"))
+            rows.append((f"{default} beats DROP at every k >= 3", name, "not run", "not measured", ""))
         acc = rec.get("accuracy", {})
         k20 = max(1, round(0.2 * rec["num_layers"]))
         key = f"{default}/k{k20}"
         if "original" in acc and key in acc:
             m0, m = mean_acc7(acc["original"]), mean_acc7(acc[key])
             d, se = paired_acc7(acc["original"], acc[key])
+            close = ""
+            shortfall = 0.97 * m0 - m  # how far the mean accuracy is below 97% of the original's
+            if shortfall > 0:
+                n = _items(acc[key])
+                close = (
+                    f"the shortfall ({shortfall:.4f}) is {shortfall / se:.1f} paired s.e.: these {n} items per task "
+                    f"cannot tell whether the target is missed; about {_scale_up(n, se, shortfall / 2):,} items per "
+                    "task would resolve a shortfall of this size at 2 s.e."
+                    + _items_cap(data, _scale_up(n, se, shortfall / 2))
+                    if shortfall < 2 * se
+                    else f"a shortfall ({shortfall:.4f}) beyond 2 paired s.e.: fewer replaced layers or healing "
+                    "(nbl heal; the healing section below) is what would close it"
+                )
             rows.append(
                 (
                     f"7-task mean accuracy at k = {k20} (20%) >= 97% of the original",
                     name,
                     f"{m / m0:.1%} ({m:.4f} vs {m0:.4f}; Δ {_fmt_se(d, se)})",
                     "met" if m / m0 >= 0.97 else f"missed by {0.97 - m / m0:.1%} of the original's accuracy",
+                    close,
                 )
             )
             ses = {k: paired_acc7(acc["original"], p)[1] for k, p in acc.items() if k != "original"}
             worst = max(ses, key=ses.get)
+            n = _items(acc[worst])
             rows.append(
                 (
                     "paired s.e. of the 7-task mean difference <= 0.01 at every accuracy point",
                     name,
                     f"largest {ses[worst]:.4f} ({worst}; {len(ses)} points)",
                     "met" if ses[worst] <= 0.01 else f"missed by {ses[worst] - 0.01:.4f}",
+                    ""
+                    if ses[worst] <= 0.01
+                    else f"about {_scale_up(n, ses[worst], 0.01):,} items per task instead of {n}"
+                    + _items_cap(data, _scale_up(n, ses[worst], 0.01))
+                    + " (s.e. falls as 1/sqrt(items); selection_study.py --acc-extend --acc-n N adds the missing ones)",
                 )
             )
         else:
-            rows.append(("7-task accuracy at k = 20% >= 97% of the original", name, "not run", "not measured"))
+            rows.append(("7-task accuracy at k = 20% >= 97% of the original", name, "not run", "not measured", ""))
         sp = rec.get("speed")
         if sp:
             rows.append(
@@ -176,6 +250,11 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str]]:
                     name,
                     f"{sp['calibrate_seconds']:.0f} s / {sp['forward_seconds']:.0f} s = {sp['ratio']:.2f}x",
                     "met" if sp["ratio"] <= 1.3 else f"missed by {sp['ratio'] / 1.3 - 1:.0%}",
+                    ""
+                    if sp["ratio"] <= 1.3
+                    else f"the calibration's overhead over the forward pass "
+                    f"({sp['calibrate_seconds'] - sp['forward_seconds']:.0f} s) must fall to "
+                    f"{0.3 * sp['forward_seconds']:.0f} s",
                 )
             )
     return rows
@@ -263,6 +342,7 @@ def plot_overfit(name: str, rec: dict, png: Path) -> None:
 def render(data: dict, raw_name: str, default: str, plots: Path | None = None) -> str:
     """docs/results.md from the raw JSON alone; plots (PNG) into ``plots`` when given."""
     setup = data["setup"]
+    rows = targets(data, default)
     lines = [
         "# Layer selection and validated fits: what replacing k attention blocks costs",
         "",
@@ -287,9 +367,12 @@ def render(data: dict, raw_name: str, default: str, plots: Path | None = None) -
         "",
         "| target | model | measured | verdict |",
         "|---|---|---|---|",
-        *[f"| {t} | {m} | {v} | {w} |" for t, m, v, w in targets(data, default)],
+        *[f"| {t} | {m} | {v} | {w} |" for t, m, v, w, _ in rows],
         "",
     ]
+    closes = [f"- {m}, {t}: {c}" for t, m, _, _, c in rows if c]
+    if closes:
+        lines += ["What would close the missed targets (computed from the same numbers):", "", *closes, ""]
     if plots is not None and any(r.get("criteria") for r in data["models"].values()):
         plot_spearman(data, plots / "selection_spearman.png")
         lines += [f"![Spearman per criterion]({plots.name}/selection_spearman.png)", ""]
@@ -608,6 +691,12 @@ def _healing_at(rec: dict, k: int, target: bool) -> list[str]:
                 + f"): **{verdict}**"
             )
         h = p.get("healing") or {}
+        if target and h.get("train_tokens") and any(_recovered(orig, base, p, c) < 0.5 for c in CORPORA):
+            out.append(
+                f"- NBL + {heal}: the data scale not tried here: the paper's LoRA healing trains on "
+                f"{PAPER_HEAL_TOKENS:,} tokens (5,000 C4 samples x 1,024, 3 epochs), "
+                f"{PAPER_HEAL_TOKENS / h['train_tokens']:.0f}x this run's {h['train_tokens']:,} (a GPU job)"
+            )
         if h and h.get("best_step") == h.get("steps") and not h.get("stopped_early"):
             out.append(
                 f"- NBL + {heal}: the held-out loss was still falling at the last of {h['steps']} steps "

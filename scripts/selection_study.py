@@ -480,6 +480,7 @@ class Study:
             return
         acc = rec.setdefault("accuracy", {})
         total = {t: self._total(t) for t in ZERO_SHOT_7}  # each task's documents, read once
+        self.data.setdefault("setup", {}).setdefault("accuracy", {})["task_items"] = total  # caps "items needed"
         samples = {t: subset(t, a.acc_n, total[t]) for t in ZERO_SHOT_7}
         # Items per task each point has; a point on fewer is grown with --acc-extend: subset(t, n) is the first n of
         # one sha256 order, so a smaller subset lies inside a larger one and only the difference is measured.
