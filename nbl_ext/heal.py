@@ -29,9 +29,12 @@ model, which the caller can then free): everything else (embeddings, MLPs, untou
 LM head) is shared. The layers before the first replaced block compute the same thing in both,
 so the student replays the teacher's hidden state there instead of recomputing it.
 
-``input_scaling="rms"`` (both methods) trains LoRA's A or the maps' W on each target's inputs divided by their
+``input_scaling="rms"`` (both methods) trains LoRA's A or the maps' W on each map's inputs divided by their
 per-channel RMS on the first training batch (a reparametrization ``W = V diag(1/s)`` through
-``torch.nn.utils.parametrize``, removed before merging and saving: see :func:`_scale_inputs` for why).
+``torch.nn.utils.parametrize``, removed before merging and saving: see :func:`_scale_inputs` for why). Only the
+maps, which read the residual stream: the modules around them (``lora_targets="around"``) read attention outputs
+and MLP activations, whose heavy tails made a scaled run diverge (Gemma 3); they train on their plain inputs, at
+``lora_around_lr`` when given (the rms-scaled maps take rates far above what plain LoRA tolerates).
 
 Both methods hold out tokens (``heldout`` or ``heldout_fraction`` of the sequences) that are
 never trained on, evaluate the loss on them every ``eval_every`` steps (and before the first
@@ -100,7 +103,7 @@ LORA_TARGETS = ("auto", "maps", "around")
 SCHEDULES = ("linear", "constant")
 INPUT_SCALINGS = ("none", "rms")
 # HealConfig fields added after resume states were first written, at the value that behaves as before they existed
-FINGERPRINT_NEUTRAL = {"input_scaling": "none"}
+FINGERPRINT_NEUTRAL = {"input_scaling": "none", "lora_around_lr": None}
 
 
 @dataclass
@@ -123,9 +126,11 @@ class HealConfig:
     lora_targets: str = "auto"  # "maps", "around" (maps + lora_modules near replaced blocks), "auto"
     lora_radius: int = 1
     lora_modules: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    # peak learning rate of the LoRA on the lora_modules around the blocks (not the maps); default lr
+    lora_around_lr: float | None = None
     distill_loss: str = "kl"
-    # "rms": LoRA's A (LoRA) or W (distill) is trained on each target's inputs divided by their per-channel RMS on
-    # the training data (a reparametrization: the same function and the same merged W, b; see _scale_inputs)
+    # "rms": LoRA's A (LoRA) or W (distill) of each map is trained on the map's inputs divided by their per-channel
+    # RMS on the training data (a reparametrization: the same function and the same merged W, b; see _scale_inputs)
     input_scaling: str = "none"
     heldout_fraction: float = 0.1  # of the sequences, when heal() gets no heldout tensor
     patience: int = 3  # evaluations without improvement before stopping; 0: never stop early
@@ -177,6 +182,11 @@ class HealConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < hi:
                 raise bad(name, f"must be a number in [0, {hi})")
+        v = self.lora_around_lr
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < math.inf):
+            raise bad("lora_around_lr", "must be a positive number or None (the lr)")
+        if v is not None and self.method != "lora":
+            raise bad("lora_around_lr", "is LoRA's rate on the modules around the blocks; method='distill' trains W, b")
         for name in ("weight_decay", "min_delta"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < math.inf:
@@ -644,6 +654,7 @@ def heal(
     peft_model = None
     initial = None  # distill: the maps before training, put back if healing fails
     scaled: list[nn.Module] = []  # modules trained through _scale_inputs (input_scaling="rms")
+    lr_scales = None  # per trainable tensor, of the schedule's rate (lora_around_lr)
     micro = cfg.micro_batch_size or cfg.batch_size
     t0 = time.perf_counter()
     try:
@@ -657,8 +668,15 @@ def heal(
                     raise ImportError("heal(method='lora') needs peft: pip install 'peft>=0.17,<0.22'") from None
 
                 targets = _lora_targets(model, adapter, replaced, method, cfg)
+                on_maps = [t for t in targets if isinstance(model.get_submodule(t), AffineResidual)]
+                around = [t for t in targets if t not in on_maps]
+                if cfg.lora_around_lr is not None and not around:
+                    raise ValueError(
+                        "heal: lora_around_lr is set but LoRA has no targets around the blocks (only the maps); "
+                        "pass lora_targets='around' or leave lora_around_lr unset"
+                    )
                 if cfg.input_scaling == "rms":
-                    rms = _input_rms(model, [model.get_submodule(t) for t in targets], train[: cfg.batch_size], micro)
+                    rms = _input_rms(model, [model.get_submodule(t) for t in on_maps], train[: cfg.batch_size], micro)
                 peft_model = get_peft_model(
                     model,
                     LoraConfig(
@@ -670,10 +688,15 @@ def heal(
                     ),
                 )
                 if cfg.input_scaling == "rms":
-                    scaled = [model.get_submodule(t).lora_A["default"] for t in targets]
+                    scaled = [model.get_submodule(t).lora_A["default"] for t in on_maps]
                     for m, s in zip(scaled, rms):
                         _scale_inputs(m, s, keep_function=False)
                 params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                if cfg.lora_around_lr is not None:
+                    lr_scales = [
+                        cfg.lora_around_lr / cfg.lr if any(n.startswith(f"{t}.") for t in around) else 1.0
+                        for n, _ in params
+                    ]
                 objective = _Objective(model, adapter, replaced)
             else:
                 branches = teacher if isinstance(teacher, OriginalBranches) else OriginalBranches(teacher, replaced)
@@ -695,7 +718,7 @@ def heal(
                         params.append((f"{i}.{name}", p))
                 objective = _Distill(model, adapter, replaced, branches, cfg.distill_loss)
             min_steps = cfg.min_steps if cfg.min_steps is not None else min(total, steps_per_epoch)
-            tr = Trainer(model, objective, params, train, held, cfg, total, device, min_steps)
+            tr = Trainer(model, objective, params, train, held, cfg, total, device, min_steps, lr_scales)
             state_root = Path(cfg.state_dir) if cfg.state_dir else None
             resumed = tr.load(state_root, run) if state_root else False
             start = tr.step

@@ -47,6 +47,7 @@ class Trainer:
         total: int,
         device: torch.device,
         min_steps: int = 0,
+        lr_scales: list[float] | None = None,
     ) -> None:
         self.model, self.objective, self.params, self.cfg, self.total = model, objective, params, cfg, total
         self.train_ids, self.heldout = train, heldout
@@ -55,7 +56,16 @@ class Trainer:
         self.masters = [
             p if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True) for _, p in params
         ]
-        self.opt = torch.optim.AdamW(self.masters, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+        # one group per tensor (the optimizer state keeps the masters' order), each at lr_scale x the schedule's rate
+        scales = lr_scales if lr_scales is not None else [1.0] * len(self.masters)
+        if len(scales) != len(self.masters):
+            raise ValueError(f"Trainer: {len(scales)} lr_scales for {len(self.masters)} trainable tensors")
+        self.opt = torch.optim.AdamW(
+            [{"params": [m], "lr_scale": float(s)} for m, s in zip(self.masters, scales)],
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            foreach=False,
+        )
         self.micro = cfg.micro_batch_size or cfg.batch_size
         self.warmup = int(round(cfg.warmup_fraction * total))
         self.step, self.best_step, self.best_loss, self.bad_evals = 0, 0, math.inf, 0
@@ -104,7 +114,7 @@ class Trainer:
             raise FloatingPointError(f"heal: the training loss is {total} at step {step}; lower lr (now {self.cfg.lr})")
         torch.nn.utils.clip_grad_norm_(self.masters, self.cfg.max_grad_norm)
         for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(step)
+            g["lr"] = self.lr_at(step) * g["lr_scale"]
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.sync()

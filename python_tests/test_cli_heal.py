@@ -135,6 +135,16 @@ def test_heal_errors_are_clear(tmp_path, tiny_model_dir, compressed, capsys):
             ["heal", str(src), "--calib", str(calib), "--out", str(tmp_path / "a"), "--samples", "500"],
             "Use fewer samples",
         ),
+        (
+            ["heal", str(src), "--method", "distill", "--around-lr", "1e-4", "--calib", str(calib)]
+            + ["--out", str(tmp_path / "a")],
+            "lora_around_lr is LoRA's rate on the modules around",
+        ),
+        (
+            ["heal", str(src), "--targets", "maps", "--around-lr", "1e-4", "--calib", str(calib)]
+            + ["--out", str(tmp_path / "a"), *HEAL],
+            "LoRA has no targets around the blocks",
+        ),
     ]
     for argv, needle in cases:
         assert cli.main(argv + ["--no-progress"]) == 2, argv
@@ -152,6 +162,7 @@ def test_heal_help_teaches(capsys):
     for needle in (
         "--method {lora,distill}",
         "--input-scaling {none,rms}",
+        "--around-lr LR",
         "--in-place",
         "--original",
         "held-out",

@@ -403,6 +403,41 @@ def test_nbl_lora_around_trains_the_maps_and_the_modules_near_them_and_merges_al
         torch.testing.assert_close(unmerged(held).logits, model(held).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # transformers, inside peft
+def test_around_scales_only_the_maps_inputs_and_trains_the_modules_around_at_their_own_rate(models, monkeypatch):
+    """input_scaling='rms' reparametrizes the maps' LoRA A only (the modules around read heavy-tailed inputs);
+    lora_around_lr sets the rate of the LoRA on the modules around: at ~0 they stay put while the maps move."""
+    _, lin, train, held = models
+    scaled = []
+    real = heal_mod._scale_inputs
+    monkeypatch.setattr(
+        heal_mod, "_scale_inputs", lambda m, s, keep_function: scaled.append(m) or real(m, s, keep_function)
+    )
+    model = copy.deepcopy(lin)
+    res = heal(model, train, _fast(lora_targets="around", input_scaling="rms", lora_around_lr=1e-12), heldout=held)
+    assert len(scaled) == 2 and all(m.in_features == lin.config.hidden_size for m in scaled)  # the two maps' A
+    assert res.heldout_loss_after < res.heldout_loss_before - 0.02
+    now, before = model.state_dict(), lin.state_dict()
+    for t in res.targets:
+        delta = (now[f"{t}.weight"] - before[f"{t}.weight"]).abs().max().item()
+        if t.endswith("nbl_affine"):
+            assert delta > 1e-3, t
+        else:
+            assert delta < 1e-8, (t, delta)  # B moved by ~1e-12 per step from 0
+    # at the maps' rate (the default) the modules around do move
+    model = copy.deepcopy(lin)
+    res = heal(model, train, _fast(lora_targets="around", input_scaling="rms", steps=3), heldout=held)
+    assert (
+        model.state_dict()["model.layers.0.self_attn.o_proj.weight"] - before["model.layers.0.self_attn.o_proj.weight"]
+    ).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="lora_around_lr is set but LoRA has no targets around the blocks"):
+        heal(copy.deepcopy(lin), train, _fast(lora_targets="maps", lora_around_lr=1e-4), heldout=held)
+    with pytest.raises(ValueError, match="lora_around_lr must be a positive number or None"):
+        HealConfig(lora_around_lr=0.0)
+    with pytest.raises(ValueError, match="lora_around_lr is LoRA's rate on the modules around"):
+        HealConfig(method="distill", lora_around_lr=1e-4)
+
+
 def test_rms_scaled_distill_lowers_the_loss_and_keeps_w_when_it_cannot_help(models):
     """(Resuming an rms-scaled run exactly: test_resume_after_interruption_gives_the_uninterrupted_weights.)"""
     original, lin, train, held = models

@@ -152,6 +152,7 @@ def test_a_heal_run_on_other_settings_gets_its_own_key_and_counts_as_a_variant()
         heal_study.heal_key("nbl", 12, "lora", 1e-4, 128),
         heal_study.heal_key("nbl", 12, "lora", 1e-3, 64, "rms"),
         heal_study.heal_key("nbl", 12, "lora", 5e-3, 128, "rms", "around"),
+        heal_study.heal_key("nbl", 12, "lora", 5e-3, 128, "rms", "around", 1e-4),
     ]
     assert keys == [
         "nbl/k12/lora",
@@ -160,10 +161,12 @@ def test_a_heal_run_on_other_settings_gets_its_own_key_and_counts_as_a_variant()
         "nbl/k12/lora@n128",
         "nbl/k12/lora@lr0.001,rms",
         "nbl/k12/lora@lr0.005,n128,rms,around",
+        "nbl/k12/lora@lr0.005,n128,rms,around@lr0.0001",
     ]
     # DROP's LoRA is always around the removed blocks, and distillation has no LoRA targets: no tag
     assert heal_study.heal_key("drop", 12, "lora", 1e-3, 128, "none", "around") == "drop/k12/lora@lr0.001,n128"
     assert heal_study.heal_key("nbl", 12, "distill", 1e-3, 64, "none", "around") == "nbl/k12/distill@lr0.001"
+    assert heal_study.heal_key("drop", 12, "lora", 1e-4, 64, "none", "around", 1e-5) == "drop/k12/lora"
     assert heal_study.heal_key("nbl", 12, "none", 1e-3, 128) == "nbl/k12/none"  # one unhealed baseline
     pts = {key: {} for key in keys + ["nbl/k12/none", "nbl/k12/lorax", "nbl/k12/distill@n128"]}
     assert selection_report.heal_variants(pts, "nbl", 12, "lora") == keys

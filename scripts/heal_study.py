@@ -56,20 +56,29 @@ SAMPLES = 64  # the committed study's healing sequences; a point healed on anoth
 
 
 def heal_key(
-    method: str, k: int, heal: str, lr: float, samples: int = SAMPLES, scaling: str = "none", targets: str = "auto"
+    method: str,
+    k: int,
+    heal: str,
+    lr: float,
+    samples: int = SAMPLES,
+    scaling: str = "none",
+    targets: str = "auto",
+    around_lr: float | None = None,
 ) -> str:
     """A point's key: ``nbl/k12/lora``, or with the settings that differ from the committed study's after an
     ``@``: ``nbl/k12/lora@lr0.001`` (another learning rate), ``nbl/k12/lora@lr0.001,n128`` (and 128 healing
     sequences), ``...,rms`` (HealConfig.input_scaling="rms"), ``...,around`` (NBL's LoRA also on the modules
-    around the maps, HealConfig.lora_targets="around"; DROP's LoRA is always there). The renderer picks among a
-    heal's variants by the early-stopping loss, never by test data."""
+    around the maps, HealConfig.lora_targets="around"; DROP's LoRA is always there), ``...,around@lr0.0001``
+    (those modules at their own rate, HealConfig.lora_around_lr). The renderer picks among a heal's variants by the
+    early-stopping loss, never by test data."""
+    around = heal == "lora" and method == "nbl" and targets == "around"
     tags = (
         []
         if heal == "none"
         else [f"lr{lr:g}"] * (lr != PAPER_LR)
         + [f"n{samples}"] * (samples != SAMPLES)
         + ["rms"] * (scaling == "rms")
-        + ["around"] * (heal == "lora" and method == "nbl" and targets == "around")
+        + ([f"around@lr{around_lr:g}" if around_lr is not None else "around"] if around else [])
     )
     return f"{method}/k{k}/{heal}" + (f"@{','.join(tags)}" if tags else "")
 
@@ -212,6 +221,10 @@ class Study:
         tmp.write_text(json.dumps(self.data, indent=1) + "\n")
         tmp.replace(self.raw)
 
+    def around(self, method: str, linearization: str) -> bool:
+        """NBL's LoRA also on the modules around the maps (--lora-targets around)."""
+        return method == "lora" and linearization == "nbl" and self.args.lora_targets == "around"
+
     def heal_config(self, method: str, seed: int = 0, linearization: str = "nbl") -> HealConfig:
         a = self.args
         return HealConfig(
@@ -221,6 +234,7 @@ class Study:
             lr=a.lr,
             input_scaling=a.input_scaling,
             lora_targets=a.lora_targets if method == "lora" and linearization == "nbl" else "auto",
+            lora_around_lr=a.lora_around_lr if self.around(method, linearization) else None,
             batch_size=a.batch_size,
             micro_batch_size=a.micro_batch_size,
             patience=a.patience,
@@ -322,7 +336,7 @@ class Study:
         wanted = a.heals.split(",") if a.heals else None
         methods = {m: tuple(h for h in HEALS[m] if wanted is None or h in wanted) for m in a.methods.split(",")}
         todo = [
-            heal_key(m, k, h, a.lr, a.samples, a.input_scaling, a.lora_targets)
+            heal_key(m, k, h, a.lr, a.samples, a.input_scaling, a.lora_targets, a.lora_around_lr)
             for k in ks
             for m, heals in methods.items()
             for h in ("none", *heals)
@@ -396,7 +410,7 @@ class Study:
                 base = nbl_ext.linearize(copy.deepcopy(model), res, sel, method=method)
                 measure(base, f"{method}/k{k}/none", {"k": k, "method": method, "heal": None, "layers": sel})
                 for h in heals:
-                    key = heal_key(method, k, h, a.lr, a.samples, a.input_scaling, a.lora_targets)
+                    key = heal_key(method, k, h, a.lr, a.samples, a.input_scaling, a.lora_targets, a.lora_around_lr)
                     if complete(rec["points"].get(key), a.acc_n):
                         continue  # (a point without accuracy is healed again: from its saved state, if kept)
                     healed = copy.deepcopy(base)
@@ -535,6 +549,13 @@ def main(argv=None):
         help="HealConfig.lora_targets for NBL's LoRA (default auto: the maps alone, the committed study's; around: "
         "also the modules around them, as DROP's LoRA always is; keys NBL's points '...@around')",
     )
+    ap.add_argument(
+        "--lora-around-lr",
+        type=float,
+        default=None,
+        help="with --lora-targets around: HealConfig.lora_around_lr, the rate of the LoRA on the modules around "
+        "the maps (default: --lr); keys NBL's points '...,around@lr<value>'",
+    )
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per step (default 16, the paper's)")
     ap.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward (default 4)")
     ap.add_argument("--patience", type=int, default=3, help="early-stopping patience (default 3)")
@@ -543,6 +564,8 @@ def main(argv=None):
     ap.add_argument("--acc-n", type=int, default=50, help="documents per zero-shot task (default 50; 0: skip)")
     ap.add_argument("--progress", action="store_true", help="healing progress bars")
     args = ap.parse_args(argv)
+    if args.lora_around_lr is not None and args.lora_targets != "around":
+        ap.error("--lora-around-lr sets the rate of the LoRA around the maps: it needs --lora-targets around")
     raw = Path(args.out)
     own = raw.resolve() == (DOCS / "results" / "heal_study.json").resolve()
     page = Path(args.page) if args.page else DOCS / "results.md" if own else None

@@ -117,12 +117,20 @@ def add_parser(sub) -> None:
         "to replaced blocks), auto (maps for nbl, around for drop; default)",
     )
     h.add_argument(
+        "--around-lr",
+        type=positive(float),
+        default=None,
+        metavar="LR",
+        help="with --targets around: peak learning rate of the LoRA on the layers next to the blocks (default: "
+        "--lr). With --input-scaling rms the maps take rates (5e-3) that plain LoRA on those layers does not",
+    )
+    h.add_argument(
         "--input-scaling",
         choices=["none", "rms"],
         default="none",
-        help="rms: train LoRA's A (lora) or W (distill) on each target's inputs divided by their per-channel RMS, "
+        help="rms: train LoRA's A (lora) or W (distill) of each map on its inputs divided by their per-channel RMS, "
         "so that massive-activation channels of the residual stream (Gemma 3) do not set the step size for all; "
-        "the result merges into W, b as usual (default: none)",
+        "the layers of --targets around train on plain inputs; the result merges into W, b as usual (default: none)",
     )
     h.add_argument(
         "--patience",
@@ -216,6 +224,7 @@ def run(args) -> int:
         lora_alpha=args.alpha,
         lora_dropout=args.dropout,
         lora_targets=args.targets,
+        lora_around_lr=args.around_lr,
         distill_loss=args.loss,
         input_scaling=args.input_scaling,
         patience=args.patience,
