@@ -55,6 +55,11 @@ PAPER_LR = 1e-4  # the paper's LoRA learning rate; a point healed at another --l
 SAMPLES = 64  # the committed study's healing sequences; a point healed on another --samples carries "n<value>"
 
 
+def lora_around(linearization: str, heal: str, targets: str) -> bool:
+    """NBL's LoRA also on the modules around the maps (--lora-targets around; DROP's LoRA is always there)."""
+    return heal == "lora" and linearization == "nbl" and targets == "around"
+
+
 def heal_key(
     method: str,
     k: int,
@@ -71,14 +76,17 @@ def heal_key(
     around the maps, HealConfig.lora_targets="around"; DROP's LoRA is always there), ``...,around@lr0.0001``
     (those modules at their own rate, HealConfig.lora_around_lr). The renderer picks among a heal's variants by the
     early-stopping loss, never by test data."""
-    around = heal == "lora" and method == "nbl" and targets == "around"
     tags = (
         []
         if heal == "none"
         else [f"lr{lr:g}"] * (lr != PAPER_LR)
         + [f"n{samples}"] * (samples != SAMPLES)
         + ["rms"] * (scaling == "rms")
-        + ([f"around@lr{around_lr:g}" if around_lr is not None else "around"] if around else [])
+        + (
+            [f"around@lr{around_lr:g}" if around_lr is not None else "around"]
+            if lora_around(method, heal, targets)
+            else []
+        )
     )
     return f"{method}/k{k}/{heal}" + (f"@{','.join(tags)}" if tags else "")
 
@@ -221,10 +229,6 @@ class Study:
         tmp.write_text(json.dumps(self.data, indent=1) + "\n")
         tmp.replace(self.raw)
 
-    def around(self, method: str, linearization: str) -> bool:
-        """NBL's LoRA also on the modules around the maps (--lora-targets around)."""
-        return method == "lora" and linearization == "nbl" and self.args.lora_targets == "around"
-
     def heal_config(self, method: str, seed: int = 0, linearization: str = "nbl") -> HealConfig:
         a = self.args
         return HealConfig(
@@ -234,7 +238,7 @@ class Study:
             lr=a.lr,
             input_scaling=a.input_scaling,
             lora_targets=a.lora_targets if method == "lora" and linearization == "nbl" else "auto",
-            lora_around_lr=a.lora_around_lr if self.around(method, linearization) else None,
+            lora_around_lr=a.lora_around_lr if lora_around(linearization, method, a.lora_targets) else None,
             batch_size=a.batch_size,
             micro_batch_size=a.micro_batch_size,
             patience=a.patience,

@@ -154,9 +154,10 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str, str]]:
                 else:
                     short.append(f"k={k} {CORPORA[corpus]}: {_fmt_se(d, se)} nats")
                     tokens, at = ppl[key][corpus]["tokens"], f"k={k} {CORPORA[corpus]}"
+                    need = _scale_up(tokens, se, -d / 2) if d < 0 else 0
                     closes.append(
                         f"{at}: NBL is ahead by {-d:.4f} nats (s.e. {se:.4f}); if that holds, about "
-                        f"{_scale_up(tokens, se, -d / 2):,} tokens per corpus ({(se / (-d / 2)) ** 2:.1f}x the "
+                        f"{need:,} tokens per corpus ({(se / (-d / 2)) ** 2:.1f}x the "
                         f"{tokens:,} measured) put it beyond 2 s.e."
                         if d < 0
                         else f"{at}: NBL is not ahead ({_fmt_se(d, se)} nats), so more tokens cannot close it; "
@@ -206,11 +207,11 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str, str]]:
             shortfall = 0.97 * m0 - m  # how far the mean accuracy is below 97% of the original's
             if shortfall > 0:
                 n = _items(acc[key])
+                need = _scale_up(n, se, shortfall / 2)
                 close = (
                     f"the shortfall ({shortfall:.4f}) is {shortfall / se:.1f} paired s.e.: these {n} items per task "
-                    f"cannot tell whether the target is missed; about {_scale_up(n, se, shortfall / 2):,} items per "
-                    "task would resolve a shortfall of this size at 2 s.e."
-                    + _items_cap(data, _scale_up(n, se, shortfall / 2))
+                    f"cannot tell whether the target is missed; about {need:,} items per "
+                    "task would resolve a shortfall of this size at 2 s.e." + _items_cap(data, need)
                     if shortfall < 2 * se
                     else f"a shortfall ({shortfall:.4f}) beyond 2 paired s.e.: fewer replaced layers or healing "
                     "(nbl heal; the healing section below) is what would close it"
@@ -227,6 +228,7 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str, str]]:
             ses = {k: paired_acc7(acc["original"], p)[1] for k, p in acc.items() if k != "original"}
             worst = max(ses, key=ses.get)
             n = _items(acc[worst])
+            need = _scale_up(n, ses[worst], 0.01)
             rows.append(
                 (
                     "paired s.e. of the 7-task mean difference <= 0.01 at every accuracy point",
@@ -235,8 +237,8 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str, str]]:
                     "met" if ses[worst] <= 0.01 else f"missed by {ses[worst] - 0.01:.4f}",
                     ""
                     if ses[worst] <= 0.01
-                    else f"about {_scale_up(n, ses[worst], 0.01):,} items per task instead of {n}"
-                    + _items_cap(data, _scale_up(n, ses[worst], 0.01))
+                    else f"about {need:,} items per task instead of {n}"
+                    + _items_cap(data, need)
                     + " (s.e. falls as 1/sqrt(items); selection_study.py --acc-extend --acc-n N adds the missing ones)",
                 )
             )
