@@ -206,6 +206,10 @@ class HealConfig:
         for k, v in FINGERPRINT_NEUTRAL.items():
             if out.get(k) == v:
                 del out[k]
+        if self.method == "lora" and self.input_scaling == "rms" and self.lora_targets != "maps":
+            # Until lora_around_lr came (commit 74c795c) rms scaled every LoRA target, the modules around the blocks
+            # too; now only the maps. A state written then has the same fields, other semantics: it must not resume.
+            out["rms_scope"] = "maps"
         return out
 
 

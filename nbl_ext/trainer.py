@@ -192,6 +192,9 @@ class Trainer:
         if meta.get("version") != STATE_VERSION or meta.get("run") != run:
             old = meta.get("run") or {}
             diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
+            if "config" in diff and isinstance(old.get("config"), dict):  # name the settings, not just "config"
+                was, now = old["config"], run["config"]
+                diff += [f"config.{k}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
             raise ValueError(
                 f"{what} belongs to another run (differs in: {', '.join(diff) or 'version'}); use a "
                 "new state_dir, or delete this one to start over"

@@ -244,6 +244,21 @@ def test_a_state_written_before_a_config_field_existed_resumes_at_that_fields_ne
         assert torch.equal(model.state_dict()[k], v), k
 
 
+def test_an_rms_around_state_written_before_rms_meant_maps_only_is_refused(models, tmp_path):
+    """Until 74c795c input_scaling='rms' scaled every LoRA target; such a state has the same fields, other meaning."""
+    _, lin, train, held = models
+    assert "rms_scope" not in _fast(input_scaling="rms", lora_targets="maps").training_fields()  # meaning unchanged
+    assert "rms_scope" not in _fast(lora_targets="around").training_fields()
+    cfg = dict(steps=2, lora_targets="around", input_scaling="rms", state_dir=str(tmp_path))
+    heal(copy.deepcopy(lin), train, _fast(**cfg), heldout=held)
+    path = tmp_path / "heal_state" / "state.json"
+    meta = json.loads(path.read_text())
+    assert meta["run"]["config"].pop("rms_scope") == "maps"
+    path.write_text(json.dumps(meta))  # what the older code wrote
+    with pytest.raises(ValueError, match=r"belongs to another run .*config\.rms_scope"):
+        heal(copy.deepcopy(lin), train, _fast(**cfg), heldout=held)
+
+
 def test_drop_model_gets_lora_around_the_dropped_blocks_and_is_never_made_worse(models):
     original, _, train, held = models
     model = copy.deepcopy(original)
