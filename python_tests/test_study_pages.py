@@ -415,3 +415,45 @@ def test_a_missed_target_says_what_would_close_it_from_the_same_numbers():
     data["models"]["m"]["accuracy"]["direct_kl/k2"] = {"tasks": tasks(orig)}
     rows = {r[0].split(" (")[0]: r for r in selection_report.targets(data, "direct_kl")}
     assert rows["7-task mean accuracy at k = 2"][4] == ""
+
+
+def test_a_re_measure_on_more_tokens_gets_its_own_row_and_table_and_leaves_the_tables_verdict_alone():
+    """selection_study --confirm writes 'ppl_confirm': the page adds a target row judged on it alone (so a
+    re-measure made because a target missed is shown beside the miss, not instead of it) and a table with why."""
+
+    def windows(nll):
+        ppl = math.exp(sum(nll) / len(nll))
+        return {"ppl": ppl, "tokens": 100 * len(nll), "window_nll": [[x * 100, 100] for x in nll]}
+
+    drop = [3.0, 3.1, 3.2, 3.3]
+    noisy = [x + e for x, e in zip(drop, (-0.05, 0.03, -0.04, 0.02))]  # within noise of DROP
+    drop8 = drop * 2
+    clear = [x - 0.02 + e for x, e in zip(drop8, (0.001, -0.001) * 4)]  # ahead by 0.02 nats, clearly
+    pts = lambda d, n: {  # noqa: E731
+        "original": {"k": 0, "c4": windows(d), "wikitext2": windows(d)},
+        "drop/k3": {"k": 3, "criterion": "drop", "layers": [1, 2, 3], "c4": windows(d), "wikitext2": windows(d)},
+        "direct_kl/k3": {
+            "k": 3,
+            "criterion": "direct_kl",
+            "layers": [4, 5, 6],
+            "c4": windows(n),
+            "wikitext2": windows(n),
+        },
+    }
+    rec = {"num_layers": 10, "hidden_size": 64, "k_grid": [3], "ppl": pts(drop, noisy)}
+    data = {"setup": {"perplexity": {"context": 100}}, "models": {"m": rec}}
+    title = "direct_kl + NBL map beats DROP by > 2 paired s.e. at every k >= 3 (C4 and WikiText-2)"
+    rows = [r for r in selection_report.targets(data, "direct_kl") if r[0].startswith(title)]
+    assert len(rows) == 1 and rows[0][3].startswith("missed")
+
+    rec["ppl_confirm"] = pts(drop8, clear)
+    rec["ppl_confirm_setup"] = {"tokens": 800, "context": 100, "why": "the k = 3 comparison missed within noise"}
+    rows = [r for r in selection_report.targets(data, "direct_kl") if r[0].startswith(title)]
+    assert [r[0] for r in rows] == [title, title + ", re-measured on up to 800 tokens"]
+    assert rows[0][3].startswith("missed") and rows[1][2:4] == ("2 of 2 comparisons", "met")
+    setup = {**data["setup"], "commit": "c", "device": "cpu", "sets": {}, "folds": 5, "ridges": [0.0, 1.0]}
+    text = selection_report.render(data | {"setup": setup}, "raw.json", "direct_kl")
+    section = text.split("### The comparison with DROP re-measured on more tokens")[1]
+    assert "Why: the k = 3 comparison missed within noise. 800 C4 and 800 WikiText-2 tokens" in section
+    d, se = selection_report.paired_nll(rec["ppl_confirm"]["drop/k3"], rec["ppl_confirm"]["direct_kl/k3"], "c4")
+    assert f"| 3 | **direct_kl** | [4, 5, 6] | {math.exp(sum(clear) / 8):.2f} | {d:+.4f} ± {se:.4f}" in section

@@ -137,52 +137,11 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str, str]]:
             )
         else:
             rows.append((f"Spearman of {default} >= 0.8", name, "not run", "not measured", ""))
-        ppl = rec.get("ppl", {})
-        beats, total, worse_cca, missing, short, closes = [], 0, [], [], [], []
-        for k in rec.get("k_grid", []):
-            if k < 3:
-                continue
-            key = f"{default}/k{k}"
-            if key not in ppl or f"drop/k{k}" not in ppl:
-                missing.append(k)
-                continue
-            for corpus in CORPORA:
-                total += 1
-                d, se = paired_nll(ppl[f"drop/k{k}"], ppl[key], corpus)
-                if d < -2 * se:
-                    beats.append((k, corpus))
-                else:
-                    short.append(f"k={k} {CORPORA[corpus]}: {_fmt_se(d, se)} nats")
-                    tokens, at = ppl[key][corpus]["tokens"], f"k={k} {CORPORA[corpus]}"
-                    need = _scale_up(tokens, se, -d / 2) if d < 0 else 0
-                    closes.append(
-                        f"{at}: NBL is ahead by {-d:.4f} nats (s.e. {se:.4f}); if that holds, about "
-                        f"{need:,} tokens per corpus ({(se / (-d / 2)) ** 2:.1f}x the "
-                        f"{tokens:,} measured) put it beyond 2 s.e."
-                        if d < 0
-                        else f"{at}: NBL is not ahead ({_fmt_se(d, se)} nats), so more tokens cannot close it; "
-                        "those layers need a better map (healing) or another selection"
-                    )
-                if f"cca_bound/k{k}" in ppl and default != "cca_bound":
-                    dc, sc = paired_nll(ppl[f"cca_bound/k{k}"], ppl[key], corpus)
-                    if dc > 2 * sc:
-                        worse_cca.append(f"k={k} {corpus} ({_fmt_se(dc, sc)} nats)")
-        if total:
-            verdict = "met" if len(beats) == total and not missing else "missed" if short else "partly run"
-            if short:
-                verdict += " (not beyond 2 s.e.: " + "; ".join(short) + ")"
-            if missing:
-                verdict += f"; k = {missing} not run"
-            rows.append(
-                (
-                    f"{default} + NBL map beats DROP by > 2 paired s.e. at every k >= 3 (C4 and WikiText-2)",
-                    name,
-                    f"{len(beats)} of {total} comparisons",
-                    verdict,
-                    "; ".join(closes + ([f"run k = {missing}"] if missing else [])),
-                )
-            )
+        vs = _vs_drop(rec.get("ppl", {}), default, rec.get("k_grid", []))
+        if vs["total"]:
+            rows.append(_vs_drop_row(vs, default, name, ""))
             if default != "cca_bound":
+                worse_cca = vs["worse_cca"]
                 rows.append(
                     (
                         f"{default} never worse than the CCA-bound selection beyond 2 paired s.e.",
@@ -195,6 +154,10 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str, str]]:
                         "by the direct score at that k before choosing (not measured)",
                     )
                 )
+            confirm = _vs_drop(rec.get("ppl_confirm", {}), default, rec.get("k_grid", []))
+            if confirm["total"]:
+                tokens = rec["ppl_confirm_setup"]["tokens"]
+                rows.append(_vs_drop_row(confirm, default, name, f", re-measured on up to {tokens:,} tokens"))
         else:
             rows.append((f"{default} beats DROP at every k >= 3", name, "not run", "not measured", ""))
         acc = rec.get("accuracy", {})
@@ -260,6 +223,79 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str, str]]:
                 )
             )
     return rows
+
+
+def _vs_drop(ppl: dict, default: str, k_grid: list[int]) -> dict:
+    """The default's NBL points against DROP's at every k >= 3 of ``ppl`` (the table or its re-measure)."""
+    out = {"beats": [], "total": 0, "worse_cca": [], "missing": [], "short": [], "closes": []}
+    for k in k_grid:
+        if k < 3:
+            continue
+        key = f"{default}/k{k}"
+        if key not in ppl or f"drop/k{k}" not in ppl:
+            out["missing"].append(k)
+            continue
+        for corpus in CORPORA:
+            out["total"] += 1
+            d, se = paired_nll(ppl[f"drop/k{k}"], ppl[key], corpus)
+            if d < -2 * se:
+                out["beats"].append((k, corpus))
+            else:
+                out["short"].append(f"k={k} {CORPORA[corpus]}: {_fmt_se(d, se)} nats")
+                tokens, at = ppl[key][corpus]["tokens"], f"k={k} {CORPORA[corpus]}"
+                need = _scale_up(tokens, se, -d / 2) if d < 0 else 0
+                out["closes"].append(
+                    f"{at}: NBL is ahead by {-d:.4f} nats (s.e. {se:.4f}); if that holds, about "
+                    f"{need:,} tokens per corpus ({(se / (-d / 2)) ** 2:.1f}x the "
+                    f"{tokens:,} measured) put it beyond 2 s.e."
+                    if d < 0
+                    else f"{at}: NBL is not ahead ({_fmt_se(d, se)} nats), so more tokens cannot close it; "
+                    "those layers need a better map (healing) or another selection"
+                )
+            if f"cca_bound/k{k}" in ppl and default != "cca_bound":
+                dc, sc = paired_nll(ppl[f"cca_bound/k{k}"], ppl[key], corpus)
+                if dc > 2 * sc:
+                    out["worse_cca"].append(f"k={k} {corpus} ({_fmt_se(dc, sc)} nats)")
+    return out
+
+
+def _vs_drop_row(vs: dict, default: str, name: str, where: str) -> tuple[str, str, str, str, str]:
+    missing, short = vs["missing"], vs["short"]
+    verdict = "met" if len(vs["beats"]) == vs["total"] and not missing else "missed" if short else "partly run"
+    if short:
+        verdict += " (not beyond 2 s.e.: " + "; ".join(short) + ")"
+    if missing:
+        verdict += f"; k = {missing} not run"
+    return (
+        f"{default} + NBL map beats DROP by > 2 paired s.e. at every k >= 3 (C4 and WikiText-2){where}",
+        name,
+        f"{len(vs['beats'])} of {vs['total']} comparisons",
+        verdict,
+        "; ".join(vs["closes"] + ([f"run k = {missing}"] if missing else [])),
+    )
+
+
+def _ppl_table(ppl: dict, default: str) -> list[str]:
+    """Perplexity per point and its paired NLL difference with DROP at the same k, one row per point."""
+    o = ppl["original"]
+    lines = [
+        "| k | criterion | layers | C4 ppl | ΔNLL vs DROP (C4) | WikiText-2 ppl | ΔNLL vs DROP (WT2) |",
+        "|---:|---|---|---:|---:|---:|---:|",
+        f"| 0 | original | – | {o['c4']['ppl']:.2f} | | {o['wikitext2']['ppl']:.2f} | |",
+    ]
+    for key, p in sorted(ppl.items(), key=lambda kv: (kv[1]["k"], kv[1].get("criterion") == "drop", kv[0])):
+        if key == "original":
+            continue
+        cells = []
+        drop = ppl.get(f"drop/k{p['k']}")
+        for corpus in CORPORA:
+            vs = p[corpus].get("vs_drop")
+            if vs is None and drop is not None and p["criterion"] != "drop":
+                vs = paired_nll(drop, p, corpus)  # measured before DROP's point was
+            cells += [f"{p[corpus]['ppl']:.2f}", _fmt_se(*vs) if vs else ""]
+        crit = f"**{p['criterion']}**" if p["criterion"] == default else p["criterion"]
+        lines.append(f"| {p['k']} | {crit} | {p['layers']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 # --- plots --------------------------------------------------------------------------------------
@@ -437,25 +473,18 @@ def render(data: dict, raw_name: str, default: str, plots: Path | None = None) -
                 "(negative = better than DROP). A criterion that picks the same layers as one above it "
                 "shares its measurement.",
                 "",
-                "| k | criterion | layers | C4 ppl | ΔNLL vs DROP (C4) | WikiText-2 ppl | ΔNLL vs DROP (WT2) |",
-                "|---:|---|---|---:|---:|---:|---:|",
-                f"| 0 | original | – | {o['c4']['ppl']:.2f} | | {o['wikitext2']['ppl']:.2f} | |",
-            ]
-            for key, p in sorted(
-                rec["ppl"].items(), key=lambda kv: (kv[1]["k"], kv[1].get("criterion") == "drop", kv[0])
-            ):
-                if key == "original":
-                    continue
-                cells = []
-                drop = rec["ppl"].get(f"drop/k{p['k']}")
-                for corpus in CORPORA:
-                    vs = p[corpus].get("vs_drop")
-                    if vs is None and drop is not None and p["criterion"] != "drop":
-                        vs = paired_nll(drop, p, corpus)  # measured before DROP's point was
-                    cells += [f"{p[corpus]['ppl']:.2f}", _fmt_se(*vs) if vs else ""]
-                crit = f"**{p['criterion']}**" if p["criterion"] == default else p["criterion"]
-                lines.append(f"| {p['k']} | {crit} | {p['layers']} | " + " | ".join(cells) + " |")
-            lines.append("")
+            ] + _ppl_table(rec["ppl"], default)
+            conf = rec.get("ppl_confirm")
+            if conf and "original" in conf:
+                cs, o = rec["ppl_confirm_setup"], conf["original"]
+                lines += [
+                    "### The comparison with DROP re-measured on more tokens",
+                    "",
+                    f"Why: {cs['why']}. {o['c4']['tokens']:,} C4 and {o['wikitext2']['tokens']:,} WikiText-2 tokens "
+                    f"in windows of {cs['context']}; the same layers and maps as the table above, which keeps its "
+                    "own numbers.",
+                    "",
+                ] + _ppl_table(conf, default)
         if rec.get("overfit"):
             if plots is not None:
                 plot_overfit(name, rec, plots / f"selection_overfit_{name}.png")

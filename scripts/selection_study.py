@@ -103,6 +103,10 @@ DEFAULT_PPL_CRITERIA = ("cca_bound", "cv_nmse", "residual_ratio", "direct_nll", 
 STATISTICS = ("cca_bound", "nmse", "cosine", "cv_nmse", "residual_ratio")
 
 
+#: Where ``--confirm`` puts its perplexity points, and its tokens, context and reason.
+CONFIRM, CONFIRM_SETUP = "ppl_confirm", "ppl_confirm_setup"
+
+
 def ks(n_layers: int) -> list[int]:
     return sorted({max(1, round(f * n_layers)) for f in K_FRACTIONS})
 
@@ -342,7 +346,9 @@ class Study:
 
     def ppl(self, name, rec, model, tok, result, bos):
         a = self.args
-        pts = rec.setdefault("ppl", {})
+        pts = rec.setdefault(CONFIRM if a.confirm else "ppl", {})
+        if a.confirm:  # a re-measure on more tokens, beside the table: its own windows, the table's layers
+            rec.setdefault(CONFIRM_SETUP, {}).update(tokens=a.ppl_tokens, context=a.context, why=a.confirm)
         corpora = {"wikitext2": wikitext2_ids(tok, EVAL, a.ppl_tokens), "c4": c4_heldout_ids(tok, C4, a.ppl_tokens)[0]}
 
         def measure(m):
@@ -643,6 +649,14 @@ def main(argv=None):
         type=int,
         default=8192,
         help="tokens per perplexity corpus (default 8192, the committed study's)",
+    )
+    ap.add_argument(
+        "--confirm",
+        metavar="WHY",
+        default=None,
+        help="the ppl part re-measures into the JSON's 'ppl_confirm' (beside the table, which stays as it is) "
+        "with its own --ppl-tokens; WHY says why (the page prints it: a re-measure made because a target "
+        "was missed must say so)",
     )
     ap.add_argument("--nmse-tokens", type=int, default=8192, help="test C4 tokens for the measured held-out NMSE")
     ap.add_argument("--context", type=int, default=512, help="perplexity window and lm-eval max length")
