@@ -28,6 +28,8 @@ Parts (``--parts``):
   its Spearman correlation with the ground truth (signed so that +1 ranks the layers as the truth does).
 * ``ppl``: perplexity on held-out C4 and WikiText-2 for k on the grid (10..40% of the layers), every criterion's
   layers with the NBL map, DROP beside (cosine, branch removed); paired (same windows) NLL differences.
+  ``--confirm WHY`` re-measures into ``ppl_confirm`` beside the table (e.g. more ``--ppl-tokens`` where a
+  comparison missed within noise); the page shows it under the table with WHY and its own target row.
 * ``overfit``: in-sample, cross-validated and measured held-out NMSE (on test C4 tokens: a report, chooses
   nothing) against calibration size (about 8k, 32k and all calibration tokens), ridge 0 and validated ridge;
   and self-generated calibration at ``--self-samples`` sequences.
