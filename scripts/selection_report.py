@@ -35,6 +35,8 @@ COLOR = {
     "nmse": "tab:gray",
 }
 PAPER_HEAL_TOKENS = 5000 * 1024 * 3  # the paper's LoRA healing: 5,000 C4 samples of 1,024 tokens, 3 epochs
+#: Where selection_study --confirm puts its perplexity points, and its tokens, context and reason.
+CONFIRM, CONFIRM_SETUP = "ppl_confirm", "ppl_confirm_setup"
 LABEL = {"drop": "DROP (cosine, block removed)", "cca_bound": "CCA bound (paper)"}
 
 
@@ -154,9 +156,9 @@ def targets(data: dict, default: str) -> list[tuple[str, str, str, str, str]]:
                         "by the direct score at that k before choosing (not measured)",
                     )
                 )
-            confirm = _vs_drop(rec.get("ppl_confirm", {}), default, rec.get("k_grid", []))
+            confirm = _vs_drop(rec.get(CONFIRM, {}), default, rec.get("k_grid", []))
             if confirm["total"]:
-                tokens = rec["ppl_confirm_setup"]["tokens"]
+                tokens = rec[CONFIRM_SETUP]["tokens"]
                 rows.append(_vs_drop_row(confirm, default, name, f", re-measured on up to {tokens:,} tokens"))
         else:
             rows.append((f"{default} beats DROP at every k >= 3", name, "not run", "not measured", ""))
@@ -474,9 +476,9 @@ def render(data: dict, raw_name: str, default: str, plots: Path | None = None) -
                 "shares its measurement.",
                 "",
             ] + _ppl_table(rec["ppl"], default)
-            conf = rec.get("ppl_confirm")
+            conf = rec.get(CONFIRM)
             if conf and "original" in conf:
-                cs, o = rec["ppl_confirm_setup"], conf["original"]
+                cs, o = rec[CONFIRM_SETUP], conf["original"]
                 lines += [
                     "### The comparison with DROP re-measured on more tokens",
                     "",

@@ -87,8 +87,8 @@ from nbl_ext.tasks import OFFLINE_TASKS, ZERO_SHOT_7
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_study import heldout_nmse, subset
+from selection_report import CONFIRM, CONFIRM_SETUP, paired_nll, spearman, write_page
 from selection_report import median as _median
-from selection_report import paired_nll, spearman, write_page
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = (ROOT / ".." / "shared" / "data").resolve()
@@ -103,10 +103,6 @@ PPL_CRITERIA = ("cca_bound", "cv_nmse", "residual_ratio", "cosine", "direct_nll"
 #: The default of --ppl-criteria (cosine with the NBL map left out to save CPU time; pass it to add it).
 DEFAULT_PPL_CRITERIA = ("cca_bound", "cv_nmse", "residual_ratio", "direct_nll", "direct_kl", "greedy")
 STATISTICS = ("cca_bound", "nmse", "cosine", "cv_nmse", "residual_ratio")
-
-
-#: Where ``--confirm`` puts its perplexity points, and its tokens, context and reason.
-CONFIRM, CONFIRM_SETUP = "ppl_confirm", "ppl_confirm_setup"
 
 
 def ks(n_layers: int) -> list[int]:
