@@ -761,19 +761,23 @@ def _plot_healing(name: str, rec: dict, png: Path) -> bool:
     keys = [k for k in pts if k != "original"]
     if not keys:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    # grouped by k (largest first), NBL before DROP, each unhealed point before its healed ones
+    order = {k: i for i, k in enumerate(keys)}
+    keys.sort(key=lambda k: (-pts[k]["k"], pts[k]["method"] != "nbl", pts[k].get("heal") is not None, order[k]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 1.4 + 0.24 * len(keys)), sharey=True)
     for ax, (corpus, label) in zip(axes, CORPORA.items()):
         ax.barh(range(len(keys)), [pts[k][corpus]["ppl"] for k in keys], color=[_heal_color(pts[k]) for k in keys])
         ax.axvline(pts["original"][corpus]["ppl"], color="black", lw=1, ls="--", label="original")
         ax.set_yticks(range(len(keys)), keys, fontsize=8)
-        ax.invert_yaxis()
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.tick_params(axis="x", which="minor", labelsize=7)
+        lo, hi = ax.get_xlim()
+        ticks = [t * 10**e for e in range(0, 5) for t in (1, 1.5, 2, 3, 4, 5, 7) if lo <= t * 10**e <= hi]
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
         ax.set_xlabel(f"{label} perplexity (log)")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{name}: perplexity before and after healing")
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{name}: perplexity before and after healing (gray: unhealed, blue: LoRA, green: distill)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
