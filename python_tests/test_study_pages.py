@@ -65,6 +65,26 @@ def test_healing_section_states_the_targets_from_the_numbers():
     assert "- DROP + lora (the comparison): not run yet" in selection_report.healing_section(data)
 
 
+def test_healing_rows_are_grouped_by_k_nbl_first_unhealed_first():
+    data = _heal_data()
+    pts = data["models"]["m"]["points"]
+    right, healing = [1, 0] * 20, pts["nbl/k12/lora"]["healing"]
+    # measured out of order: a k = 6 point first, a second k = 12 NBL variant last
+    six = _point(35.0, 70.0, right, k=6, method="nbl", heal="lora", healing={**healing, "heldout_loss_after": 3.0})
+    pts = {"original": pts["original"], "nbl/k6/lora": six}
+    pts.update({k: v for k, v in data["models"]["m"]["points"].items() if k != "original"})
+    pts["nbl/k6/none"] = _point(40.0, 60.0, right, k=6, method="nbl", heal=None)
+    pts["nbl/k12/lora"]["healing"] = {**healing, "heldout_loss_after": 3.2}
+    lr3 = {**healing, "heldout_loss_after": 3.1}  # two variants: the targets pick the lower early-stopping loss
+    pts["nbl/k12/lora@lr0.001"] = _point(29.0, 69.0, right, k=12, method="nbl", heal="lora", healing=lr3)
+    want = ["nbl/k12/none", "nbl/k12/lora", "nbl/k12/lora@lr0.001", "drop/k12/none", "drop/k12/lora"]
+    assert selection_report.healing_order(pts) == [*want, "nbl/k6/none", "nbl/k6/lora"]
+    data["models"]["m"]["points"] = pts
+    text = "\n".join(selection_report.healing_section(data))
+    rows = [line.split(" | ")[0][2:] for line in text.splitlines() if line.startswith("| ") and "ppl" not in line]
+    assert rows == ["original", *want, "nbl/k6/none", "nbl/k6/lora"]
+
+
 def test_a_healed_model_worse_than_unhealed_is_a_miss():
     data = _heal_data()
     pts = data["models"]["m"]["points"]

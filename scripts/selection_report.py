@@ -627,9 +627,8 @@ def healing_section(heal: dict, plots: Path | None = None) -> list[str]:
             + (f" {mean_acc7(orig):.4f} | |" if acc else "")
             + " | | |",
         ]
-        for key, p in pts.items():
-            if key == "original":
-                continue
+        for key in healing_order(pts):
+            p = pts[key]
             base = pts.get(key.rsplit("/", 1)[0] + "/none")
             rec_s = dw = dc = da = ""
             if p.get("heal") and base is not None:
@@ -652,6 +651,17 @@ def healing_section(heal: dict, plots: Path | None = None) -> list[str]:
             if _plot_healing(name, rec, png):
                 lines += [f"![healing {name}](results/{png.name})", ""]
     return lines
+
+
+def healing_order(pts: dict) -> list[str]:
+    """The points other than the original in the order the table and the plot show them: grouped by k
+    (largest first), NBL before DROP, each unhealed point before its healed ones, then as measured."""
+    keys = [k for k in pts if k != "original"]
+    order = {k: i for i, k in enumerate(keys)}
+    return sorted(
+        keys,
+        key=lambda k: (-pts[k].get("k", 0), pts[k].get("method") != "nbl", pts[k].get("heal") is not None, order[k]),
+    )
 
 
 def _recovered(orig: dict, base: dict, healed: dict, corpus: str) -> float:
@@ -758,12 +768,9 @@ def _healing_at(rec: dict, k: int, target: bool) -> list[str]:
 
 def _plot_healing(name: str, rec: dict, png: Path) -> bool:
     pts = rec["points"]
-    keys = [k for k in pts if k != "original"]
+    keys = healing_order(pts)
     if not keys:
         return False
-    # grouped by k (largest first), NBL before DROP, each unhealed point before its healed ones
-    order = {k: i for i, k in enumerate(keys)}
-    keys.sort(key=lambda k: (-pts[k]["k"], pts[k]["method"] != "nbl", pts[k].get("heal") is not None, order[k]))
     fig, axes = plt.subplots(1, 2, figsize=(10, 1.4 + 0.24 * len(keys)), sharey=True)
     for ax, (corpus, label) in zip(axes, CORPORA.items()):
         ax.barh(range(len(keys)), [pts[k][corpus]["ppl"] for k in keys], color=[_heal_color(pts[k]) for k in keys])
