@@ -67,12 +67,11 @@ def test_healing_section_states_the_targets_from_the_numbers():
 
 def test_healing_rows_are_grouped_by_k_nbl_first_unhealed_first():
     data = _heal_data()
-    pts = data["models"]["m"]["points"]
-    right, healing = [1, 0] * 20, pts["nbl/k12/lora"]["healing"]
+    measured = data["models"]["m"]["points"]
+    right, healing = [1, 0] * 20, measured["nbl/k12/lora"]["healing"]
     # measured out of order: a k = 6 point first, a second k = 12 NBL variant last
     six = _point(35.0, 70.0, right, k=6, method="nbl", heal="lora", healing={**healing, "heldout_loss_after": 3.0})
-    pts = {"original": pts["original"], "nbl/k6/lora": six}
-    pts.update({k: v for k, v in data["models"]["m"]["points"].items() if k != "original"})
+    pts = {"original": measured.pop("original"), "nbl/k6/lora": six, **measured}
     pts["nbl/k6/none"] = _point(40.0, 60.0, right, k=6, method="nbl", heal=None)
     pts["nbl/k12/lora"]["healing"] = {**healing, "heldout_loss_after": 3.2}
     lr3 = {**healing, "heldout_loss_after": 3.1}  # two variants: the targets pick the lower early-stopping loss

@@ -655,12 +655,11 @@ def healing_section(heal: dict, plots: Path | None = None) -> list[str]:
 
 def healing_order(pts: dict) -> list[str]:
     """The points other than the original in the order the table and the plot show them: grouped by k
-    (largest first), NBL before DROP, each unhealed point before its healed ones, then as measured."""
+    (largest first), NBL before DROP, each unhealed point before its healed ones, then as measured (sorted
+    is stable)."""
     keys = [k for k in pts if k != "original"]
-    order = {k: i for i, k in enumerate(keys)}
     return sorted(
-        keys,
-        key=lambda k: (-pts[k].get("k", 0), pts[k].get("method") != "nbl", pts[k].get("heal") is not None, order[k]),
+        keys, key=lambda k: (-pts[k].get("k", 0), pts[k].get("method") != "nbl", pts[k].get("heal") is not None)
     )
 
 
